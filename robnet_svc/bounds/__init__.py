@@ -1,0 +1,1 @@
+"""The bound engine (SPEC §3)."""

@@ -1,0 +1,8 @@
+"""Built-in datasets, registered through the public hook."""
+
+from robnet_svc.hookspecs import hookimpl
+
+
+@hookimpl
+def robnet_register_datasets(register):
+    pass
