@@ -13,6 +13,7 @@ import sys
 import click
 
 from robnet_svc import __version__
+from robnet_svc.config import config_option
 from robnet_svc.errors import RobnetError, SoundnessError
 
 
@@ -63,6 +64,189 @@ def inspect_cmd(model: str, image_shape: str | None, as_json: bool) -> None:
 
     report = inspect_model(model, image_shape=image_shape)
     click.echo(json.dumps(report, indent=2) if as_json else format_inspection(report))
+
+
+# --------------------------------------------------------------------------- harden / certify
+
+def _shared_options(func):
+    """Options common to ``harden`` and ``certify`` (defaults: ``pipeline.Options``)."""
+    from robnet_svc.pipeline import Options
+
+    d = Options()
+    decorators = [
+        click.argument("model", type=click.Path(path_type=str)),
+        click.option("--dataset", default=d.dataset, show_default=True,
+                     help="Dataset plugin (robnet-svc plugins lists them)."),
+        click.option("--data-dir", default=None, help="Folder of the dataset (not needed for digits)."),
+        click.option("--image-shape", default=None, metavar="CxHxW",
+                     help="How to view a flat [N,D] model input as an image, e.g. 1x28x28."),
+        click.option("--perturbation", default=d.perturbation, show_default=True, help="Perturbation plugin."),
+        click.option("--eps", type=float, default=d.eps, show_default=True,
+                     help="Perturbation radius (a fraction: 0.2 is the paper's 20)."),
+        click.option("--order", type=int, default=None, help="Bias-field polynomial order (default 3)."),
+        click.option("--mode", type=click.Choice(["mult", "add", "both"]), default=None,
+                     help="Bias-field mode (default mult)."),
+        click.option("--coef-scale", type=float, default=None,
+                     help="Non-constant terms get [-eps/s, eps/s] (default: number of terms - 1)."),
+        click.option("--cert-method", default=d.cert_method, show_default=True, help="Bound method that certifies."),
+        click.option("--cert-batch-size", type=click.IntRange(min=1), default=d.cert_batch_size, show_default=True,
+                     help="Samples per certification batch."),
+        click.option("--max-test", type=click.IntRange(min=1), default=None,
+                     help="Certify only this many test samples (evenly spaced)."),
+        click.option("--attack-steps", type=click.IntRange(min=0), default=d.attack_steps, show_default=True,
+                     help="Projected-gradient steps of the coefficient attack."),
+        click.option("--attack-restarts", type=click.IntRange(min=0), default=d.attack_restarts, show_default=True,
+                     help="Random starts per sample of the attack (besides the clean point)."),
+        click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
+        click.option("--fail-under", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+                     help="Exit 1 when the certified accuracy is below FRACTION."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+        config_option,
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+@cli.command("harden")
+@_shared_options
+@click.option("--method", default="rsip-ssip", show_default=True, help="Bound method used in training.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--ramp-epochs", type=click.FloatRange(min=0), default=None,
+              help="Epochs over which eps grows from 0 (default: 4/7 of --epochs, as in the paper).")
+@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the robust loss.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Initial learning rate (then /10 and /100).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Share of the training split held out for validation.")
+@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only this many training samples.")
+@click.option("--out", default=None, help="Output folder (refused if it exists and is not empty).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out.")
+@click.pass_context
+def harden_cmd(ctx: click.Context, **params) -> None:
+    """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
+    from robnet_svc import pipeline
+
+    report = _run(ctx, pipeline.harden, params)
+    _finish(report, "after", params)
+
+
+@cli.command("certify")
+@_shared_options
+@click.option("--out", default=None, help="Folder for certificate.h5 and summary.json (default: print only).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.pass_context
+def certify_cmd(ctx: click.Context, **params) -> None:
+    """Certify MODEL (ONNX) on a test set, without training (a deployment gate with --fail-under)."""
+    from robnet_svc import pipeline
+
+    report = _run(ctx, pipeline.certify, params)
+    _finish(report, "model", params)
+
+
+@cli.group("report")
+def report_group() -> None:
+    """Read certificates."""
+
+
+@report_group.command("show")
+@click.argument("file", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (summary, provenance, per-class) instead.")
+def report_show_cmd(file: str, as_json: bool) -> None:
+    """Print the summary, provenance and per-class table of a certificate.h5."""
+    from robnet_svc.report import read_report, render
+
+    report = read_report(file)
+    if as_json:
+        click.echo(json.dumps({"summary": report.summary(), "provenance": report.provenance,
+                               "per_class": report.per_class()}, indent=2, default=str))
+        return
+    from rich.console import Console
+
+    render(report, Console())
+
+
+@cli.command("demo")
+@click.option("--out", default="robnet-demo", show_default=True, help="Output folder.")
+@click.option("--fast", is_flag=True, help="Fewer samples and epochs (a smoke test, ~20 s).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def demo_cmd(out: str, fast: bool, force: bool, device: str, as_json: bool) -> None:
+    """Train a small classifier on the embedded digits, export it, harden it, certify before/after."""
+    from robnet_svc.demo import run_demo
+
+    with Ui() as ui:
+        report = run_demo(out, fast=fast, force=force, device=device, ui=ui)
+    _print_summary(report, as_json)
+
+
+class Ui:
+    """Progress bars and log lines on stderr (stdout stays free for ``--json``)."""
+
+    def __enter__(self) -> "Ui":
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                                 console=self.console, transient=True)
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def log(self, message: str) -> None:
+        self.console.print(f"robnet-svc: {message}", highlight=False, soft_wrap=True)
+
+
+def _run(ctx: click.Context, story, params: dict):
+    """Build pipeline options from the resolved parameters and run ``story`` with progress on stderr."""
+    import shlex
+
+    from robnet_svc.config import effective_config
+    from robnet_svc.pipeline import Options
+
+    fields = set(Options.__dataclass_fields__)
+    options = Options(**{k: v for k, v in params.items() if k in fields})
+    command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *sys.argv[1:]])
+    with Ui() as ui:
+        return story(options, effective_config(ctx), command_line, ui)
+
+
+def _finish(report, section: str, params: dict) -> None:
+    _print_summary(report, params.get("as_json", False))
+    threshold = params.get("fail_under")
+    certified = report.sections[section].summary()["certified_accuracy"]
+    if threshold is not None and certified < threshold:
+        click.echo(f"robnet-svc: certified accuracy {certified:.4f} is under --fail-under {threshold}", err=True)
+        sys.exit(1)
+
+
+def _print_summary(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.summary(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"robnet-svc {report.kind}: {report.provenance.get('perturbation_json')}",
+                  title_justify="left")
+    for col in ("", "clean acc", "certified acc", "empirical robust acc", "n"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, certs in report.sections.items():
+        s = certs.summary()
+        table.add_row(name, f"{100 * s['clean_accuracy']:.1f}%", f"{100 * s['certified_accuracy']:.1f}%",
+                      f"{100 * s['empirical_robust_accuracy']:.1f}%", str(s["num_samples"]))
+    Console().print(table)
+    if report.provenance.get("output_model"):
+        click.echo(f"wrote {report.provenance['output_model']} (sha256 {report.provenance['output_model_sha256']})")
 
 
 def main(argv: list[str] | None = None) -> None:

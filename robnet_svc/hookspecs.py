@@ -1,10 +1,20 @@
 """The robnet_svc hook specifications (pluggy project name and entry-point group: ``robnet_svc``).
 
-Every hook receives a ``register`` callback and calls it once per thing it provides;
-robnet-svc validates what is registered and records which distribution it came from.
-Built-in methods, perturbations, datasets and op rules are registered through these
-same hooks (see ``robnet_svc.plugins.DEFAULT_PLUGINS``). ``docs/plugins.md`` documents
-each hook; a test fails when one is missing there.
+Every hook receives a ``register`` callback and calls it once per thing it provides; it
+returns nothing. robnet-svc validates each registration (a concrete subclass of the right
+base class, a valid ``name``) and records which distribution it came from; a plugin that
+breaks this contract is reported by name and skipped. Built-in methods, perturbations,
+datasets and op rules are registered through these same hooks (see
+``robnet_svc.plugins.DEFAULT_PLUGINS``). ``docs/plugins.md`` documents each hook; a test
+fails when one is missing there.
+
+A plugin module implements any subset of these, decorated with ``hookimpl``::
+
+    from robnet_svc.hookspecs import hookimpl
+
+    @hookimpl
+    def robnet_register_perturbations(register):
+        register(MyPerturbation)
 """
 
 import pluggy
@@ -15,7 +25,7 @@ hookimpl = pluggy.HookimplMarker("robnet_svc")
 
 @hookspec
 def robnet_register_bound_methods(register):
-    """Register bound methods: call ``register(cls)`` with a ``robnet_svc.bounds.BoundMethod`` subclass."""
+    """Register bound methods: call ``register(cls)`` with a ``robnet_svc.bounds.methods.BoundMethod`` subclass."""
 
 
 @hookspec

@@ -1,13 +1,27 @@
 """Plugin host: a manager *factory* (no import-time global), loading and the registry.
 
-``load_registry()`` builds a fresh ``pluggy.PluginManager``, registers the built-in plugin
-modules (``DEFAULT_PLUGINS``) and then the entry points of group ``robnet_svc``, and calls
-every registration hook once per plugin so each registered thing is recorded with the
+``load_registry()`` builds a fresh ``pluggy.PluginManager`` (``make_manager``): the built-in
+plugin modules (``DEFAULT_PLUGINS``) first, then the entry points of group ``robnet_svc``.
+It then calls every registration hook of each plugin, one plugin at a time, with a
+``register`` callback that validates what the plugin hands over and records the
 distribution (and version) it comes from.
 
+Failure policy (each message is one line naming the plugin and its distribution):
+
+- a plugin that fails to import, cannot be registered with pluggy (a hook with wrong
+  argument names, a misspelled hook name), raises in a hook, returns a value from a hook,
+  or registers something invalid (not a proper subclass, abstract, bad ``name``) is
+  *broken*: everything it registered is dropped, the line goes to ``Registry.broken``
+  and the rest of the plugins still load;
+- two plugins registering the same name (or an op rule for the same target) is a
+  ``RobnetError`` naming both distributions: which one wins would be a guess.
+
 Environment:
-  ``ROBNET_SVC_PLUGINS``  unset: load every installed plugin; a comma-separated list of
-                          entry-point or distribution names: only those; empty: built-ins only.
+  ``ROBNET_SVC_PLUGINS``        unset: load every installed plugin; a comma-separated list
+                                of entry-point or distribution names: only those; empty:
+                                built-ins only.
+  ``ROBNET_SVC_TRACE_PLUGINS``  set (and not ``0``): print one line per loaded plugin, hook
+                                call and registration on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ import importlib
 import importlib.metadata as metadata
 import inspect
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +42,7 @@ from robnet_svc.errors import RobnetError
 
 GROUP = "robnet_svc"
 ENV_ALLOW = "ROBNET_SVC_PLUGINS"
+ENV_TRACE = "ROBNET_SVC_TRACE_PLUGINS"
 BUILTIN_DIST = "robnet-svc"
 
 DEFAULT_PLUGINS = (
@@ -42,6 +59,9 @@ KINDS = {
     "robnet_register_op_rules": "op_rules",
 }
 
+# What a ``name`` may look like: it is typed on the command line and stored in reports.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -54,6 +74,16 @@ class Entry:
     plugin: str  # module or entry-point name
 
 
+@dataclass(frozen=True)
+class PluginInfo:
+    """One loaded plugin: its pluggy name, distribution, version and implemented hooks."""
+
+    name: str
+    dist: str
+    version: str
+    hooks: tuple[str, ...]
+
+
 @dataclass
 class Registry:
     """Everything the loaded plugins registered, by kind and name."""
@@ -63,6 +93,7 @@ class Registry:
     datasets: dict[str, Entry] = field(default_factory=dict)
     op_rules: dict[Any, Entry] = field(default_factory=dict)
     broken: list[str] = field(default_factory=list)  # one line per plugin that failed to load
+    plugins: list[PluginInfo] = field(default_factory=list)  # loaded (not broken), in load order
 
     def get(self, kind: str, name: str) -> Any:
         """The registered object, or a RobnetError listing the known names."""
@@ -88,25 +119,44 @@ class Registry:
         return {target: entry.obj for target, entry in self.op_rules.items()}
 
     def listing(self) -> dict[str, list[dict]]:
-        """JSON-ready listing for ``robnet-svc plugins``."""
-        out: dict[str, list[dict]] = {}
+        """JSON-ready listing for ``robnet-svc plugins``.
+
+        Keys: ``bound_methods``, ``perturbations``, ``datasets`` (rows of name, description,
+        distribution, version, plugin; perturbations add ``options``), ``op_rules`` (target,
+        rule, distribution, version, plugin), ``plugins`` (name, distribution, version,
+        hooks) and ``broken`` (one line per plugin that failed to load).
+        """
+        out: dict[str, list] = {}
         for kind in ("bound_methods", "perturbations", "datasets"):
-            out[kind] = [
-                {
-                    "name": e.name,
-                    "description": _first_line(getattr(e.obj, "description", None) or e.obj.__doc__),
-                    "distribution": e.dist,
-                    "version": e.version,
-                    "plugin": e.plugin,
-                }
-                for e in sorted(getattr(self, kind).values(), key=lambda e: e.name)
-            ]
+            out[kind] = [_row(kind, e) for e in sorted(getattr(self, kind).values(), key=lambda e: e.name)]
         out["op_rules"] = [
-            {"target": _target_name(t), "rule": e.obj.__name__, "distribution": e.dist, "version": e.version}
-            for t, e in sorted(self.op_rules.items(), key=lambda kv: _target_name(kv[0]))
+            {"target": e.name, "rule": e.obj.__name__, "distribution": e.dist, "version": e.version,
+             "plugin": e.plugin}
+            for e in sorted(self.op_rules.values(), key=lambda e: e.name)
+        ]
+        out["plugins"] = [
+            {"name": p.name, "distribution": p.dist, "version": p.version, "hooks": list(p.hooks)}
+            for p in self.plugins
         ]
         out["broken"] = list(self.broken)
         return out
+
+
+def _row(kind: str, e: Entry) -> dict:
+    row = {
+        "name": e.name,
+        "description": _first_line(getattr(e.obj, "description", None) or e.obj.__doc__),
+        "distribution": e.dist,
+        "version": e.version,
+        "plugin": e.plugin,
+    }
+    if kind == "perturbations":
+        row["options"] = {
+            key: {"default": opt.default, "help": opt.help,
+                  "choices": list(opt.choices) if opt.choices is not None else None}
+            for key, opt in e.obj.options.items()
+        }
+    return row
 
 
 def _first_line(text: str | None) -> str:
@@ -114,110 +164,273 @@ def _first_line(text: str | None) -> str:
 
 
 def _target_name(target: Any) -> str:
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    """``torch.nn.modules.linear.Linear``, ``_operator.add`` or ``Tensor.view`` (a method name)."""
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name is None:
+        return repr(target)
+    return f"{module}.{name}" if module else name
+
+
+def _normalise(name: str) -> str:
+    """PEP 503 normalisation, so ``robnet_svc_vignette`` matches ``robnet-svc-vignette``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _tracer() -> Callable[[str], None] | None:
+    flag = os.environ.get(ENV_TRACE, "")
+    if flag in ("", "0"):
+        return None
+    return lambda line: print(f"robnet-svc: trace: {line}", file=sys.stderr, flush=True)
+
+
+def _allowed_names() -> set[str] | None:
+    """Normalised names from ``ROBNET_SVC_PLUGINS`` (None: unset, load everything)."""
+    allow = os.environ.get(ENV_ALLOW)
+    if allow is None:
+        return None
+    return {_normalise(s.strip()) for s in allow.split(",") if s.strip()}
 
 
 def make_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], list[str]]:
     """A fresh plugin manager with the built-ins and the allowed entry points registered.
 
     Returns the manager, a map plugin-name -> (distribution, version) and a list of one-line
-    errors for plugins that failed to import (those are skipped, the rest still load).
+    errors for plugins that failed to load (those are not registered; the rest are).
+    A built-in that fails to import is a bug in robnet-svc and raises.
     """
+    trace = _tracer()
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     origin: dict[str, tuple[str, str]] = {}
     broken: list[str] = []
     for modname in DEFAULT_PLUGINS:
-        module = importlib.import_module(modname)
-        pm.register(module, name=modname)
+        pm.register(importlib.import_module(modname), name=modname)
         origin[modname] = (BUILTIN_DIST, __version__)
+        if trace:
+            trace(f"loaded built-in plugin {modname!r} ({BUILTIN_DIST} {__version__})")
 
-    allow = os.environ.get(ENV_ALLOW)
-    allowed = None if allow is None else {s.strip() for s in allow.split(",") if s.strip()}
-    for ep in metadata.entry_points(group=GROUP):
-        dist = ep.dist.name if ep.dist is not None else "unknown"
-        version = ep.dist.version if ep.dist is not None else "?"
-        if allowed is not None and ep.name not in allowed and dist not in allowed:
+    allowed = _allowed_names()
+    seen: set[str] = set()
+    entry_points = sorted(metadata.entry_points(group=GROUP), key=lambda ep: (_dist_of(ep), ep.name))
+    for ep in entry_points:
+        dist, version = _dist_of(ep), _version_of(ep)
+        if allowed is not None and _normalise(ep.name) not in allowed and _normalise(dist) not in allowed:
+            if trace:
+                trace(f"skipped plugin {ep.name!r} from {dist} {version} (not in {ENV_ALLOW})")
             continue
-        if pm.get_plugin(ep.name) is not None:
+        seen.update({_normalise(ep.name), _normalise(dist)})
+        # Two distributions may pick the same entry-point name: both load, the second one
+        # under a name that says where it comes from.
+        name = ep.name if pm.get_plugin(ep.name) is None else f"{ep.name}@{dist}"
+        problem = _register_entry_point(pm, ep, name)
+        if problem:
+            broken.append(f"plugin {ep.name!r} from {dist} {version} {problem}")
+            if trace:
+                trace(broken[-1])
             continue
-        try:
-            plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not take the tool down
-            broken.append(f"plugin {ep.name!r} from {dist} {version} failed to load: {type(exc).__name__}: {exc}")
-            continue
-        pm.register(plugin, name=ep.name)
-        origin[ep.name] = (dist, version)
-    pm.check_pending()
+        origin[name] = (dist, version)
+        if trace:
+            hooks = ", ".join(sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or []))
+            trace(f"loaded plugin {name!r} from {dist} {version} ({ep.value}); hooks: {hooks or 'none'}")
+
+    if allowed:
+        installed = sorted({ep.name for ep in entry_points} | {_dist_of(ep) for ep in entry_points})
+        for missing in sorted(allowed - seen):
+            broken.append(f"{ENV_ALLOW} names {missing!r}, which is no installed plugin entry point or "
+                          f"distribution (installed: {', '.join(installed) or 'none'})")
+    pm.check_pending()  # every remaining implementation matches a spec (broken ones were removed)
     return pm, origin, broken
 
 
+def _dist_of(ep: metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "unknown distribution"
+
+
+def _version_of(ep: metadata.EntryPoint) -> str:
+    return ep.dist.version if ep.dist is not None else "?"
+
+
+def _register_entry_point(pm: pluggy.PluginManager, ep: metadata.EntryPoint, name: str) -> str | None:
+    """Import and register one entry point; the problem as a phrase, or None when it loaded."""
+    try:
+        plugin = ep.load()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - even a plugin calling sys.exit() must not take the tool down
+        return f"failed to import ({ep.value}): {_exc_line(exc)}"
+    try:
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        return f"cannot be registered ({ep.value}): {_exc_line(exc)}"
+    hookcallers = pm.get_hookcallers(plugin) or []
+    unknown = sorted(h.name for h in hookcallers if h.spec is None)
+    if unknown:
+        pm.unregister(plugin)
+        known = ", ".join(KINDS)
+        return f"implements unknown hook(s) {', '.join(unknown)} (known: {known})"
+    if not hookcallers:
+        pm.unregister(plugin)
+        return (f"({ep.value}) implements no robnet_svc hook; decorate its functions with "
+                "robnet_svc.hookspecs.hookimpl")
+    return None
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def load_registry() -> Registry:
-    """Load all plugins and collect what they register (fresh each call; cheap)."""
+    """Load all plugins and collect what they register (fresh each call; cheap).
+
+    Each plugin's hooks run with a staging ``register``; only a plugin whose every hook
+    succeeded is committed, so a broken plugin leaves nothing half-registered.
+    """
     pm, origin, broken = make_manager()
+    trace = _tracer()
     registry = Registry(broken=broken)
-    for hook_name, kind in KINDS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            plugin_name = pm.get_name(impl.plugin)
-            dist, version = origin.get(plugin_name, ("unknown", "?"))
-            register = _registrar(registry, kind, plugin_name, dist, version)
-            try:
-                impl.function(register=register)
-            except RobnetError:
-                raise
-            except Exception as exc:
-                raise RobnetError(
-                    f"plugin {plugin_name!r} from {dist} {version} failed in {hook_name}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+    for plugin_name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        dist, version = origin.get(plugin_name, ("unknown distribution", "?"))
+        staged: list[tuple[str, Any, Entry]] = []  # (kind, key, entry)
+        hooks: list[str] = []
+        try:
+            for hook_name, kind in KINDS.items():
+                impls = [i for i in getattr(pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
+                for impl in impls:
+                    hooks.append(hook_name)
+                    register = _registrar(staged, kind, plugin_name, dist, version, hook_name, trace)
+                    _call_hook(impl, hook_name, register)
+        except _Broken as exc:
+            if plugin_name in DEFAULT_PLUGINS:  # a bug in robnet-svc itself: do not hide it
+                raise RuntimeError(f"built-in plugin {plugin_name!r}: {exc}") from exc.__cause__
+            line = f"plugin {plugin_name!r} from {dist} {version} {exc}"
+            registry.broken.append(line)
+            if trace:
+                trace(line)
+            continue
+        for kind, key, entry in staged:
+            _commit(getattr(registry, kind), kind, key, entry)
+        registry.plugins.append(PluginInfo(plugin_name, dist, version, tuple(hooks)))
     return registry
 
 
-def _registrar(registry: Registry, kind: str, plugin: str, dist: str, version: str) -> Callable:
-    table: dict = getattr(registry, kind)
+class _Broken(Exception):
+    """A plugin broke its contract; the message is a phrase completing 'plugin X from D V ...'."""
 
-    def where(e: Entry) -> str:
-        return f"{e.dist} {e.version} (plugin {e.plugin!r})"
+
+def _call_hook(impl: pluggy.HookImpl, hook_name: str, register: Callable) -> None:
+    """Call one hook implementation like pluggy does (only the arguments it asks for)."""
+    if impl.hookwrapper or impl.wrapper:
+        raise _Broken(f"declares {hook_name} as a wrapper; registration hooks must be plain hookimpls")
+    kwargs = {"register": register}
+    try:
+        result = impl.function(*[kwargs[a] for a in impl.argnames])
+    except _Broken:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure in plugin code names the plugin
+        raise _Broken(f"failed in {hook_name}: {_exc_line(exc)}") from exc
+    if result is not None:
+        raise _Broken(f"returned {_short_repr(result)} from {hook_name}; call register(...) for each "
+                      "thing instead of returning it")
+
+
+def _short_repr(obj: Any, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _registrar(staged: list, kind: str, plugin: str, dist: str, version: str, hook_name: str,
+               trace: Callable[[str], None] | None) -> Callable:
+    """The ``register`` callback handed to one hook of one plugin: validates and stages."""
+    label = kind[:-1].replace("_", " ")
 
     if kind == "op_rules":
 
         def register_rule(target, rule_cls):
-            from robnet_svc.bounds.ops.base import OpRule
-
-            if not (inspect.isclass(rule_cls) and issubclass(rule_cls, OpRule)):
-                raise RobnetError(
-                    f"plugin {plugin!r} from {dist} registered {rule_cls!r} for {_target_name(target)}, "
-                    "which is not an OpRule subclass"
-                )
+            _check_rule(target, rule_cls, hook_name)
             entry = Entry(_target_name(target), rule_cls, dist, version, plugin)
-            if target in table and table[target].dist != dist:
-                raise RobnetError(
-                    f"op rule for {_target_name(target)} registered twice: by {where(table[target])} "
-                    f"and by {where(entry)}"
-                )
-            table[target] = entry
+            staged.append((kind, target, entry))
+            if trace:
+                trace(f"{hook_name} in {plugin!r}: op rule {rule_cls.__name__} for {entry.name}")
 
         return register_rule
 
-    base = _base_class(kind)
-
     def register(cls):
-        name = getattr(cls, "name", None)
-        if not (inspect.isclass(cls) and issubclass(cls, base)) or not isinstance(name, str) or not name:
-            raise RobnetError(
-                f"plugin {plugin!r} from {dist} {version} registered {cls!r} as a {kind[:-1].replace('_', ' ')}; "
-                f"expected a {base.__module__}.{base.__name__} subclass with a non-empty `name`"
-            )
-        entry = Entry(name, cls, dist, version, plugin)
-        if name in table:
-            raise RobnetError(
-                f"{kind[:-1].replace('_', ' ')} {name!r} is registered twice: by {where(table[name])} "
-                f"and by {where(entry)}; uninstall one of them or limit plugins with {ENV_ALLOW}"
-            )
-        table[name] = entry
+        _check_class(cls, kind, hook_name)
+        entry = Entry(cls.name, cls, dist, version, plugin)
+        staged.append((kind, cls.name, entry))
+        if trace:
+            trace(f"{hook_name} in {plugin!r}: {label} {cls.name!r} ({cls.__module__}.{cls.__qualname__})")
 
     return register
+
+
+def _check_class(cls: Any, kind: str, hook_name: str) -> None:
+    """Raise ``_Broken`` unless ``cls`` is a concrete subclass of the kind's base with a valid name."""
+    base = _base_class(kind)
+    expected = f"a concrete {base.__module__}.{base.__name__} subclass"
+    what = f"registered {_short_repr(cls)} in {hook_name}"
+    if not inspect.isclass(cls):
+        hint = "; register the class, not an instance" if isinstance(cls, base) else ""
+        raise _Broken(f"{what}: expected {expected}{hint}")
+    if not issubclass(cls, base) or cls is base:
+        raise _Broken(f"{what}: expected {expected}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise _Broken(f"{what}: it is abstract (does not implement {missing})")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _Broken(f"{what}: its `name` must be a non-empty string of letters, digits, '.', '_' or '-', "
+                      f"got {name!r}")
+    if kind == "perturbations":
+        from robnet_svc.perturbations.base import Option
+
+        options = getattr(cls, "options", None)
+        if not isinstance(options, dict) or not all(
+                isinstance(k, str) and k.isidentifier() and isinstance(v, Option) for k, v in options.items()):
+            raise _Broken(f"{what}: its `options` must map identifier names to "
+                          "robnet_svc.perturbations.Option values")
+
+
+def _check_rule(target: Any, rule_cls: Any, hook_name: str) -> None:
+    """Raise ``_Broken`` unless ``rule_cls`` is a complete rule of a known family for ``target``."""
+    from robnet_svc.bounds.ops.base import ActivationRule, AffineRule, OpRule
+
+    what = f"registered {_short_repr(rule_cls)} for {_target_name(target)} in {hook_name}"
+    if not (callable(target) or (isinstance(target, str) and target.isidentifier())):
+        raise _Broken(f"{what}: the target must be an nn.Module subclass, a function or a tensor method "
+                      f"name, got {_short_repr(target)}")
+    if not inspect.isclass(rule_cls) or not issubclass(rule_cls, (AffineRule, ActivationRule)) \
+            or rule_cls in (OpRule, AffineRule, ActivationRule):
+        raise _Broken(f"{what}: expected a subclass of robnet_svc.bounds.ops.base.AffineRule or ActivationRule")
+    # The base classes raise NotImplementedError for what each family must define.
+    required = ("abs_linear",) if issubclass(rule_cls, AffineRule) else ("interval", "relax")
+    base = AffineRule if issubclass(rule_cls, AffineRule) else ActivationRule
+    missing = [m for m in required if getattr(rule_cls, m) is getattr(base, m)]
+    if inspect.isabstract(rule_cls) or missing:
+        missing = sorted(set(missing) | set(getattr(rule_cls, "__abstractmethods__", ())))
+        raise _Broken(f"{what}: it does not implement {', '.join(missing)}")
+
+
+def _commit(table: dict, kind: str, key: Any, entry: Entry) -> None:
+    """Add one validated entry; a second registration of the same key is an error naming both."""
+    if key in table:
+        first = table[key]
+        label = "op rule for" if kind == "op_rules" else kind[:-1].replace("_", " ")
+        raise RobnetError(
+            f"{label} {entry.name!r} is registered twice: by {_where(first)} and by {_where(entry)}; "
+            f"uninstall one of them or choose plugins with {ENV_ALLOW}=<entry point or distribution names>"
+        )
+    table[key] = entry
+
+
+def _where(e: Entry) -> str:
+    return f"{e.dist} {e.version} (plugin {e.plugin!r})"
 
 
 def _base_class(kind: str) -> type:

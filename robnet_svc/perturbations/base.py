@@ -180,6 +180,19 @@ class IdentityAffineSet(AffineSet):
         return flat, (flat * self.offset.reshape(b, 1, -1)).sum(-1)
 
 
+def _checked_clip(clip, name: str) -> tuple[float, float] | None:
+    """``clip`` as a ``(lo, hi)`` float pair (or None); RobnetError unless ``lo < hi``."""
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise RobnetError(f"clip range of perturbation {name!r} must be two numbers (lo, hi), got {clip!r}") from None
+    if not lo < hi:
+        raise RobnetError(f"clip range of perturbation {name!r} must have lo < hi, got ({lo}, {hi})")
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class Option:
     """One perturbation option (shown by ``robnet-svc plugins``, settable from CLI/config)."""
@@ -210,7 +223,7 @@ class Perturbation(ABC):
         if not eps > 0:
             raise RobnetError(f"--eps must be > 0, got {eps}")
         self.eps = eps
-        self.clip = clip
+        self.clip = _checked_clip(clip, self.name)
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"

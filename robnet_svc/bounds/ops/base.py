@@ -1,5 +1,152 @@
-"""Per-operation bound rules: the base class (the engine helper fills in the contract)."""
+"""Per-operation bound rules: the contract between the engine and each op.
+
+A rule class is registered for a target (an ``nn.Module`` subclass, matched by exact type,
+or the callable / method name of a ``call_function`` / ``call_method`` node). The engine
+
+1. at compile time calls ``RuleCls.check(call)``: a one-line reason when this particular
+   node cannot be bounded (e.g. a Mul of two perturbed tensors), else None;
+2. at bound time builds ``RuleCls(call)`` with the node's evaluated constants and shapes
+   (a cheap object, one per node and pass) and calls its methods.
+
+Two families exist:
+
+- ``AffineRule`` — ``f(x_1..x_n) = L(x_1..x_n) + b``. Needs ``forward`` (f; default: run the
+  node), ``abs_linear`` (|L| applied to radii; op-specific) and ``transpose`` (Lᵀ; default:
+  vector-Jacobian product of f, exact because f is affine). Interval, forward-symbolic and
+  backward-symbolic propagation are all built from these three.
+- ``ActivationRule`` — elementwise non-linear ``σ``: ``interval(l, u)`` and
+  ``relax(l, u) -> Relaxation``.
+
+All tensors carry a leading "rows" axis ``N`` (samples, samples × (k+1) equation rows, or
+samples × spec rows) followed by the node's per-sample shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robnet_svc.bounds.types import Relaxation
+
+PERTURBED = object()  # marks the argument positions that carry the propagated tensor
+
+
+@dataclass
+class OpCall:
+    """One graph node as a rule sees it.
+
+    Attributes:
+      name:       the fx node name (used in messages).
+      module:     the ``nn.Module`` of a ``call_module`` node, else None.
+      target:     the module, function or method name the node calls.
+      args, kwargs: the node's arguments; perturbed positions hold ``PERTURBED``, the others
+                  their (evaluated, possibly parameter-carrying) constant values.
+      in_shapes:  per-sample shapes of the perturbed inputs, in argument order.
+      out_shape:  per-sample shape of the output.
+      kind:       "call_module" | "call_function" | "call_method".
+    """
+
+    name: str
+    kind: str
+    target: Any
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    out_shape: tuple[int, ...] | None = None
+
+    @property
+    def perturbed_positions(self) -> list[int]:
+        return [i for i, a in enumerate(self.args) if a is PERTURBED]
+
+    @property
+    def constants(self) -> list[Any]:
+        """The non-perturbed arguments, in order."""
+        return [a for a in self.args if a is not PERTURBED]
+
+    def run(self, *xs: Tensor, args: tuple | None = None) -> Tensor:
+        """Call the node's target with ``xs`` in the perturbed positions (or given ``args``)."""
+        it = iter(xs)
+        full = tuple(next(it) if a is PERTURBED else a for a in (self.args if args is None else args))
+        if self.kind == "call_module":
+            return self.module(*full, **self.kwargs)
+        if self.kind == "call_function":
+            return self.target(*full, **self.kwargs)
+        return getattr(full[0], self.target)(*full[1:], **self.kwargs)
 
 
 class OpRule:
-    """Interval, forward-symbolic and backward-symbolic rules of one graph operation."""
+    """Base class of every op rule (plugins subclass ``AffineRule`` or ``ActivationRule``)."""
+
+    #: "affine" or "activation": which propagation family the engine uses.
+    family: ClassVar[str] = "affine"
+
+    def __init__(self, call: OpCall):
+        self.call = call
+
+    @classmethod
+    def check(cls, call: OpCall) -> str | None:
+        """A one-line reason why this node cannot be bounded, or None (compile time; shapes
+        unknown, constant values unknown: ``call.args`` holds fx nodes or literals there)."""
+        return None
+
+
+class AffineRule(OpRule):
+    """``f(x) = L(x) + b`` (one or more perturbed inputs, e.g. the residual Add)."""
+
+    family = "affine"
+    #: False when ``f(0) = 0`` (reshapes, permutations): skips the bias bookkeeping.
+    has_bias: ClassVar[bool] = True
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        """``f(x)``: ``[N, *in_shape]`` (each input) -> ``[N, *out_shape]``."""
+        return self.call.run(*xs)
+
+    def abs_linear(self, *rads: Tensor) -> Tensor:
+        """``|L|(rad)``: ``[N, *in_shape]`` -> ``[N, *out_shape]`` (rads >= 0)."""
+        raise NotImplementedError(f"{type(self).__name__} must define abs_linear")
+
+    def bias(self, like: Tensor) -> Tensor:
+        """``b = f(0)``: ``[1, *out_shape]`` (zero tensor when ``has_bias`` is False)."""
+        zeros = [like.new_zeros((1, *s)) for s in self.call.in_shapes]
+        return self.forward(*zeros)
+
+    def linear(self, *xs: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``L(x) = f(x) - f(0)``."""
+        out = self.forward(*xs)
+        if not self.has_bias:
+            return out
+        return out - (self.bias(xs[0]) if bias is None else bias)
+
+    def transpose(self, lam: Tensor) -> tuple[Tensor, ...]:
+        """``Lᵀ(Λ)``: ``[N, *out_shape]`` -> one ``[N, *in_shape]`` per perturbed input.
+
+        Generic: the vector–Jacobian product of ``f`` (exact since ``f`` is affine;
+        differentiable w.r.t. the parameters). Hot ops override it with a direct transpose.
+        """
+        primals = tuple(lam.new_zeros((lam.shape[0], *s)) for s in self.call.in_shapes)
+        _, vjp_fn = torch.func.vjp(self.forward, *primals)
+        return tuple(vjp_fn(lam))
+
+
+class ActivationRule(OpRule):
+    """An elementwise non-linear activation ``y = σ(x)``."""
+
+    family = "activation"
+
+    def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """Concrete bounds of ``σ(x)`` for ``x in [lower, upper]``."""
+        raise NotImplementedError
+
+    def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        """Linear lower and upper bounds of ``σ`` valid on ``[lower, upper]``."""
+        raise NotImplementedError
+
+
+def sum_over_node(t: Tensor, lead: int = 2) -> Tensor:
+    """Sum a ``[B, S, *node_shape]`` tensor over the node axes -> ``[B, S]``."""
+    return t.flatten(lead).sum(-1)
+

@@ -1,0 +1,184 @@
+"""One measurement of one configuration (network × method × batch) on one device.
+
+Three kinds, each returning a small dict of numbers:
+
+- ``train``: median seconds of a training step after warm-up, and the peak memory.
+  ``standard`` = forward, cross-entropy, backward, Adam step. A bound method adds, in the same
+  step, ``margin_lower`` over the order-3 multiplicative bias field (k = 16, clipping on) and
+  the hinge loss of paper Eq. 6-7 / SPEC §4:
+  ``CE + α · mean_b(1[correct_b] · Σ_{i≠y} max(0, −margin_lower_{b,i}))``.
+- ``floor``: one SSIP bound pass vs one plain forward pass on ``2(k+1)·B`` images, both under
+  ``no_grad`` — paper Theorem 3: the centre–radius symbolic form propagates ``k+1`` centre and
+  ``k+1`` radius columns per sample, so it cannot cost less than that forward pass.
+- ``cert``: certification throughput, samples/s of a clean forward + ``margin_lower`` under
+  ``no_grad`` (what ``certify`` does per batch, minus the attack).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` since the configuration started;
+on CPU the process's RSS high-water mark (``ru_maxrss``), which is per configuration only
+when each measurement runs in a fresh process (``benchmarks.worker``).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.networks import NETWORKS
+
+STANDARD = "standard"  # plain training, no bounds
+TRAIN_METHODS = (STANDARD, "ibp", "ssip", "rsip-ibp", "rsip-ssip")
+CERT_METHODS = ("rsip-ssip", "rsip")
+
+EPS = 0.2  # the paper's MRI radius "ε = 20"; timings barely depend on it
+ORDER = 3  # order-3 bias field: (3+1)^2 = 16 coefficients
+MODE = "mult"
+ALPHA = 1.0  # weight of the robust loss; irrelevant to the cost
+
+
+@dataclass
+class Setup:
+    """Everything one measurement needs, built once: model, compiled net, data, perturbation."""
+
+    model: nn.Module
+    images: Tensor  # [B, C, H, W] in [0, 1]
+    labels: Tensor  # [B]
+    perturbation: object
+    device: torch.device
+
+    @property
+    def num_coeffs(self) -> int:
+        return self.perturbation.num_coeffs(tuple(self.images.shape[1:]))
+
+
+def build(network: str, batch: int, device: torch.device, seed: int = 0) -> Setup:
+    """Seeded random weights, images and labels for ``network`` at ``batch`` on ``device``."""
+    from robnet_svc.plugins import load_registry
+
+    torch.manual_seed(seed)
+    spec = NETWORKS[network]
+    model = spec.build().to(device)
+    images = torch.rand(batch, *spec.input_shape, device=device)
+    labels = torch.randint(0, spec.num_classes, (batch,), device=device)
+    perturbation = load_registry().perturbation("bias-field")(EPS, order=ORDER, mode=MODE)
+    return Setup(model, images, labels, perturbation, device)
+
+
+def bound_method(name: str):
+    """A fresh instance of the registered bound method ``name``."""
+    from robnet_svc.plugins import load_registry
+
+    return load_registry().bound_method(name)()
+
+
+def compiled(model: nn.Module):
+    from robnet_svc.bounds import compile_network
+
+    return compile_network(model)
+
+
+def robust_loss(logits: Tensor, margins: Tensor, labels: Tensor, alpha: float = ALPHA) -> Tensor:
+    """SPEC §4 / paper Eq. 6-7: logits ``[B, K]``, margin lower bounds ``[B, K-1]`` -> scalar."""
+    correct = (logits.argmax(1) == labels).to(logits.dtype)
+    hinge = F.relu(-margins).sum(1)  # Σ_{i≠y} max(0, ub(y_i − y_y))
+    return F.cross_entropy(logits, labels) + alpha * (correct * hinge).mean()
+
+
+def train_step(setup: Setup, method_name: str) -> Callable[[], None]:
+    """A closure running one full training step of ``method_name`` (``standard`` or a bound method)."""
+    model, images, labels = setup.model, setup.images, setup.labels
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-4)
+    if method_name == STANDARD:
+        def step() -> None:
+            optimiser.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            optimiser.step()
+        return step
+
+    method, net = bound_method(method_name), compiled(model)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        aset = setup.perturbation.affine_set(images)
+        loss = robust_loss(model(images), method.margin_lower(net, aset, labels), labels)
+        loss.backward()
+        optimiser.step()
+    return step
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronise(device)
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        synchronise(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated bytes; CPU: this process's RSS high-water mark (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def measure_train(network: str, method: str, batch: int, device: torch.device,
+                  warmup: int, repeats: int) -> dict:
+    """``{"step_s", "peak_mem_mb"}`` of one training configuration."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    setup = build(network, batch, device)
+    step_s = median_seconds(train_step(setup, method), device, warmup, repeats)
+    return {"step_s": step_s, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def measure_floor(network: str, batch: int, device: torch.device, warmup: int, repeats: int) -> dict:
+    """``{"ssip_pass_s", "floor_s", "ratio"}``: SSIP bound pass ÷ forward of ``2(k+1)·B`` images."""
+    setup = build(network, batch, device)
+    method, net = bound_method("ssip"), compiled(setup.model)
+    big = setup.images.repeat(2 * (setup.num_coeffs + 1), 1, 1, 1)  # [2(k+1)B, C, H, W]
+    with torch.no_grad():
+        ssip_s = median_seconds(
+            lambda: method.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels),
+            device, warmup, repeats)
+        floor_s = median_seconds(lambda: setup.model(big), device, warmup, repeats)
+    return {"ssip_pass_s": ssip_s, "floor_s": floor_s, "ratio": ssip_s / floor_s}
+
+
+def measure_cert(network: str, method: str, batch: int, device: torch.device,
+                 warmup: int, repeats: int) -> dict:
+    """``{"samples_per_s", "batch", "peak_mem_mb"}`` of certifying with ``method``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    setup = build(network, batch, device)
+    bounds, net = bound_method(method), compiled(setup.model)
+
+    def certify_batch() -> Tensor:
+        predicted = setup.model(setup.images).argmax(1)
+        margins = bounds.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels)
+        return (predicted == setup.labels) & (margins > 0).all(1)
+
+    with torch.no_grad():
+        seconds = median_seconds(certify_batch, device, warmup, repeats)
+    return {"samples_per_s": batch / seconds, "batch": batch, "peak_mem_mb": peak_memory_mb(device)}
+
+
+KINDS = {"train": measure_train, "floor": measure_floor, "cert": measure_cert}

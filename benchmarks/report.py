@@ -1,0 +1,167 @@
+"""Turn measurements into the issue-7 results JSON, the target verdicts and the tables.
+
+Results JSON (exactly the schema of issue 7)::
+
+    {"machine": str,
+     "rows": [{"network", "method", "step_s", "ratio_to_standard", "peak_mem_mb"}],
+     "ssip_floor_ratio": {network: float},
+     "cert_samples_per_s": {network: {method: float}}}
+
+Rows at a second batch size (the MRI net's 8 GiB check at batch 32) carry the batch in the
+network name, ``"MRI-64 (batch 32)"``. A configuration that failed (time-out, out of memory)
+keeps its row with ``null`` numbers; a certification method that was infeasible is left out
+of ``cert_samples_per_s`` and named in the notes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.measure import STANDARD
+
+GIB8_MB = 8 * 1024
+# Paper per-epoch ratios rsip-ssip / standard on an RTX 3090 (SPEC §10: 138/29, 273/30 upper ends).
+PAPER_GPU_RATIO = {"DM-small": 4.8, "DM-medium": 9.1}
+# Issue 7: auto_LiRPA 0.7.1 on a 2-core machine, batch 64, k = 16, minus ~20 % (seconds per step).
+AUTOLIRPA_TARGET_S = {("DM-small", "rsip-ibp"): 0.19, ("DM-medium", "rsip-ibp"): 0.92,
+                      ("DM-small", "rsip-ssip"): 0.46, ("DM-medium", "rsip-ssip"): 3.4}
+
+
+def row_name(network: str, batch: int, main_batch: int) -> str:
+    return network if batch == main_batch else f"{network} (batch {batch})"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 7 as a measured ratio: PASS when ``value <= limit``; INFO when no limit."""
+
+    name: str
+    value: float | None
+    limit: float | None
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "N/A"
+        if self.limit is None:
+            return "INFO"
+        return "PASS" if self.value <= self.limit else "MISS"
+
+    def line(self) -> str:
+        value = "-" if self.value is None else f"{self.value:.2f}"
+        limit = "" if self.limit is None else f" (target <= {self.limit:.2f})"
+        note = f"  [{self.note}]" if self.note else ""
+        return f"{self.verdict:4}  {self.name}: {value}{limit}{note}"
+
+
+def build_results(machine: str, train: dict, floor: dict, cert: dict, main_batch: int) -> dict:
+    """Issue-7 JSON from ``train[(network, method, batch)]``, ``floor[network]``, ``cert[(network, method)]``."""
+    rows = []
+    for (network, method, batch), got in train.items():
+        standard = train.get((network, STANDARD, batch), {}).get("step_s")
+        step = got.get("step_s")
+        rows.append({
+            "network": row_name(network, batch, main_batch),
+            "method": method,
+            "step_s": step,
+            "ratio_to_standard": step / standard if step is not None and standard else None,
+            "peak_mem_mb": got.get("peak_mem_mb"),
+        })
+    floor_ratio = {net: got["ratio"] for net, got in floor.items() if "ratio" in got}
+    cert_rate: dict[str, dict[str, float]] = {}
+    for (network, method), got in cert.items():
+        if "samples_per_s" in got:
+            cert_rate.setdefault(network, {})[method] = got["samples_per_s"]
+    return {"machine": machine, "rows": rows, "ssip_floor_ratio": floor_ratio, "cert_samples_per_s": cert_rate}
+
+
+def targets(train: dict, floor: dict, main_batch: int, device_type: str, mem_batch: int) -> list[Target]:
+    """Every target of issue 7 that this run measured, as ratios."""
+
+    def step(network: str, method: str, batch: int = main_batch) -> float | None:
+        return train.get((network, method, batch), {}).get("step_s")
+
+    out = [Target(f"SSIP pass / floor [{net}]", got.get("ratio"), 1.3) for net, got in floor.items()]
+    for net in ("DM-small", "DM-medium"):
+        ssip, ibp = step(net, "rsip-ssip"), step(net, "rsip-ibp")
+        if ssip is not None or ibp is not None:
+            out.append(Target(f"rsip-ssip step / rsip-ibp step [{net}]",
+                              ssip / ibp if ssip and ibp else None, 2.0))
+    for net, paper in PAPER_GPU_RATIO.items():
+        ssip, std = step(net, "rsip-ssip"), step(net, STANDARD)
+        if ssip is None or std is None:
+            continue
+        if device_type == "cuda":
+            out.append(Target(f"rsip-ssip step / standard step [{net}]", ssip / std, paper,
+                              "paper per-epoch ratio, RTX 3090"))
+        else:
+            out.append(Target(f"rsip-ssip step / standard step [{net}]", ssip / std, None,
+                              f"CPU: report only; floor alone ~2(k+1) forwards; paper GPU {paper}x"))
+    for (net, method), limit_s in AUTOLIRPA_TARGET_S.items():
+        measured = step(net, method)
+        if measured is not None:
+            out.append(Target(f"{method} step / auto_LiRPA-derived {limit_s} s [{net}]", measured / limit_s, 1.0,
+                              "reference measured on a 2-core CPU" + ("; this run is on a GPU" if device_type == "cuda" else "")))
+    mem_rows = [(net, method) for (net, method, batch) in train if batch == mem_batch and net.startswith("MRI")]
+    for net, method in mem_rows:
+        mem = train[(net, method, mem_batch)].get("peak_mem_mb")
+        out.append(Target(f"peak memory / 8 GiB [{net} batch {mem_batch}, {method}]",
+                          None if mem is None else mem / GIB8_MB, 1.0))
+    return out
+
+
+def table(results: dict) -> str:
+    """Markdown table of the rows (one row per network × method)."""
+    lines = ["| network | method | step (s) | × standard | peak mem (MiB) |",
+             "|---|---|---:|---:|---:|"]
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for row in results["rows"]:
+        lines.append(f"| {row['network']} | {row['method']} | {fmt(row['step_s'], '.3f')} | "
+                     f"{fmt(row['ratio_to_standard'], '.1f')} | {fmt(row['peak_mem_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def extra_tables(floor: dict, cert: dict) -> str:
+    """Markdown tables of the SSIP floor and the certification throughput (with batches used)."""
+    lines = ["| network | SSIP pass (s) | forward of 2(k+1)·B images (s) | ratio |", "|---|---:|---:|---:|"]
+    for net, got in floor.items():
+        if "ratio" in got:
+            lines.append(f"| {net} | {got['ssip_pass_s']:.3f} | {got['floor_s']:.3f} | {got['ratio']:.2f} |")
+        else:
+            lines.append(f"| {net} | — | — | {got.get('error', 'failed')} |")
+    lines += ["", "| network | method | batch | samples/s | peak mem (MiB) |", "|---|---|---:|---:|---:|"]
+    for (net, method), got in cert.items():
+        if "samples_per_s" in got:
+            lines.append(f"| {net} | {method} | {got['batch']} | {got['samples_per_s']:.1f} | "
+                         f"{got['peak_mem_mb']:.0f} |")
+        else:
+            lines.append(f"| {net} | {method} | {got.get('batch', '—')} | infeasible: {got.get('error', '?')} | — |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Write atomically (temp name in the same directory, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def rewrite_docs(path: Path, section_key: str, body: str) -> None:
+    """Replace the text between ``<!-- results:KEY -->`` and ``<!-- /results:KEY -->`` in ``path``
+    (appended when the markers are missing), so a GPU run adds its table beside the CPU one."""
+    start, end = f"<!-- results:{section_key} -->", f"<!-- /results:{section_key} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+

@@ -1,0 +1,179 @@
+"""The benchmark command (issue 7): every bound method's training step, SSIP floor and
+certification throughput on the SPEC §10 networks and an MRI-shaped CNN.
+
+    python -m benchmarks.run                  # full run (~15 min on 2 CPU cores)
+    python -m benchmarks.run --quick          # DM-small + MRI-64, fewer repeats (~2 min)
+    python -m benchmarks.run --device cuda    # on a GPU: DM-large included
+
+Prints the table and every target as a ratio with PASS/MISS, writes the results JSON
+(``--out``) and rewrites this device's results section of ``docs/benchmarks.md`` (``--docs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import machine, report
+from benchmarks.measure import CERT_METHODS, STANDARD, TRAIN_METHODS
+from benchmarks.networks import NETWORKS
+from benchmarks.worker import REPO, Job, run_here, run_isolated
+
+DEFAULT_NETWORKS = ("DM-small", "DM-medium", "MRI-64")
+QUICK_NETWORKS = ("DM-small", "MRI-64")
+MEM_CHECK_NETWORK_PREFIX = "MRI"  # issue 7: the MRI-shaped net at batch 32 must fit 8 GiB
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="DM-small and MRI-64 only, 1 warm-up + 2 timed steps; writes results.quick.json")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
+    parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), help="networks to run")
+    parser.add_argument("--large", action="store_true", help="include DM-large (default only on a GPU)")
+    parser.add_argument("--methods", nargs="+", choices=TRAIN_METHODS, default=list(TRAIN_METHODS))
+    parser.add_argument("--cert-methods", nargs="*", choices=CERT_METHODS, default=list(CERT_METHODS))
+    parser.add_argument("--batch", type=int, default=64, help="training batch size (issue 7: 64)")
+    parser.add_argument("--mem-batch", type=int, default=32,
+                        help="second batch size for the MRI net's memory check (0: skip)")
+    parser.add_argument("--cert-batch", type=int, default=64, help="certification batch for rsip-ssip")
+    parser.add_argument("--rsip-cert-batch", type=int, default=8,
+                        help="certification batch for full CROWN (rsip): small, it is the expensive one")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
+    parser.add_argument("--repeats", type=int, help="timed steps, median reported (default 5; --quick 2)")
+    parser.add_argument("--threads", type=int, default=machine.usable_cores(), help="torch threads")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a configuration is "
+                        "declared infeasible (isolated runs only)")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="measure in this process (faster start; CPU peak memory then is cumulative)")
+    parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results.json, "
+                        "--quick: benchmarks/results.quick.json)")
+    parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
+                        "(default docs/benchmarks.md; --quick: none)")
+    args = parser.parse_args(argv)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    if args.out is None:
+        args.out = REPO / "benchmarks" / ("results.quick.json" if args.quick else "results.json")
+    if args.docs is None and not args.quick:
+        args.docs = REPO / "docs" / "benchmarks.md"
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[Job]]:
+    """The networks and every measurement of the run, in the order they are taken."""
+    if args.networks:
+        networks = list(args.networks)
+    else:
+        networks = list(QUICK_NETWORKS if args.quick else DEFAULT_NETWORKS)
+        if args.large or device.type == "cuda":
+            networks.append("DM-large")
+    make = lambda kind, net, method, batch: Job(kind, net, method, batch, str(device),  # noqa: E731
+                                                args.warmup, args.repeats, args.threads)
+    methods = [STANDARD] + [m for m in args.methods if m != STANDARD]
+    jobs = []
+    for net in networks:
+        jobs += [make("train", net, m, args.batch) for m in methods]
+        if args.mem_batch and args.mem_batch != args.batch and net.startswith(MEM_CHECK_NETWORK_PREFIX):
+            jobs += [make("train", net, m, args.mem_batch) for m in methods]
+        if "ssip" in args.methods or "rsip-ssip" in args.methods:
+            jobs.append(make("floor", net, "ssip", args.batch))
+        for m in args.cert_methods:
+            jobs.append(make("cert", net, m, args.rsip_cert_batch if m == "rsip" else args.cert_batch))
+    return networks, jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    description = machine.describe(device)
+    networks, jobs = plan(args, device)
+    print(f"machine: {description}", flush=True)
+    print(f"{len(jobs)} measurements on {', '.join(networks)}; batch {args.batch}, "
+          f"{args.warmup} warm-up + {args.repeats} timed steps each", flush=True)
+
+    train, floor, cert = {}, {}, {}
+    started = time.perf_counter()
+    for index, job in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        got = run_here_safely(job) if args.no_isolate else run_isolated(job, args.timeout)
+        if job.kind == "train":
+            train[(job.network, job.method, job.batch)] = got
+        elif job.kind == "floor":
+            floor[job.network] = got
+        else:
+            cert[(job.network, job.method)] = {"batch": job.batch, **got}
+        summary = got.get("error") or ", ".join(f"{k}={v:.4g}" for k, v in got.items() if isinstance(v, float))
+        print(f"[{index}/{len(jobs)}] {job.label()}: {summary} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    results = report.build_results(description, train, floor, cert, args.batch)
+    verdicts = report.targets(train, floor, args.batch, device.type, args.mem_batch)
+    elapsed = time.perf_counter() - started
+    print()
+    print(report.table(results))
+    print()
+    print(report.extra_tables(floor, cert))
+    print()
+    print("targets (issue 7), each a ratio measured in this run:")
+    for target in verdicts:
+        print("  " + target.line())
+    print(f"\n{len(jobs)} measurements in {elapsed:.0f} s; results: {args.out}")
+
+    report.write_json(args.out, results)
+    if args.docs:
+        report.rewrite_docs(args.docs, device.type, docs_section(args, device, description, results,
+                                                                 floor, cert, verdicts, elapsed))
+        print(f"docs: {args.docs}")
+    return 0
+
+
+def run_here_safely(job: Job) -> dict:
+    try:
+        return run_here(job)
+    except Exception as exc:  # one failed configuration must not lose the whole run
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def docs_section(args, device, description, results, floor, cert, verdicts, elapsed) -> str:
+    """The markdown that replaces this device's results section of the docs."""
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python -m benchmarks.run"
+    kind = "GPU" if device.type == "cuda" else "CPU"
+    return "\n".join([
+        f"### Results on {kind}",
+        "",
+        f"Machine: {description}.  ",
+        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min); batch {args.batch}, "
+        f"median of {args.repeats} steps after {args.warmup} warm-up; peak memory = "
+        + ("`torch.cuda.max_memory_allocated`." if device.type == "cuda"
+           else "RSS high-water mark of a fresh process per configuration (includes ~0.3 GB of torch itself)."),
+        "",
+        "Training step (forward + bounds + hinge loss + backward + Adam):",
+        "",
+        report.table(results),
+        "",
+        "SSIP floor (no_grad, paper Theorem 3) and certification throughput (no_grad; clean forward + margin bounds):",
+        "",
+        report.extra_tables(floor, cert),
+        "",
+        "Targets (issue 7):",
+        "",
+        "```",
+        *(t.line() for t in verdicts),
+        "```",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Run one measurement, in this process or in a fresh one.
+
+A fresh process per configuration makes the CPU peak-memory number (RSS high-water mark)
+belong to that configuration alone, and lets the runner time out a configuration that is
+infeasible (full CROWN on a big network) without losing the rest of the run.
+
+    python -m benchmarks.worker '{"kind": "train", "network": "DM-small", "method": "ssip", ...}'
+
+prints one line ``RESULT {json}`` on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MARKER = "RESULT "
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measurement: ``kind`` in ``measure.KINDS``; ``method`` unused by ``floor``."""
+
+    kind: str
+    network: str
+    method: str
+    batch: int
+    device: str
+    warmup: int
+    repeats: int
+    threads: int
+
+    def label(self) -> str:
+        return f"{self.kind} {self.network} {self.method} b{self.batch}"
+
+
+def run_here(job: Job) -> dict:
+    """Run ``job`` in this process (threads set as the job says)."""
+    import torch
+
+    from benchmarks import measure
+
+    torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
+    if job.kind == "floor":
+        return measure.measure_floor(job.network, job.batch, device, job.warmup, job.repeats)
+    return measure.KINDS[job.kind](job.network, job.method, job.batch, device, job.warmup, job.repeats)
+
+
+def run_isolated(job: Job, timeout_s: float) -> dict:
+    """Run ``job`` in a fresh Python process; ``{"error": one line}`` on failure or timeout."""
+    command = [sys.executable, "-m", "benchmarks.worker", json.dumps(asdict(job))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job.threads)}
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    if done.returncode < 0 or done.returncode == 137:
+        tail = f"killed (signal {-done.returncode}, likely out of memory): {tail}"
+    return {"error": tail[:300]}
+
+
+def main(argv: list[str]) -> int:
+    job = Job(**json.loads(argv[0]))
+    try:
+        result = run_here(job)
+    except Exception as exc:  # reported as this configuration's error; the run goes on
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    print(MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

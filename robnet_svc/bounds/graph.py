@@ -1,0 +1,362 @@
+"""Compiling a network into a bound graph, and the per-pass frame the bound passes walk.
+
+``compile_network(module, rules)`` traces the module (unless it already is a
+``torch.fx.GraphModule``), classifies every node as *perturbed* (depends on the input) or
+*constant*, picks the op rule of every perturbed node from the rules table and raises one
+``RobnetError`` naming the first unsupported op and node before any work starts.
+
+A bound pass works on the *bias-field transform network* (paper §3, §5):
+
+    node 0        the image ``W a + c`` (the transform layer; its input ``a`` is the box),
+    clip nodes    ``lo + (hi-lo) - ReLU((hi-lo) - ReLU(x - lo))``: affine and ReLU layers that
+                  every method bounds with the same relaxation (only when ``aset.clip``),
+    network nodes the perturbed nodes of the imported graph, in topological order.
+
+``BoundNetwork.frame(aset)`` evaluates the constants (so gradients reach parameters behind
+``get_attr`` nodes), looks up the per-sample shapes of every node (a one-sample shape pass,
+cached per input shape) and hands out the op rules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule
+from robnet_svc.bounds.ops.relu import ReluRule
+from robnet_svc.errors import RobnetError
+
+
+@dataclass
+class PlanNode:
+    """One node of the bound graph.
+
+    ``inputs`` index the perturbed parents in the plan; ``call`` is the node's call with
+    ``PERTURBED`` markers and, in constant positions, fx nodes (evaluated per pass) or literals.
+    """
+
+    name: str
+    rule_cls: type[OpRule] | None  # None for the image input
+    inputs: list[int] = field(default_factory=list)
+    call: OpCall | None = None
+
+
+def _scale_shift(x: Tensor, scale: float, shift: float) -> Tensor:
+    return x * scale + shift
+
+
+class _ClipAffine(AffineRule):
+    """``y = scale·x + shift`` with python scalars (the affine parts of the clipping layer)."""
+
+    def abs_linear(self, rad: Tensor) -> Tensor:
+        return rad * abs(self.call.args[1])
+
+    def transpose(self, lam: Tensor) -> tuple[Tensor]:
+        return (lam * self.call.args[1],)
+
+
+def _clip_nodes(clip: tuple[float, float] | None) -> list[PlanNode]:
+    """The clipping layer ``-(ReLU(-ReLU(x - lo) + (hi-lo)) - (hi-lo)) + lo`` as plan nodes
+    1..5 (paper §5 for ``[0, 1]``), or nothing when ``clip`` is None."""
+    if clip is None:
+        return []
+    lo, hi = float(clip[0]), float(clip[1])
+    span = hi - lo
+
+    def affine(name: str, scale: float, shift: float, parent: int) -> PlanNode:
+        call = OpCall(name, "call_function", _scale_shift, None, (PERTURBED, scale, shift), {})
+        return PlanNode(name, _ClipAffine, [parent], call)
+
+    def relu(name: str, parent: int) -> PlanNode:
+        call = OpCall(name, "call_function", torch.relu, None, (PERTURBED,), {})
+        return PlanNode(name, ReluRule, [parent], call)
+
+    return [
+        affine("clip_shift", 1.0, -lo, 0),
+        relu("clip_relu_low", 1),
+        affine("clip_flip", -1.0, span, 2),
+        relu("clip_relu_high", 3),
+        affine("clip_out", -1.0, hi, 4),
+    ]
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps every module that has a rule as one node (e.g. ``BatchReshape``)."""
+
+    def __init__(self, rules: dict):
+        super().__init__()
+        self.rules = rules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in self.rules or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module, rules: dict) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule):
+        return module
+    try:
+        graph = _LeafTracer(rules).trace(module)
+    except Exception as exc:
+        raise RobnetError(f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+                          "export it to ONNX or make its forward traceable") from exc
+    return fx.GraphModule(module, graph)
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return getattr(node.target, "__name__", repr(node.target))
+
+
+def _rule_key(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """Rules are keyed by module type, function, or ``torch.Tensor.<method>`` for methods."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target))
+    if node.op == "call_method":
+        return getattr(torch.Tensor, node.target, node.target)
+    return node.target
+
+
+def _template(gm: fx.GraphModule, node: fx.Node, perturbed: set) -> tuple[OpCall | None, str | None]:
+    """The node's call with PERTURBED markers, or a reason why its arguments are unsupported."""
+    def nested_perturbed(a) -> bool:
+        found = []
+        fx.node.map_arg(a, lambda n: found.append(n in perturbed))
+        return any(found)
+
+    args = []
+    for a in node.args:
+        if isinstance(a, fx.Node) and a in perturbed:
+            args.append(PERTURBED)
+        elif nested_perturbed(a):
+            return None, "a perturbed tensor inside a list/tuple argument"
+        else:
+            args.append(a)
+    if any(nested_perturbed(v) for v in node.kwargs.values()):
+        return None, "a perturbed tensor passed as a keyword argument"
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    target = module if module is not None else node.target
+    return OpCall(node.name, node.op, target, module, tuple(args), dict(node.kwargs)), None
+
+
+def _analyse(gm: fx.GraphModule, rules: dict) -> tuple[list[PlanNode], list[fx.Node], list[tuple[str, str]]]:
+    """Network plan nodes (parents as fx nodes for now), constant nodes, unsupported list."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    unsupported: list[tuple[str, str]] = []
+    if len(placeholders) != 1:
+        return [], [], [("<graph>", f"{len(placeholders)} inputs (expected exactly one image input)")]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    out_arg = output.args[0]
+    if isinstance(out_arg, (tuple, list)):
+        if len(out_arg) != 1:
+            return [], [], [("<graph>", f"{len(out_arg)} outputs (expected one logits tensor)")]
+        out_arg = out_arg[0]
+    # Only ancestors of the output matter.
+    needed, stack = set(), [out_arg]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, fx.Node) and n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    perturbed = {placeholders[0]}
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output", "get_attr") and any(p in perturbed for p in n.all_input_nodes):
+            perturbed.add(n)
+    if out_arg not in perturbed:
+        unsupported.append(("<graph>", "the output does not depend on the input"))
+    plan: list[PlanNode] = []
+    constants: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n not in needed or n.op == "placeholder":
+            continue
+        if n not in perturbed:
+            constants.append(n)
+            continue
+        call, reason = _template(gm, n, perturbed)
+        rule_cls = rules.get(_rule_key(gm, n))
+        if rule_cls is None:
+            unsupported.append((n.name, _describe(gm, n)))
+            continue
+        if reason is None:
+            reason = rule_cls.check(call)
+        if reason is not None:
+            unsupported.append((n.name, f"{_describe(gm, n)} ({reason})"))
+            continue
+        parents = [a for a in n.args if isinstance(a, fx.Node) and a in perturbed]
+        plan.append(PlanNode(n.name, rule_cls, parents, call))
+    return plan, constants, unsupported
+
+
+def find_unsupported(gm: nn.Module, rules: dict | None = None) -> list[tuple[str, str]]:
+    """``[(node_name, op_description)]`` of every node the engine cannot bound (empty: all fine)."""
+    rules = default_rules() if rules is None else rules
+    return _analyse(_trace(gm, rules), rules)[2]
+
+
+def default_rules() -> dict:
+    """The built-in rules table (registered through the same hook plugins use)."""
+    from robnet_svc.bounds import builtin
+
+    table: dict = {}
+    builtin.robnet_register_op_rules(register=lambda target, cls: table.__setitem__(target, cls))
+    return table
+
+
+class BoundNetwork(nn.Module):
+    """A network compiled for bounding. ``net(x)`` is the plain forward of the wrapped module
+    (same parameters); the bound methods walk ``net.frame(aset)``."""
+
+    def __init__(self, module: nn.Module, gm: fx.GraphModule, plan: list[PlanNode],
+                 constants: list[fx.Node], rules: dict):
+        super().__init__()
+        self.module = module
+        self._gm = [gm]  # not a submodule: it shares module's parameters already
+        self._plan = plan
+        self._constants = constants
+        self._shapes: dict[tuple, list[tuple[int, ...]]] = {}
+        self._num_classes: int | None = None
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self._gm[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of logits (known after the first bound pass or ``infer_shapes``)."""
+        if self._num_classes is None:
+            last = self._plan[-1].call.module if self._plan else None
+            if isinstance(last, nn.Linear):
+                self._num_classes = last.out_features
+            else:
+                raise RobnetError("number of classes unknown: call net.infer_shapes(input_shape) first")
+        return self._num_classes
+
+    def infer_shapes(self, input_shape: tuple[int, ...], clip=None) -> list[tuple[int, ...]]:
+        """Per-sample shapes of every plan node for per-sample input ``input_shape``."""
+        key = (tuple(input_shape), clip is not None)
+        if key not in self._shapes:
+            plan = self.plan(clip)
+            param = next(self.module.parameters(), None)
+            x = torch.zeros((1, *input_shape), dtype=param.dtype if param is not None else None,
+                            device=param.device if param is not None else None)
+            env = self._constant_env()
+            values = [x]
+            shapes = [tuple(input_shape)]
+            with torch.no_grad():
+                for node in plan[1:]:
+                    call = _bind(node.call, env)
+                    out = call.run(*(values[i] for i in node.inputs))
+                    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 1:
+                        raise RobnetError(f"node {node.name!r} does not keep the batch axis "
+                                          f"(output {getattr(out, 'shape', type(out).__name__)}); cannot bound it")
+                    values.append(out)
+                    shapes.append(tuple(out.shape[1:]))
+            self._shapes[key] = shapes
+            self._num_classes = math.prod(shapes[-1])
+        return self._shapes[key]
+
+    def plan(self, clip) -> list[PlanNode]:
+        """Image node, clip nodes (when ``clip``), network nodes with parents as plan indices."""
+        front = [PlanNode("image", None)] + _clip_nodes(clip)
+        index = {self.gm_input_name(): len(front) - 1}
+        nodes = list(front)
+        for p in self._plan:
+            parents = [index[a.name] for a in p.inputs]
+            index[p.name] = len(nodes)
+            nodes.append(PlanNode(p.name, p.rule_cls, parents, p.call))
+        return nodes
+
+    def gm_input_name(self) -> str:
+        return next(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
+
+    def _constant_env(self) -> dict[str, Any]:
+        """Evaluate the constant nodes (every pass: parameters behind get_attr keep gradients)."""
+        env: dict[str, Any] = {}
+        gm = self.gm
+        for n in self._constants:
+            args = fx.node.map_arg(n.args, lambda a: env[a.name])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+            if n.op == "get_attr":
+                obj = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                env[n.name] = obj
+            elif n.op == "call_module":
+                env[n.name] = gm.get_submodule(n.target)(*args, **kwargs)
+            elif n.op == "call_function":
+                env[n.name] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n.name] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        return env
+
+    def frame(self, aset) -> "Frame":
+        """Everything one bound pass needs for this perturbation set."""
+        shapes = self.infer_shapes(tuple(aset.image_shape), aset.clip)
+        return Frame(self.plan(aset.clip), shapes, self._constant_env())
+
+
+def _bind(call: OpCall, env: dict[str, Any], in_shapes=None, out_shape=None) -> OpCall:
+    def value(a):
+        return fx.node.map_arg(a, lambda n: env[n.name]) if a is not PERTURBED else a
+
+    return OpCall(call.name, call.kind, call.target, call.module, tuple(value(a) for a in call.args),
+                  {k: value(v) for k, v in call.kwargs.items()}, in_shapes or [], out_shape)
+
+
+class Frame:
+    """The bound graph of one pass: plan nodes, per-sample shapes, rules with constants bound."""
+
+    def __init__(self, nodes: list[PlanNode], shapes: list[tuple[int, ...]], env: dict[str, Any]):
+        self.nodes, self.shapes, self._env = nodes, shapes, env
+        self._rules: dict[int, OpRule] = {}
+        self._bias: dict[int, Tensor] = {}
+
+    def rule(self, i: int) -> OpRule:
+        if i not in self._rules:
+            node = self.nodes[i]
+            call = _bind(node.call, self._env, [self.shapes[j] for j in node.inputs], self.shapes[i])
+            self._rules[i] = node.rule_cls(call)
+        return self._rules[i]
+
+    def bias(self, i: int, like: Tensor) -> Tensor | None:
+        """``f(0)`` of affine node i (``[1, *shape]``), None when the op has no constant part."""
+        rule = self.rule(i)
+        if not rule.has_bias:
+            return None
+        if i not in self._bias:
+            self._bias[i] = rule.bias(like)
+        return self._bias[i]
+
+    def is_activation(self, i: int) -> bool:
+        return i > 0 and isinstance(self.rule(i), ActivationRule)
+
+    @property
+    def output(self) -> int:
+        return len(self.nodes) - 1
+
+
+def compile_network(module: nn.Module, rules: dict | None = None) -> BoundNetwork:
+    """Compile ``module`` for bounding with the rules table ``rules`` (target -> OpRule class;
+    None: the built-in rules). Raises RobnetError naming the first unsupported op and node."""
+    if isinstance(module, BoundNetwork):
+        return module
+    rules = default_rules() if rules is None else rules
+    gm = _trace(module, rules)
+    plan, constants, unsupported = _analyse(gm, rules)
+    if unsupported:
+        name, what = unsupported[0]
+        more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        raise RobnetError(
+            f"cannot bound node {name!r}: unsupported operation {what}{more}; supported operations are "
+            "listed by `robnet-svc plugins` (op_rules), new ones can be added with the robnet_register_op_rules hook"
+        )
+    return BoundNetwork(module, gm, plan, constants, rules)

@@ -1,0 +1,74 @@
+"""Add / Sub / Mul / Div where at most the additive ops take two perturbed tensors.
+
+Covers onnx2torch ``OnnxBinaryMathOperation`` (normalisation ``(x - mean) / std``, the
+residual Add of ResNets) and plain ``x + c``, ``x * 2.0``, ``torch.add(x, y)``, ... nodes.
+
+- one perturbed operand: ``x ± c``, ``c - x``, ``x * c``, ``c * x``, ``x / c`` are affine;
+  ``|L|`` is the same op with ``|c|`` and no additive constant.
+- two perturbed operands: ``x + y`` and ``x - y`` (sum forward; Λ to both parents backward).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor
+
+from robnet_svc.bounds.ops.base import PERTURBED, AffineRule, OpCall
+
+_OPS = {
+    operator.add: "add", torch.add: "add", "add": "add", operator.iadd: "add",
+    operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.isub: "sub",
+    operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", "div": "div", "truediv": "div",
+    torch.Tensor.add: "add", torch.Tensor.sub: "sub", torch.Tensor.mul: "mul", torch.Tensor.div: "div",
+}
+
+
+def op_name(call: OpCall) -> str | None:
+    """"add" | "sub" | "mul" | "div" for the node, or None when it is none of them."""
+    if call.module is not None:
+        fn = getattr(call.module, "math_op_function", None)
+        if fn is None:
+            return None
+        return _OPS.get(fn) or ("div" if getattr(fn, "__name__", "").endswith("div") else None)
+    return _OPS.get(call.target)
+
+
+class ArithmeticRule(AffineRule):
+    @classmethod
+    def check(cls, call: OpCall) -> str | None:
+        op = op_name(call)
+        n_perturbed = len(call.perturbed_positions)
+        if op is None:
+            return "unknown arithmetic operation"
+        if call.kwargs:
+            return f"{op} with keyword arguments {sorted(call.kwargs)}"
+        if n_perturbed == 2 and op in ("mul", "div"):
+            return f"{op} of two perturbed tensors is not affine"
+        if op == "div" and call.args[1] is PERTURBED:
+            return "division by a perturbed tensor is not affine"
+        return None
+
+    @property
+    def has_bias(self) -> bool:  # noqa: D401 - products and two-input sums have no constant
+        return op_name(self.call) in ("add", "sub") and len(self.call.perturbed_positions) == 1
+
+    def abs_linear(self, *rads: Tensor) -> Tensor:
+        op = op_name(self.call)
+        if op in ("add", "sub"):
+            total = rads[0] if len(rads) == 1 else rads[0] + rads[1]
+            return total.expand(total.shape[0], *self.call.out_shape)
+        args = tuple(a if a is PERTURBED else _abs(a) for a in self.call.args)
+        return self.call.run(*rads, args=args)
+
+    def transpose(self, lam: Tensor) -> tuple[Tensor, ...]:
+        same = all(tuple(s) == tuple(self.call.out_shape) for s in self.call.in_shapes)
+        if len(self.call.perturbed_positions) == 2 and same:
+            return (lam, -lam) if op_name(self.call) == "sub" else (lam, lam)
+        return super().transpose(lam)
+
+
+def _abs(value):
+    return value.abs() if isinstance(value, Tensor) else abs(value)

@@ -1,0 +1,37 @@
+"""``nn.Conv1d/2d`` (any stride, padding, dilation, groups, padding mode)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from robnet_svc.bounds.ops.base import AffineRule
+
+
+class ConvRule(AffineRule):
+    """Convolution: ``|L|`` is the convolution with ``|weight|``; ``Lᵀ`` is
+    ``conv_transpose2d`` (zero padding with numeric padding), the generic VJP otherwise."""
+
+    def abs_linear(self, rad: Tensor) -> Tensor:
+        m = self.call.module
+        return m._conv_forward(rad, m.weight.abs(), None)
+
+    def bias(self, like: Tensor) -> Tensor:
+        m = self.call.module
+        if m.bias is None:
+            return like.new_zeros((1, *self.call.out_shape))
+        spatial = (1,) * (len(self.call.out_shape) - 1)
+        return m.bias.reshape(1, -1, *spatial).expand(1, *self.call.out_shape)
+
+    def transpose(self, lam: Tensor) -> tuple[Tensor]:
+        m = self.call.module
+        if m.padding_mode != "zeros" or isinstance(m.padding, str) or m.weight.dim() != 4:
+            return super().transpose(lam)
+        in_hw = self.call.in_shapes[0][1:]
+        out_hw = lam.shape[2:]
+        # output_padding recovers the input size lost to the floor in the strided forward.
+        extra = tuple(
+            in_hw[d] - ((out_hw[d] - 1) * m.stride[d] - 2 * m.padding[d] + m.dilation[d] * (m.kernel_size[d] - 1) + 1)
+            for d in range(2)
+        )
+        return (F.conv_transpose2d(lam, m.weight, None, m.stride, m.padding, extra, m.groups, m.dilation),)

@@ -1,0 +1,92 @@
+"""Bound containers and the glossary that maps the engine's names to the paper's symbols.
+
+Glossary (paper §2, Zhang et al. 2018 for CROWN/RSIP):
+
+  ``a``, ``coeffs``   the perturbation coefficients: the input of the bias-field transform
+                      network (k of them; 16 for an order-3 multiplicative field).
+  ``lower``/``upper`` concrete bounds ``l``/``u`` of a node's value over the whole box.
+  ``mid``/``rad``     the same interval as centre ``(u+l)/2`` and radius ``(u-l)/2``
+                      (IBP: ``W⁺l + W⁻u + b = W·mid − |W|·rad + b``).
+  ``centre``/``radius`` of a ``SymbolicBounds``: forward symbolic (SSIP) bounds written as
+                      equations in ``a``: ``Lo(a) = centre(a) − radius(a)`` and
+                      ``Up(a) = centre(a) + radius(a)``. An equation is stored as
+                      ``[B, k+1, *node_shape]``: rows ``0..k-1`` multiply ``a_0..a_{k-1}``,
+                      row ``k`` is the constant term.
+  ``lam``             Λ of back-substitution (RSIP/CROWN): ``[B, S, *node_shape]``, one row per
+                      specification row ``S`` (or per neuron when bounding a hidden layer).
+  ``abs_linear``      ``|L|``: the linear part of an affine op with absolute-valued weights;
+                      it replaces the ``W⁺/W⁻`` split (``W⁺x + W⁻y = W(x+y)/2 + |W|(x−y)/2``).
+  ``transpose``       ``Lᵀ``: maps Λ at an op's output to Λ at its input.
+  ``spec``            ``C``: rows ``e_label − e_i`` (i ≠ label), ``[B, K-1, K]``.
+  ``Relaxation``      the linear bounds ``s_lo·x + b_lo ≤ σ(x) ≤ s_up·x + b_up`` of an activation
+                      on ``[l, u]`` (ReLU: chord above, ``α·x`` below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Interval:
+    """Concrete bounds of one node as centre and radius, each ``[B, *node_shape]``."""
+
+    mid: Tensor
+    rad: Tensor
+
+    @property
+    def lower(self) -> Tensor:
+        return self.mid - self.rad
+
+    @property
+    def upper(self) -> Tensor:
+        return self.mid + self.rad
+
+    @staticmethod
+    def from_bounds(lower: Tensor, upper: Tensor) -> "Interval":
+        return Interval((upper + lower) / 2, (upper - lower) / 2)
+
+
+@dataclass
+class SymbolicBounds:
+    """Forward symbolic bounds of one node: equations ``[B, k+1, *node_shape]`` in ``a``.
+
+    ``radius`` is None while it is exactly zero (the node is an affine function of ``a``),
+    which skips half the work before the first unstable activation.
+    """
+
+    centre: Tensor
+    radius: Tensor | None
+
+    @property
+    def lower(self) -> Tensor:
+        return self.centre if self.radius is None else self.centre - self.radius
+
+    @property
+    def upper(self) -> Tensor:
+        return self.centre if self.radius is None else self.centre + self.radius
+
+
+@dataclass
+class Relaxation:
+    """Elementwise linear bounds of an activation over ``[l, u]``, each ``[B, *node_shape]``:
+    ``lower_slope·x + lower_bias <= σ(x) <= upper_slope·x + upper_bias``."""
+
+    lower_slope: Tensor
+    lower_bias: Tensor
+    upper_slope: Tensor
+    upper_bias: Tensor
+
+
+@dataclass
+class PreActivationBounds:
+    """Concrete bounds ``l <= x <= u`` of an activation's input, per activation node name."""
+
+    lower: Tensor
+    upper: Tensor
+
+    def intersect(self, other: "PreActivationBounds") -> "PreActivationBounds":
+        return PreActivationBounds(torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper))

@@ -1,0 +1,140 @@
+"""Bias fields (SPEC §2, paper Def. 3-4): smooth polynomial intensity fields, plus the
+0-order special cases ``brightness`` (additive) and ``contrast`` (multiplicative).
+
+A bias field of order ``n`` is ``Σ_{t,g ≤ n} a_{tg} b^{tg}`` with the tensor-product basis
+
+    b^{t,g}_{i,j} = (i/(H-1))^t (j/(W-1))^g        (coordinates in [0, 1], both ends included)
+
+shared by every channel. As an ``AffineSet`` (k coefficients, image ``x`` ``[C, H, W]``):
+
+- ``mult``: columns ``x ⊙ b^{tg}``, offset 0; box: constant term ``[1-ε, 1+ε]``, others
+  ``[-ε/s, ε/s]``; nominal ``(1, 0, ..., 0)``;
+- ``add``:  columns ``b^{tg}``, offset ``x``; box: constant term ``[-ε, ε]``, others
+  ``[-ε/s, ε/s]``; nominal 0;
+- ``both``: the columns of ``mult`` then those of ``add`` (k = 2(n+1)^2), offset 0.
+
+``s`` is ``coef_scale`` (default: number of terms − 1, so the field stays in ``1 ± 2ε``).
+Term order: ``t`` outer, ``g`` inner, so index 0 is always the constant term.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from robnet_svc.errors import RobnetError
+from robnet_svc.perturbations.base import DenseAffineSet, Option, Perturbation
+
+MODES = ("mult", "add", "both")
+MAX_ORDER = 4
+
+
+def axis_coordinates(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[size]`` coordinates ``0, 1/(size-1), ..., 1`` (a single pixel sits at 0)."""
+    if size == 1:
+        return torch.zeros(1, device=device, dtype=dtype)
+    return torch.arange(size, device=device, dtype=dtype) / (size - 1)
+
+
+@lru_cache(maxsize=32)
+def bias_field_basis(height: int, width: int, order: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[(order+1)^2, H, W]`` basis images ``b^{t,g}`` (t outer, g inner); cached per size.
+
+    ``0^0 = 1``, so the constant term is 1 everywhere, corners included.
+    """
+    # A cached tensor made under inference mode could not be used in training later.
+    with torch.inference_mode(False):
+        powers = torch.arange(order + 1, device=device, dtype=dtype).unsqueeze(1)
+        rows = axis_coordinates(height, device, dtype).unsqueeze(0) ** powers  # [T1, H]
+        cols = axis_coordinates(width, device, dtype).unsqueeze(0) ** powers  # [T1, W]
+        basis = rows[:, None, :, None] * cols[None, :, None, :]  # [t, g, H, W]
+        return basis.reshape((order + 1) ** 2, height, width)
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+class BiasField(Perturbation):
+    """Smooth polynomial bias field (multiplicative, additive or both), per SPEC §2."""
+
+    name = "bias-field"
+    description = "Polynomial bias field x*Σa·b (+Σa·b): smooth lighting / coil inhomogeneity (paper Def. 3-4)."
+    options = {
+        "order": Option(int, 3, "polynomial order of the field (0-4; 3 gives the paper's 16 terms)",
+                        choices=tuple(range(MAX_ORDER + 1))),
+        "mode": Option(str, "mult", "multiplicative, additive or both fields", choices=MODES),
+        "coef_scale": Option(_optional_float, None,
+                             "non-constant terms get the box [-eps/s, eps/s]; default s = number of terms - 1"),
+    }
+
+    order: int
+    mode: str
+    coef_scale: float | None
+
+    def validate(self) -> None:
+        if self.coef_scale is not None and not self.coef_scale > 0:
+            raise RobnetError(f"option 'coef_scale' of perturbation {self.name!r} must be > 0, got {self.coef_scale}")
+
+    @property
+    def num_terms(self) -> int:
+        """Terms of one field: ``(order+1)^2``."""
+        return (self.order + 1) ** 2
+
+    def num_coeffs(self, image_shape: tuple[int, ...]) -> int:
+        return self.num_terms * (2 if self.mode == "both" else 1)
+
+    def coeff_names(self, image_shape: tuple[int, ...]) -> list[str]:
+        terms = [f"t{t}_g{g}" for t in range(self.order + 1) for g in range(self.order + 1)]
+        prefixes = {"mult": ("m",), "add": ("a",), "both": ("m", "a")}[self.mode]
+        return [f"{p}_{term}" for p in prefixes for term in terms]
+
+    def _field_box(self, eps: float, constant: float, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Box and nominal ``[T]`` of one field whose constant term is centred on ``constant``."""
+        scale = self.coef_scale if self.coef_scale is not None else max(self.num_terms - 1, 1)
+        half = torch.full((self.num_terms,), eps / scale, device=ref.device, dtype=ref.dtype)
+        half[0] = eps
+        nominal = torch.zeros(self.num_terms, device=ref.device, dtype=ref.dtype)
+        nominal[0] = constant
+        return nominal - half, nominal + half, nominal
+
+    def affine_set(self, images: Tensor, eps: float | None = None) -> DenseAffineSet:
+        """images ``[B, C, H, W]`` -> ``DenseAffineSet`` with weights ``[B, k, C, H, W]``."""
+        eps = self.eps if eps is None else float(eps)
+        if not eps >= 0:
+            raise RobnetError(f"perturbation {self.name!r}: eps must be >= 0, got {eps}")
+        if images.dim() != 4:
+            raise RobnetError(f"perturbation {self.name!r} needs images [B, C, H, W], got shape {tuple(images.shape)}")
+        b, _, height, width = images.shape
+        basis = bias_field_basis(height, width, self.order, images.device, images.dtype)[None, :, None]  # [1,T,1,H,W]
+
+        parts = []  # (weights [B, T, C, H, W], lower, upper, nominal [T])
+        if self.mode in ("mult", "both"):
+            parts.append((images.unsqueeze(1) * basis, *self._field_box(eps, 1.0, images)))
+        if self.mode in ("add", "both"):
+            parts.append((basis.expand(b, -1, *images.shape[1:]), *self._field_box(eps, 0.0, images)))
+        weights = torch.cat([p[0] for p in parts], dim=1)
+        lower, upper, nominal = (torch.cat([p[i] for p in parts]).repeat(b, 1) for i in (1, 2, 3))
+        # Add-only: the clean image is the offset. Mult (and both): it is the nominal x ⊙ 1.
+        offset = images if self.mode == "add" else torch.zeros_like(images)
+        return DenseAffineSet(weights, offset, lower, upper, nominal, clip=self.clip)
+
+
+class Brightness(BiasField):
+    """Brightness shift ``x + a``, ``a ∈ [-ε, ε]`` (a 0-order additive bias field)."""
+
+    name = "brightness"
+    description = "Global brightness shift x + a, a in [-eps, eps] (0-order additive bias field)."
+    options = {}
+    order, mode, coef_scale = 0, "add", None
+
+
+class Contrast(BiasField):
+    """Contrast change ``x · a``, ``a ∈ [1-ε, 1+ε]`` (a 0-order multiplicative bias field)."""
+
+    name = "contrast"
+    description = "Global contrast change x * a, a in [1-eps, 1+eps] (0-order multiplicative bias field)."
+    options = {}
+    order, mode, coef_scale = 0, "mult", None

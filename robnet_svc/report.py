@@ -1,0 +1,220 @@
+"""The HDF5 certificate (schema: ``docs/report-format.md``, version ``FORMAT_VERSION``):
+write it atomically, read it back, and turn it into the summary and tables people read.
+
+Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``certify``)::
+
+    /                      attrs: format_version, kind ("harden" | "certify")
+    /provenance            attrs: tool, tool_version, created_utc, command_line, config_json,
+                                  input_model, input_model_sha256, output_model, output_model_sha256,
+                                  dataset, dataset_source, class_names_json, image_shape,
+                                  perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
+                                  train_method, cert_method, device
+    /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
+    /certificates/<S>      attrs: the section's metrics, model_sha256, method
+                           datasets: index, label, prediction, certified, margin_lower [N, K-1],
+                                     attack_success, attack_margin
+    /history               datasets, one value per epoch (harden only): see HISTORY_FIELDS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from robnet_svc.certify import Certificates
+from robnet_svc.errors import RobnetError
+
+FORMAT_VERSION = "1"
+METRICS = ("num_samples", "clean_accuracy", "certified_accuracy", "empirical_robust_accuracy")
+HISTORY_FIELDS = ("epoch", "eps", "lr", "loss", "ce_loss", "robust_loss", "train_clean_accuracy",
+                  "train_certified_accuracy", "val_clean_accuracy", "val_certified_accuracy", "seconds")
+
+
+@dataclass
+class Report:
+    """A certificate as read back: everything in the file, as plain Python and numpy."""
+
+    kind: str
+    provenance: dict[str, Any]
+    sections: dict[str, Certificates]
+    section_attrs: dict[str, dict[str, Any]]
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+
+    @property
+    def class_names(self) -> list[str]:
+        return json.loads(self.provenance.get("class_names_json", "[]"))
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (what ``summary.json`` and ``--json`` contain)."""
+        prov = self.provenance
+        return {
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "input_model": prov.get("input_model"),
+            "input_model_sha256": prov.get("input_model_sha256"),
+            "output_model": prov.get("output_model") or None,
+            "output_model_sha256": prov.get("output_model_sha256") or None,
+            "dataset": prov.get("dataset"),
+            "perturbation": json.loads(prov.get("perturbation_json", "{}")),
+            "train_method": prov.get("train_method") or None,
+            "cert_method": prov.get("cert_method"),
+            "sections": {name: certs.summary() for name, certs in self.sections.items()},
+        }
+
+    def per_class(self) -> dict[str, list[dict[str, Any]]]:
+        """Per-class metrics of every section, with the class name in each row."""
+        names = self.class_names
+        out = {}
+        for section, certs in self.sections.items():
+            rows = certs.per_class(len(names))
+            for row in rows:
+                row["class"] = names[row["label"]]
+            out[section] = rows
+        return out
+
+
+def write_report(path: str | Path, report: Report) -> Path:
+    """Write ``report`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["kind"] = report.kind
+            prov = f.create_group("provenance")
+            for key, value in report.provenance.items():
+                prov.attrs[key] = _attr(value)
+            summary = f.create_group("summary")
+            summary.attrs["sections_json"] = json.dumps(list(report.sections))
+            certs_group = f.create_group("certificates")
+            for name, certs in report.sections.items():
+                group = certs_group.create_group(name)
+                metrics = certs.summary()
+                for key, value in {**report.section_attrs.get(name, {}), **metrics}.items():
+                    group.attrs[key] = _attr(value)
+                for key, value in metrics.items():
+                    summary.attrs[f"{name}.{key}"] = value
+                for fname in Certificates.FIELDS:
+                    group.create_dataset(fname, data=getattr(certs, fname), compression="gzip", shuffle=True)
+            if report.history:
+                hist = f.create_group("history")
+                for key, values in report.history.items():
+                    hist.create_dataset(key, data=np.asarray(values, dtype=np.float64))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _attr(value: Any) -> Any:
+    """HDF5 attributes hold strings, numbers and numeric arrays; anything else as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float, bool, np.ndarray, np.generic)):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return np.asarray(value)
+    return json.dumps(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_report(path: str | Path) -> Report:
+    """Read a certificate; RobnetError when ``path`` is missing, not HDF5, or not a certificate
+    of a format version this robnet-svc reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise RobnetError(f"certificate {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise RobnetError(f"{path} is not an HDF5 file (expected a certificate.h5 written by robnet-svc)") from None
+    with f:
+        version = _plain(f.attrs.get("format_version"))
+        if version is None or "certificates" not in f:
+            raise RobnetError(f"{path} is an HDF5 file but not a robnet-svc certificate (no format_version)")
+        if str(version) != FORMAT_VERSION:
+            raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads format "
+                              f"{FORMAT_VERSION}: upgrade robnet-svc")
+        provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
+        order = json.loads(_plain(f["summary"].attrs["sections_json"]))
+        sections, section_attrs = {}, {}
+        for name in order:
+            group = f["certificates"][name]
+            sections[name] = Certificates(**{fname: group[fname][()] for fname in Certificates.FIELDS})
+            section_attrs[name] = {k: _plain(v) for k, v in group.attrs.items()}
+        history = {k: v[()] for k, v in f["history"].items()} if "history" in f else {}
+        return Report(kind=_plain(f.attrs["kind"]), provenance=provenance, sections=sections,
+                      section_attrs=section_attrs, history=history, format_version=str(version))
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def render(report: Report, console) -> None:
+    """Print summary, provenance and the per-class table with rich on ``console``."""
+    from rich.table import Table
+
+    prov = report.provenance
+    summary = Table(title=f"certificate ({report.kind}, format {report.format_version})", title_justify="left")
+    summary.add_column("section")
+    for metric in METRICS:
+        summary.add_column(metric.replace("_", " "), justify="right")
+    for name, certs in report.sections.items():
+        s = certs.summary()
+        summary.add_row(name, str(s["num_samples"]), *(f"{100 * s[m]:.1f}%" for m in METRICS[1:]))
+    console.print(summary)
+
+    shown = ("created_utc", "tool_version", "command_line", "input_model", "input_model_sha256", "output_model",
+             "output_model_sha256", "dataset", "dataset_source", "image_shape", "perturbation_json",
+             "train_method", "cert_method", "device")
+    table = Table(title="provenance", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in shown:
+        if prov.get(key) not in (None, ""):
+            table.add_row(key, str(prov[key]))
+    console.print(table)
+
+    per_class = report.per_class()
+    classes = Table(title="per class (clean / certified / empirical robust accuracy)", title_justify="left")
+    classes.add_column("class")
+    classes.add_column("n", justify="right")
+    for name in per_class:
+        classes.add_column(name, justify="right")
+    for i, cls in enumerate(report.class_names):
+        cells = [f"{100 * rows[i]['clean_accuracy']:.1f} / {100 * rows[i]['certified_accuracy']:.1f} / "
+                 f"{100 * rows[i]['empirical_robust_accuracy']:.1f}" for rows in per_class.values()]
+        n = next(iter(per_class.values()))[i]["num_samples"] if per_class else 0
+        classes.add_row(cls, str(n), *cells)
+    console.print(classes)

@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark command (issue 7): it runs end to end on a miniature
+configuration and writes valid results. No timing assertions: speed is the benchmark's
+job, not the test suite's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["standard", "ibp", "ssip", "rsip-ibp", "rsip-ssip"]
+
+
+def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "benchmarks.run", "--networks", "tiny", "--batch", "4",
+               "--warmup", "0", "--repeats", "1", "--cert-batch", "4", "--rsip-cert-batch", "2",
+               "--threads", "1", "--out", str(tmp_path / "results.json"),
+               "--docs", str(tmp_path / "benchmarks.md"), *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_benchmark_command_writes_issue7_results(tmp_path):
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nprose kept\n\n<!-- results:cpu -->\nold\n"
+                                            "<!-- /results:cpu -->\n\ntail kept\n")
+    done = run_benchmark(tmp_path, "--no-isolate", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"machine", "rows", "ssip_floor_ratio", "cert_samples_per_s"}
+    assert "cores" in results["machine"] and "torch" in results["machine"]
+    assert [r["method"] for r in results["rows"]] == METHODS
+    for row in results["rows"]:
+        assert set(row) == {"network", "method", "step_s", "ratio_to_standard", "peak_mem_mb"}
+        assert row["network"] == "tiny"
+        assert row["step_s"] > 0 and row["ratio_to_standard"] > 0 and row["peak_mem_mb"] > 0, row
+    assert results["rows"][0]["ratio_to_standard"] == pytest.approx(1.0)
+    assert results["ssip_floor_ratio"]["tiny"] > 0
+    assert set(results["cert_samples_per_s"]["tiny"]) == {"rsip-ssip", "rsip"}
+    assert all(v > 0 for v in results["cert_samples_per_s"]["tiny"].values())
+
+    assert "SSIP pass / floor [tiny]" in done.stdout  # every measured target is printed as a ratio
+    docs = (tmp_path / "benchmarks.md").read_text()
+    assert "prose kept" in docs and "tail kept" in docs and "old" not in docs
+    assert "| tiny | rsip-ssip |" in docs and docs.count("<!-- results:cpu -->") == 1
+
+
+def test_isolated_configuration_runs_in_a_fresh_process(tmp_path):
+    from benchmarks.worker import Job, run_isolated
+
+    got = run_isolated(Job("train", "tiny", "ibp", 4, "cpu", 0, 1, 1), timeout_s=120)
+    assert "error" not in got, got
+    assert got["step_s"] > 0 and got["peak_mem_mb"] > 0
+
+
+def test_failed_configuration_is_reported_not_raised(capsys):
+    from benchmarks.worker import MARKER, main
+
+    assert main(['{"kind": "train", "network": "tiny", "method": "no-such-method", "batch": 4, '
+                 '"device": "cpu", "warmup": 0, "repeats": 1, "threads": 1}']) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(MARKER) and "no-such-method" in json.loads(line[len(MARKER):])["error"]

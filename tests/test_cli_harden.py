@@ -1,0 +1,120 @@
+"""`robnet-svc harden` and `certify` end to end through the real CLI on real digits and real ONNX files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cli_support import FAST, FAST_TRAIN, digits_model, invoke
+from robnet_svc.models import export_onnx, tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return digits_model(tmp_path_factory.mktemp("model") / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
+def hardened(model, tmp_path_factory):
+    """One harden run shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    capture = pytest.CaptureFixture  # noqa: F841 (the fixture below runs main directly)
+    from robnet_svc.cli import main
+
+    try:
+        main(["harden", str(model), *FAST, *FAST_TRAIN, "--out", str(out), "--json"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    return out
+
+
+def test_harden_writes_the_three_outputs(model, hardened):
+    assert {"model.robust.onnx", "certificate.h5", "summary.json"} <= {p.name for p in hardened.iterdir()}
+    assert not [p for p in hardened.iterdir() if p.name.endswith(".tmp")]
+    summary = json.loads((hardened / "summary.json").read_text())
+    assert set(summary["sections"]) == {"before", "after"}
+    src, dst = onnx.load(str(model)), onnx.load(str(hardened / "model.robust.onnx"))
+    assert [i.name for i in dst.graph.input] == [i.name for i in src.graph.input]
+    assert [o.name for o in dst.graph.output] == [o.name for o in src.graph.output]
+    with h5py.File(hardened / "certificate.h5") as f:
+        prov = f["provenance"].attrs
+        assert prov["input_model_sha256"] == summary["input_model_sha256"]
+        assert prov["train_method"] == "rsip-ssip" and prov["cert_method"] == "rsip-ssip"
+        assert json.loads(prov["coeff_names_json"]) == ["m_t0_g0", "m_t0_g1", "m_t1_g0", "m_t1_g1"]
+        assert list(prov["coeff_lower"]) == pytest.approx([0.95, -0.05 / 3, -0.05 / 3, -0.05 / 3])
+        assert f["history/epoch"][()].tolist() == [1.0]
+        assert f["certificates/after/margin_lower"].shape == (40, 9)
+
+
+def test_certify_reproduces_the_certificate_of_the_exported_file(hardened, capsys):
+    exported = hardened / "model.robust.onnx"
+    out = hardened.parent / "recheck"
+    r = invoke(capsys, "certify", exported, *FAST, "--out", out, "--json")
+    assert r.code == 0, r.err
+    with h5py.File(hardened / "certificate.h5") as a, h5py.File(out / "certificate.h5") as b:
+        import hashlib
+
+        sha = hashlib.sha256(exported.read_bytes()).hexdigest()
+        assert a["provenance"].attrs["output_model_sha256"] == sha == b["provenance"].attrs["input_model_sha256"]
+        for name in ("certified", "margin_lower", "prediction", "index"):
+            np.testing.assert_array_equal(a[f"certificates/after/{name}"][()], b[f"certificates/model/{name}"][()])
+
+
+def test_fail_under_gates_on_certified_accuracy(model, capsys):
+    ok = invoke(capsys, "certify", model, *FAST, "--fail-under", "0", "--json")
+    assert ok.code == 0, ok.err
+    certified = json.loads(ok.out)["sections"]["model"]["certified_accuracy"]
+    gate = invoke(capsys, "certify", model, *FAST, "--fail-under", str(min(certified + 0.01, 1.0)))
+    assert gate.code == 1 and "under --fail-under" in gate.err
+
+
+def _three_class_model(path):
+    net = tiny_cnn(1, 3, 8, width=2)
+    export_onnx(net, (1, 8, 8), path)
+    return path
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--eps", "0"), "--eps must be > 0"),
+    (("--eps", "-0.1"), "--eps must be > 0"),
+    (("--method", "crown"), "unknown bound method 'crown'; known: ibp, rsip"),
+    (("--cert-method", "nope"), "unknown bound method 'nope'"),
+    (("--perturbation", "fog"), "unknown perturbation 'fog'; known: bias-field, brightness"),
+    (("--dataset", "imagenet"), "unknown dataset 'imagenet'; known: cifar10, digits"),
+    (("--perturbation", "linf"), "use ibp, rsip-ibp or rsip"),
+    (("--perturbation", "brightness", "--order", "2"), "has no option 'order'"),
+    (("--dataset", "mri"), "needs --data-dir"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", out, *extra)
+    assert r.code == 2, r.err
+    assert needle in r.err and len(r.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_model_and_dataset_disagree_on_classes(tmp_path, capsys):
+    out = tmp_path / "out"
+    r = invoke(capsys, "harden", _three_class_model(tmp_path / "m3.onnx"), *FAST, *FAST_TRAIN, "--out", out)
+    assert r.code == 2 and "has 10 classes but model" in r.err and "outputs 3" in r.err
+    assert not out.exists()
+
+
+def test_out_is_protected(model, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", busy)
+    assert r.code == 2 and "not empty; use --force" in r.err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", afile / "sub")
+    assert r.code == 2 and "is a file" in r.err
+    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN)
+    assert r.code == 2 and "--out" in r.err
