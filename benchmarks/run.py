@@ -12,6 +12,7 @@ Prints the table and every target as a ratio with PASS/MISS, writes the results 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     description = machine.describe(device)
     networks, jobs = plan(args, device)
-    print(f"machine: {description}", flush=True)
+    load_start = os.getloadavg()[0]
+    print(f"machine: {description}; load average {load_start:.1f}", flush=True)
     print(f"{len(jobs)} measurements on {', '.join(networks)}; batch {args.batch}, "
           f"{args.warmup} warm-up + {args.repeats} timed steps each", flush=True)
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     results = report.build_results(description, train, floor, cert, args.batch)
     verdicts = report.targets(train, floor, args.batch, device.type, args.mem_batch)
     elapsed = time.perf_counter() - started
+    args.load = (load_start, os.getloadavg()[0])  # other processes on the machine skew absolute times
     print()
     print(report.table(results))
     print()
@@ -153,7 +156,8 @@ def docs_section(args, device, description, results, floor, cert, verdicts, elap
     return "\n".join([
         f"### Results on {kind}",
         "",
-        f"Machine: {description}.  ",
+        f"Machine: {description}; 1-min load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} "
+        f"at the end (anything above ~0.2 means other processes shared the cores).  ",
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min); batch {args.batch}, "
         f"median of {args.repeats} steps after {args.warmup} warm-up; peak memory = "
         + ("`torch.cuda.max_memory_allocated`." if device.type == "cuda"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from robnet_svc.errors import RobnetError
 from robnet_svc.models import export_onnx, tiny_cnn
 from robnet_svc.pipeline import Options, harden
@@ -39,6 +41,7 @@ def train_input_model(path: Path, image_shape: tuple[int, int, int] = IMAGE_SHAP
     from robnet_svc.plugins import load_registry
 
     splits = load_registry().dataset("digits")(None).load(image_shape, progress=False)
+    torch.manual_seed(seed)  # the initial weights
     model = tiny_cnn(in_channels=image_shape[0], num_classes=splits.num_classes, image_size=image_shape[1],
                      width=width)
     train_standard(model, splits.train_images, splits.train_labels, epochs=epochs, lr=2e-3, seed=seed)

@@ -50,6 +50,8 @@ PARITY_ATOL = 1e-4       # max abs diff, onnxruntime vs torch
 IMPORT_PARITY_BATCHES = (1, 7)
 EXPORT_PARITY_BATCHES = (1, 7)
 ADAPTER_NAME = "image_to_input"  # first module of the graph: image [N,C,H,W] -> ONNX input layout
+# metadata_props of exported files that load_model reads back
+LAYOUT_KEYS = {"layout": "robnet_svc.input_layout", "image_shape": "robnet_svc.image_shape"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -117,7 +119,7 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
     if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, or onnx's ValidationError for a missing file
             raise _fail(path, f"cannot read its external data file(s) next to it ({_first_line(exc)})") from exc
     model = _toposorted(model)
     try:
@@ -272,10 +274,13 @@ def _layout(model, path, value_info, image_shape) -> tuple[str, tuple[int, int, 
         raise _fail(path, f"input {name!r} has shape [{shown}]; robnet-svc needs a batch axis "
                           "followed by fixed per-sample dimensions, e.g. [N,C,H,W]")
     per_sample = tuple(per_sample)
-    wanted = parse_image_shape(image_shape)
+    # Files we exported say how their input holds the image (the exporter may have fused
+    # the NHWC Transpose away, and a flat model's image shape is otherwise unknown).
+    hints = {p.key: p.value for p in model.metadata_props}
+    wanted = parse_image_shape(image_shape if image_shape is not None else hints.get(LAYOUT_KEYS["image_shape"]))
     shown = "x".join(map(str, per_sample))
     if len(per_sample) == 3:
-        if _is_nhwc(model, name, per_sample):
+        if _is_nhwc(model, name, per_sample) or hints.get(LAYOUT_KEYS["layout"]) == "NHWC":
             from onnx2torch.node_converters.transpose import OnnxTranspose
 
             height, width, channels = per_sample
@@ -525,7 +530,9 @@ def export_model(module: nn.Module, source: ImportedModel, out_path: str | Path,
         _rename_value(exported.graph, _EXPORT_OUTPUT, source.output_name)
         exported.producer_name, exported.producer_version = "robnet-svc", __version__
         props = {"robnet_svc.version": __version__, "robnet_svc.source_sha256": source.sha256,
-                 "robnet_svc.source_file": source.path.name, **{str(k): str(v) for k, v in metadata.items()}}
+                 "robnet_svc.source_file": source.path.name,
+                 LAYOUT_KEYS["layout"]: source.layout, LAYOUT_KEYS["image_shape"]: "x".join(map(str, source.image_shape)),
+                 **{str(k): str(v) for k, v in metadata.items()}}
         helper.set_model_props(exported, props)
         onnx.checker.check_model(exported)
         onnx.save(exported, str(tmp))
@@ -607,11 +614,11 @@ def _value_report(v: onnx.ValueInfoProto) -> dict[str, Any]:
 
 
 def _parameter_count(model: onnx.ModelProto) -> int:
-    """Elements of every float initializer and float Constant tensor (weights, biases, BN, ...)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    """Elements of every stored tensor: initializers and Constant nodes (weights, biases,
+    BatchNorm statistics, normalisation constants and the few shape constants)."""
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return int(sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats))
+    return int(sum(int(np.prod(t.dims)) for t in tensors))
 
 
 def engine_support(imported: ImportedModel) -> dict[str, Any]:

@@ -164,10 +164,16 @@ def _first_line(text: str | None) -> str:
 
 
 def _target_name(target: Any) -> str:
-    """``torch.nn.modules.linear.Linear``, ``_operator.add`` or ``Tensor.view`` (a method name)."""
+    """``torch.nn.modules.linear.Linear``, ``_operator.add`` or ``torch.Tensor.view`` (a method)."""
     if isinstance(target, str):
         return f"Tensor.{target}"
+    method = getattr(target, "__name__", None)
+    if method and getattr(sys.modules.get("torch"), "Tensor", None) is not None \
+            and getattr(sys.modules["torch"].Tensor, method, None) is target:
+        return f"torch.Tensor.{method}"
     module = getattr(target, "__module__", None)
+    if method and module and getattr(sys.modules.get(module), method, None) is target:
+        return f"{module.lstrip('_')}.{method}"  # torch.add, not torch._VariableFunctionsClass.add
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
     if name is None:
         return repr(target)
@@ -239,7 +245,7 @@ def make_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], li
     if allowed:
         installed = sorted({ep.name for ep in entry_points} | {_dist_of(ep) for ep in entry_points})
         for missing in sorted(allowed - seen):
-            broken.append(f"{ENV_ALLOW} names {missing!r}, which is no installed plugin entry point or "
+            broken.append(f"{ENV_ALLOW} names {missing!r}, which matches no installed plugin entry point or "
                           f"distribution (installed: {', '.join(installed) or 'none'})")
     pm.check_pending()  # every remaining implementation matches a spec (broken ones were removed)
     return pm, origin, broken
@@ -353,6 +359,7 @@ def _registrar(staged: list, kind: str, plugin: str, dist: str, version: str, ho
 
         def register_rule(target, rule_cls):
             _check_rule(target, rule_cls, hook_name)
+            target = _rule_target(target)
             entry = Entry(_target_name(target), rule_cls, dist, version, plugin)
             staged.append((kind, target, entry))
             if trace:
@@ -395,6 +402,15 @@ def _check_class(cls: Any, kind: str, hook_name: str) -> None:
                 isinstance(k, str) and k.isidentifier() and isinstance(v, Option) for k, v in options.items()):
             raise _Broken(f"{what}: its `options` must map identifier names to "
                           "robnet_svc.perturbations.Option values")
+
+
+def _rule_target(target: Any) -> Any:
+    """The engine keys ``call_method`` nodes by ``torch.Tensor.<name>``: a bare name maps there."""
+    if isinstance(target, str):
+        import torch
+
+        return getattr(torch.Tensor, target, target)
+    return target
 
 
 def _check_rule(target: Any, rule_cls: Any, hook_name: str) -> None:

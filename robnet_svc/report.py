@@ -120,7 +120,9 @@ def _attr(value: Any) -> Any:
     """HDF5 attributes hold strings, numbers and numeric arrays; anything else as JSON."""
     if value is None:
         return ""
-    if isinstance(value, (str, int, float, bool, np.ndarray, np.generic)):
+    if isinstance(value, (str, np.str_)):
+        return str(value)
+    if isinstance(value, (int, float, bool, np.ndarray, np.number, np.bool_)):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
         return np.asarray(value)

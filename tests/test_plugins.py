@@ -203,3 +203,54 @@ def test_every_hook_has_a_registry_kind_and_a_spec(hook_name):
     spec = getattr(hookspecs, hook_name)
     assert spec.__doc__ and "register" in spec.__doc__
     assert plugins.KINDS[hook_name] in ("bound_methods", "perturbations", "datasets", "op_rules")
+
+
+# --- op rules -----------------------------------------------------------------------------------
+
+
+def _rule_registrar(staged):
+    return plugins._registrar(staged, "op_rules", "myplugin", "my-dist", "1.2", "robnet_register_op_rules", None)
+
+
+def test_op_rule_registration_validates_and_maps_method_names():
+    import torch
+
+    from robnet_svc.bounds.ops.base import ActivationRule, AffineRule
+
+    class Scale(AffineRule):
+        has_bias = False
+
+        def abs_linear(self, rad):
+            return rad
+
+    class NoAbs(AffineRule):
+        pass
+
+    class HalfActivation(ActivationRule):
+        def interval(self, lower, upper):
+            return lower, upper
+
+    staged: list = []
+    register = _rule_registrar(staged)
+    register(torch.nn.Identity, Scale)
+    register("view", Scale)  # a bare method name means torch.Tensor.view, as the engine keys it
+    assert [(key, entry.obj) for _, key, entry in staged] == [(torch.nn.Identity, Scale), (torch.Tensor.view, Scale)]
+    assert staged[1][2].name == "torch.Tensor.view"
+    for target, rule, phrase in [
+        (torch.nn.Identity, NoAbs, "does not implement abs_linear"),
+        (torch.nn.Identity, HalfActivation, "does not implement relax"),
+        (torch.nn.Identity, AffineRule, "expected a subclass of robnet_svc.bounds.ops.base.AffineRule"),
+        (torch.nn.Identity, object, "expected a subclass"),
+        (42, Scale, "the target must be"),
+    ]:
+        with pytest.raises(plugins._Broken, match=phrase):
+            register(target, rule)
+    assert len(staged) == 2
+
+
+def test_builtin_op_rules_are_listed_by_readable_target(builtins_only):
+    listing = plugins.load_registry().listing()
+    targets = {row["target"]: row["rule"] for row in listing["op_rules"]}
+    assert targets["torch.nn.modules.linear.Linear"] == "LinearRule"
+    assert targets["torch.Tensor.view"] == "ReshapeRule"
+    assert targets["torch.nn.modules.activation.ReLU"] == "ReluRule"

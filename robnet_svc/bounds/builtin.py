@@ -33,7 +33,7 @@ def robnet_register_op_rules(register):
 
     table = {
         nn.Linear: LinearRule,
-        torch.matmul: MatMulRule, operator.matmul: MatMulRule,
+        torch.matmul: MatMulRule, operator.matmul: MatMulRule, torch.Tensor.matmul: MatMulRule,
         nn.Conv1d: ConvRule, nn.Conv2d: ConvRule,
         nn.BatchNorm1d: BatchNormRule, nn.BatchNorm2d: BatchNormRule,
         nn.ReLU: ReluRule, F.relu: ReluRule, torch.relu: ReluRule, torch.Tensor.relu: ReluRule,

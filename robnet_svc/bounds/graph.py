@@ -98,6 +98,8 @@ class _LeafTracer(fx.Tracer):
 def _trace(module: nn.Module, rules: dict) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         return module
+    if type(module) in rules:  # a bare layer: trace it as a one-node graph
+        module = nn.Sequential(module)
     try:
         graph = _LeafTracer(rules).trace(module)
     except Exception as exc:
@@ -251,18 +253,29 @@ class BoundNetwork(nn.Module):
             env = self._constant_env()
             values = [x]
             shapes = [tuple(input_shape)]
-            with torch.no_grad():
-                for node in plan[1:]:
-                    call = _bind(node.call, env)
-                    out = call.run(*(values[i] for i in node.inputs))
-                    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 1:
-                        raise RobnetError(f"node {node.name!r} does not keep the batch axis "
-                                          f"(output {getattr(out, 'shape', type(out).__name__)}); cannot bound it")
-                    values.append(out)
-                    shapes.append(tuple(out.shape[1:]))
+            # eval mode: a one-sample BatchNorm forward must neither fail nor update running stats
+            modes = {m: m.training for m in self.module.modules()}
+            self.module.eval()
+            try:
+                self._shape_pass(plan, env, values, shapes)
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
             self._shapes[key] = shapes
             self._num_classes = math.prod(shapes[-1])
         return self._shapes[key]
+
+    @staticmethod
+    def _shape_pass(plan, env, values, shapes) -> None:
+        with torch.no_grad():
+            for node in plan[1:]:
+                call = _bind(node.call, env)
+                out = call.run(*(values[i] for i in node.inputs))
+                if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 1:
+                    raise RobnetError(f"node {node.name!r} does not keep the batch axis "
+                                      f"(output {getattr(out, 'shape', type(out).__name__)}); cannot bound it")
+                values.append(out)
+                shapes.append(tuple(out.shape[1:]))
 
     def plan(self, clip) -> list[PlanNode]:
         """Image node, clip nodes (when ``clip``), network nodes with parents as plan indices."""

@@ -80,7 +80,9 @@ def decode_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     except RobnetError:
         raise
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        raise RobnetError(f"cannot read image {path}: {type(exc).__name__}: {exc}; remove or replace the file") from None
+        raise RobnetError(
+            f"cannot read image {path}: {type(exc).__name__}: {exc}; remove or replace the file"
+        ) from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
@@ -89,8 +91,9 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16"):
         scale = 65535.0
     elif image.mode in ("I", "F"):
+        # 32-bit grey has no fixed range: take the smallest usual one that holds the data.
         peak = float(np.asarray(image).max(initial=0))
-        scale = 1.0 if image.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        scale = next(r for r in (1.0 if image.mode == "F" else 255.0, 255.0, 65535.0, max(peak, 1.0)) if peak <= r)
     else:
         return image
     values = np.asarray(image, dtype=np.float64) / scale * 255.0

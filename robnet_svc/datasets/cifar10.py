@@ -63,7 +63,9 @@ def read_pickle(path: Path) -> object:
         with open(path, "rb") as handle:
             return SafeUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
-        raise RobnetError(f"CIFAR-10 file {path} is missing; --data-dir must hold the complete {FOLDER} folder") from None
+        raise RobnetError(
+            f"CIFAR-10 file {path} is missing; --data-dir must hold the complete {FOLDER} folder"
+        ) from None
     except Exception as exc:  # UnpicklingError, EOFError, ValueError from numpy, ...
         raise RobnetError(f"cannot read CIFAR-10 file {path}: {type(exc).__name__}: {exc}") from None
 
@@ -90,7 +92,9 @@ def find_folder(data_dir: Path) -> Path:
         return data_dir / FOLDER
     if not data_dir.is_dir():
         raise RobnetError(f"data folder {data_dir} does not exist")
-    raise RobnetError(f"{data_dir} holds neither {META_FILE} nor {FOLDER}/; point --data-dir at the extracted {FOLDER} folder")
+    raise RobnetError(
+        f"{data_dir} holds neither {META_FILE} nor {FOLDER}/; point --data-dir at the extracted {FOLDER} folder"
+    )
 
 
 class Cifar10(Dataset):

@@ -42,9 +42,12 @@ from robnet_svc.errors import RobnetError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 #: Files per task of the decoding pool: big enough that scheduling costs little, small enough
-#: that the progress bar moves. Threads, not processes: Pillow decodes without the GIL, and on
-#: 2 cores a fork-based process pool was only ~0.2 s faster on the 7k-image MRI folder while
-#: being unsafe in a multi-threaded (torch) process and unavailable on macOS and Windows.
+#: that the progress bar moves. Threads, not processes: Pillow decodes and resizes without the
+#: GIL. Measured on the 7019 MRI JPEGs, 2 cores: 32x32 grey serial 0.9 s, threads 0.75-0.95 s,
+#: fork processes 0.5 s; 128x128 serial 1.7 s, threads 1.15-1.25 s, fork 1.05 s. Processes win
+#: by fractions of a second (and the cache removes even that on the next run), but fork is
+#: unsafe in a multi-threaded (torch) process and absent on macOS/Windows, and spawn re-imports
+#: torch in every worker (1-2 s).
 _CHUNK = 64
 
 
@@ -117,7 +120,9 @@ def _images_under(folder: Path) -> tuple[list[Path], int]:
     return sorted(images), others
 
 
-def load_images(root: Path, files: list[Path], mode: str, size: tuple[int, int], progress: bool, use_cache: bool) -> np.ndarray:
+def load_images(
+    root: Path, files: list[Path], mode: str, size: tuple[int, int], progress: bool, use_cache: bool
+) -> np.ndarray:
     """Decoded images ``[N, C, H, W]`` uint8 of ``files`` (all below ``root``), from the cache
     when it holds them, else decoded in parallel (and cached)."""
     key = cache.folder_key(root, files, mode, size) if use_cache else None
@@ -174,7 +179,7 @@ class ImageFolder(Dataset):
     """Any class-per-folder image tree: train/ + test/ folders, or one tree split by a seeded fraction."""
 
     name = "image-folder"
-    description = "Any class-per-folder image tree (train/ + test/, Training/ + Testing/, or one tree split by test_fraction)"
+    description = "Any class-per-folder image tree: train/ + test/, Training/ + Testing/, or one tree split in two"
     option_defaults = {"test_fraction": 0.2, "seed": 0, "cache": True}
 
     #: (train, test) folder names recognised under --data-dir, in order of preference.

@@ -1,0 +1,252 @@
+"""Per-op rules against dense Jacobians; compile-time errors; corpus models compile."""
+
+from __future__ import annotations
+
+import gzip
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from robnet_svc.bounds import compile_network
+from robnet_svc.bounds.graph import find_unsupported
+from robnet_svc.bounds.ops.relu import relu_relaxation
+from robnet_svc.errors import RobnetError
+from robnet_svc.perturbations.base import DenseAffineSet
+
+
+
+@pytest.fixture
+def float64():
+    """Exact comparisons (1e-10) need double precision; restored after the test."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Const(nn.Module):
+    """``op(x, c)`` with ``c`` a buffer (traced as a get_attr node, like onnx2torch constants)."""
+
+    def __init__(self, op, c, x_first=True):
+        super().__init__()
+        self.op, self.x_first = op, x_first
+        self.register_buffer("c", c)
+
+    def forward(self, x):
+        return self.op(x, self.c) if self.x_first else self.op(self.c, x)
+
+
+class Residual(nn.Module):
+    def __init__(self, sub: bool = False):
+        super().__init__()
+        self.conv, self.sub = nn.Conv2d(2, 2, 3, padding=1), sub
+
+    def forward(self, x):
+        return self.conv(x) - x if self.sub else self.conv(x) + x
+
+
+def _onnx2torch_cases():
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+    from onnx2torch.node_converters.global_average_pool import OnnxGlobalAveragePoolWithKnownInputShape
+    from onnx2torch.node_converters.matmul import OnnxMatMul
+    from onnx2torch.node_converters.pad import OnnxPadStatic
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeStaticAxes
+    from onnx2torch.node_converters.transpose import OnnxTranspose
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeStaticAxes
+
+    return [
+        ("onnx_div", Const(OnnxBinaryMathOperation("Div"), torch.rand(2, 1, 1) + 0.5), (2, 5, 5)),
+        ("onnx_sub_const_first", Const(OnnxBinaryMathOperation("Sub"), torch.randn(2, 5, 5), False), (2, 5, 5)),
+        ("onnx_matmul", Const(OnnxMatMul(), torch.randn(6, 4)), (3, 6)),
+        ("onnx_gap", OnnxGlobalAveragePoolWithKnownInputShape([1, 3, 4, 4]), (3, 4, 4)),
+        ("onnx_pad", OnnxPadStatic(pads=[1, 2, 0, 1], constant_value=0.5), (2, 4, 4)),
+        ("onnx_transpose", OnnxTranspose([0, 2, 3, 1]), (2, 3, 4)),
+        ("onnx_squeeze", OnnxSqueezeStaticAxes([2]), (3, 1, 4)),
+        ("onnx_unsqueeze", OnnxUnsqueezeStaticAxes([1]), (3, 4)),
+    ]
+
+
+def _cases():
+    torch.manual_seed(0)
+    bn2 = nn.BatchNorm2d(3)
+    bn2.running_mean.uniform_(-1, 1), bn2.running_var.uniform_(0.3, 2), bn2.weight.data.uniform_(-2, 2)
+    bn1 = nn.BatchNorm1d(4)
+    bn1.running_mean.uniform_(-1, 1), bn1.running_var.uniform_(0.3, 2), bn1.weight.data.uniform_(-2, 2)
+    bn2.train(), bn1.train()  # the rules must use running statistics whatever the mode
+    return [
+        ("linear", nn.Linear(6, 4), (6,)),
+        ("conv_s2_p1", nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 7, 7)),
+        ("conv_groups_dilation", nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False), (4, 6, 5)),
+        ("conv_asym_stride", nn.Conv2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 0)), (2, 8, 9)),
+        ("conv_reflect", nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
+        ("conv1d", nn.Conv1d(2, 3, 3, stride=2), (2, 9)),
+        ("batchnorm2d", bn2, (3, 4, 4)),
+        ("batchnorm1d", bn1, (4,)),
+        ("avgpool", nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 6, 6)),
+        ("adaptive_avgpool", nn.AdaptiveAvgPool2d((2, 3)), (2, 5, 7)),
+        ("zeropad", nn.ZeroPad2d((1, 0, 2, 1)), (2, 3, 3)),
+        ("reflectpad", nn.ReflectionPad2d(1), (2, 3, 3)),
+        ("flatten", nn.Flatten(), (2, 3, 3)),
+        ("dropout", nn.Dropout(0.5).eval(), (5,)),
+        ("add_scalar", Const(operator.add, torch.randn(3, 1, 1)), (3, 2, 2)),
+        ("rsub", Const(operator.sub, torch.randn(3, 2, 2), False), (3, 2, 2)),
+        ("mul", Const(operator.mul, torch.randn(3, 1, 1)), (3, 2, 2)),
+        ("truediv", Const(torch.div, torch.rand(1, 2, 2) + 0.5), (3, 2, 2)),
+        ("matmul_left", Const(operator.matmul, torch.randn(3, 5), False), (5, 2)),
+        ("residual_add", Residual(), (2, 4, 4)),
+        ("residual_sub", Residual(sub=True), (2, 4, 4)),
+    ] + _onnx2torch_cases()
+
+
+def _frame_for(module: nn.Module, in_shape):
+    net = compile_network(module)
+    aset = DenseAffineSet(torch.zeros(1, 1, *in_shape), torch.zeros(1, *in_shape), torch.zeros(1, 1),
+                          torch.zeros(1, 1), torch.zeros(1, 1), clip=None)
+    return net.frame(aset)
+
+
+def _eval_reference(module):
+    """The affine map the rules must implement (BatchNorm: eval mode)."""
+    was = module.training
+    module.eval()
+    return module, was
+
+
+@pytest.mark.parametrize("name,module,in_shape", _cases(), ids=[c[0] for c in _cases()])
+def test_affine_rule_matches_dense_jacobian(name, module, in_shape, float64):
+    module = module.double()
+    frame = _frame_for(module, in_shape)
+    ops = [i for i in range(1, len(frame.nodes))]
+    # every case is one op, except the residuals (conv, then the two-input add/sub)
+    x = torch.randn(3, *in_shape)
+    ref, was_training = _eval_reference(module)
+    try:
+        expected = ref(x)
+        n = x[0].numel()
+        offset = ref(torch.zeros(1, *in_shape)).reshape(-1)
+        # columns of the Jacobian: the affine map applied to the unit vectors, minus f(0)
+        jac = (ref(torch.eye(n).reshape(n, *in_shape)).reshape(n, -1) - offset).t()
+    finally:
+        module.train(was_training)
+    values = {0: x}
+    for i in ops:
+        rule = frame.rule(i)
+        values[i] = rule.forward(*(values[j] for j in frame.nodes[i].inputs))
+    torch.testing.assert_close(values[ops[-1]], expected, rtol=1e-10, atol=1e-10)
+    if len(ops) != 1:
+        return  # the residual's pieces are checked by the single-op cases and below
+    rule = frame.rule(ops[0])
+    rad = torch.rand(3, *in_shape)
+    exact = rad.reshape(3, -1) @ jac.abs().t()
+    if name == "conv_reflect":
+        # a reflected pixel meets the kernel twice: conv with |W| over-approximates |J| (sound)
+        assert (rule.abs_linear(rad).reshape(3, -1) >= exact - 1e-10).all()
+    else:
+        torch.testing.assert_close(rule.abs_linear(rad).reshape(3, -1), exact, rtol=1e-10, atol=1e-10)
+    lam = torch.randn(3, *frame.shapes[ops[0]])
+    (back,) = rule.transpose(lam)
+    torch.testing.assert_close(back.reshape(3, -1), lam.reshape(3, -1) @ jac, rtol=1e-10, atol=1e-10)
+    bias = frame.bias(ops[0], lam)
+    if bias is not None:
+        torch.testing.assert_close(bias.reshape(-1), offset, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sub", [False, True])
+def test_two_input_rule_transposes_to_both_parents(sub, float64):
+    frame = _frame_for(Residual(sub), (2, 4, 4))
+    i = len(frame.nodes) - 1
+    rule = frame.rule(i)
+    lam = torch.randn(5, 2, 4, 4)
+    a, b = rule.transpose(lam)
+    torch.testing.assert_close(a, lam)
+    torch.testing.assert_close(b, -lam if sub else lam)
+    ra, rb = torch.rand(5, 2, 4, 4), torch.rand(5, 2, 4, 4)
+    torch.testing.assert_close(rule.abs_linear(ra, rb), ra + rb)
+
+
+def test_relu_relaxation_is_sound_and_uses_the_adaptive_lower_slope(float64):
+    lower = torch.tensor([-2.0, -1.0, 0.5, -3.0, -1.0])
+    upper = torch.tensor([1.0, 3.0, 2.0, -0.5, 1.0])
+    r = relu_relaxation(lower, upper)
+    torch.testing.assert_close(r.lower_slope, torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0]))  # u >= -l -> alpha = 1
+    xs = lower[:, None] + (upper - lower)[:, None] * torch.linspace(0, 1, 101)[None]
+    y = xs.clamp(min=0)
+    assert (r.lower_slope[:, None] * xs + r.lower_bias[:, None] <= y + 1e-12).all()
+    assert (r.upper_slope[:, None] * xs + r.upper_bias[:, None] >= y - 1e-12).all()
+    # chord through (l, 0) and (u, u)
+    torch.testing.assert_close(r.upper_slope[0] * -2.0 + r.upper_bias[0], torch.tensor(0.0))
+    torch.testing.assert_close(r.upper_slope[0] * 1.0 + r.upper_bias[0], torch.tensor(1.0))
+
+
+def test_unsupported_op_named_with_its_node_at_compile_time():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 3))
+    with pytest.raises(RobnetError) as info:
+        compile_network(model)
+    message = str(info.value)
+    assert "MaxPool2d" in message and "'_2'" in message and "\n" not in message  # fx names module '2' '_2'
+    assert find_unsupported(model) == [("_2", "MaxPool2d")]
+
+
+def test_product_of_two_perturbed_tensors_is_refused():
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    with pytest.raises(RobnetError, match="mul of two perturbed tensors"):
+        compile_network(Square())
+
+
+def test_plain_forward_and_shared_parameters():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    net = compile_network(model)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(net(x), model(x))
+    assert {id(p) for p in net.parameters()} == {id(p) for p in model.parameters()}
+    assert net.num_classes == 2
+
+
+CORPUS_OK = ["vnn21_mnistfc_256x2.onnx", "vnn21_eran_mnist_relu_9_200.onnx", "vnn21_marabou_cifar10_small.onnx",
+             "vnn21_cifar10_resnet_2b.onnx", "vnn21_verivital_Convnet_avgpool.onnx",
+             "vnn21_oval21_cifar_base_kw.onnx", "vnn22_sri_resnet_a.onnx.gz", "ext_onnc_resnet20_cifar.onnx"]
+
+
+def _load_corpus(shared_dir, name):
+    onnx = pytest.importorskip("onnx")
+    onnx2torch = pytest.importorskip("onnx2torch")
+    path = shared_dir / "corpus" / "onnx" / name
+    model = onnx.load_model_from_string(gzip.open(path).read()) if name.endswith(".gz") else onnx.load(path)
+    return onnx2torch.convert(model), model
+
+
+@pytest.mark.parametrize("name", CORPUS_OK)
+def test_corpus_models_compile_and_bound(shared_dir, name):
+    from robnet_svc.graph import normalize_graph
+
+    gm, model = _load_corpus(shared_dir, name)
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    example = torch.rand(1, *dims[1:], dtype=torch.float32)
+    gm = normalize_graph(gm.float(), example).eval()
+    net = compile_network(gm)
+    k = 2
+    images = example.expand(2, *dims[1:])
+    weights = torch.rand(2, k, *dims[1:]) * 1e-3
+    aset = DenseAffineSet(weights, images.clone(), -torch.ones(2, k), torch.ones(2, k), torch.zeros(2, k), clip=None)
+    labels = torch.tensor([0, 1])
+    from robnet_svc.bounds.methods import IBP, RSIPIBP
+
+    with torch.no_grad():
+        y = gm(aset.images(aset.sample(64)).reshape(-1, *dims[1:])).reshape(2, 64, -1)
+        for method in (IBP(), RSIPIBP()):
+            lower = method.margin_lower(net, aset, labels)
+            margins = y.gather(2, labels.view(2, 1, 1).expand(2, 64, 1)) - y
+            others = torch.stack([torch.cat([m[:, :l], m[:, l + 1:]], 1) for m, l in zip(margins, labels)])
+            assert (lower.unsqueeze(1) <= others + 1e-4 * (1 + others.abs())).all()
+
+
+def test_corpus_maxpool_model_is_refused_naming_the_node(shared_dir):
+    gm, _ = _load_corpus(shared_dir, "vnn21_verivital_Convnet_maxpool.onnx")
+    with pytest.raises(RobnetError, match="MaxPool2d"):
+        compile_network(gm)
+    assert [what for _, what in find_unsupported(gm)] == ["MaxPool2d"]
