@@ -195,7 +195,8 @@ class Ui:
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-                                 console=self.console, transient=True)
+                                 console=self.console, transient=True,
+                                 disable=not self.console.is_terminal)  # logs only, when redirected
         self.progress.start()
         return self
 

@@ -193,7 +193,13 @@ def _signature(model: onnx.ModelProto, path: Path) -> tuple[onnx.ValueInfoProto,
 
 
 def _convert(model: onnx.ModelProto, path: Path) -> tuple[fx.GraphModule, onnx.ModelProto]:
-    """onnx2torch, upgrading the opset first when it lacks a converter for an old op version."""
+    """onnx2torch; when it lacks a converter for the model's op versions, convert the model
+    to opset 17 with ``onnx.version_converter`` (up from old exporters, down from new ones
+    such as PyTorch's dynamo exporter at opset 18-20) and retry.
+
+    The result is checked against onnxruntime on the ORIGINAL model by the caller, so a
+    conversion step that changed what the model computes cannot go unnoticed.
+    """
     from onnx2torch import convert
 
     with warnings.catch_warnings():
@@ -201,24 +207,43 @@ def _convert(model: onnx.ModelProto, path: Path) -> tuple[fx.GraphModule, onnx.M
         try:
             return convert(model), model
         except Exception as first:
-            error = first
             opset = default_opset(model)
-            if opset < UPGRADE_OPSET:
-                try:
-                    upgraded = version_converter.convert_version(model, UPGRADE_OPSET)
-                    onnx.checker.check_model(upgraded)
-                except Exception as exc:
-                    raise _fail(path, f"cannot be converted to torch ({_describe(first, model)}) and "
-                                      f"upgrading it from opset {opset} to {UPGRADE_OPSET} failed "
-                                      f"({_first_line(exc)})") from exc
-                try:
-                    return convert(upgraded), upgraded
-                except Exception as exc:
-                    error = exc
-                    model = upgraded
-            suffix = f" (also after upgrading the opset to {UPGRADE_OPSET})" if opset < UPGRADE_OPSET else ""
-            raise _fail(path, f"cannot be converted to torch: {_describe(error, model)}{suffix}; "
-                              "this op is not supported") from error
+            if opset == UPGRADE_OPSET:
+                raise _fail(path, f"cannot be converted to torch: {_describe(first, model)}; "
+                                  "this op is not supported") from first
+            direction = "upgrading" if opset < UPGRADE_OPSET else "converting"
+            try:
+                converted = _relax_allowzero(version_converter.convert_version(model, UPGRADE_OPSET))
+                onnx.checker.check_model(converted)
+            except Exception as exc:
+                raise _fail(path, f"cannot be converted to torch ({_describe(first, model)}) and "
+                                  f"{direction} it from opset {opset} to {UPGRADE_OPSET} failed "
+                                  f"({_first_line(exc)})") from exc
+            try:
+                return convert(converted), converted
+            except Exception as exc:
+                raise _fail(path, f"cannot be converted to torch: {_describe(exc, converted)} (also after "
+                                  f"{direction} the opset from {opset} to {UPGRADE_OPSET}); "
+                                  "this op is not supported") from exc
+
+
+def _relax_allowzero(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reshape ``allowzero=1`` (PyTorch >= 2.9 sets it) -> 0 unless the target shape is a
+    constant containing a 0: the two only differ for a literal 0 in the shape (a computed
+    shape has no 0 for a non-empty batch). onnx2torch refuses ``allowzero=1``."""
+    constants = {t.name: t for t in model.graph.initializer}
+    constants.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape = constants.get(node.input[1])
+        if shape is not None and 0 in numpy_helper.to_array(shape).tolist():
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "allowzero":
+                attribute.i = 0
+    return model
 
 
 def _describe(exc: BaseException, model: onnx.ModelProto) -> str:
@@ -409,18 +434,18 @@ def load_model(path: str | Path, image_shape: str | tuple | None = None, check_p
         source_opset=default_opset(source) if model is not source else None,
     )
     if check_parity:
-        imported.parity_max_abs_diff = _import_parity(imported, fixed_batch)
+        imported.parity_max_abs_diff = _import_parity(imported, source, fixed_batch)
     return imported
 
 
-def _import_parity(imported: ImportedModel, fixed_batch: int | None) -> float:
-    """Compare the module with onnxruntime on the ONNX model; RobnetError above PARITY_ATOL.
+def _import_parity(imported: ImportedModel, source: onnx.ModelProto, fixed_batch: int | None) -> float:
+    """Compare the module with onnxruntime on the model as read; RobnetError above PARITY_ATOL.
 
     Both the model's output (module + head) and, when a head was stripped, the logits
     before it are compared: a saturated Softmax would hide differences in the logits.
     """
     path = imported.path
-    reference = imported.onnx_model
+    reference = source  # the model as read, before any opset conversion
     logits_value = _logits_value(reference) if imported.head else None
     if logits_value is not None:
         reference = copy.deepcopy(reference)

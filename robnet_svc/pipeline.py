@@ -26,7 +26,7 @@ from robnet_svc import __version__
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
 from robnet_svc.errors import RobnetError
 from robnet_svc.report import Report, write_json, write_report
-from robnet_svc.training import TrainData, TrainSettings, train
+from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
 MODEL_FILE = "model.robust.onnx"
 CERTIFICATE_FILE = "certificate.h5"
@@ -106,10 +106,8 @@ def harden(options: Options, config: dict[str, Any], command_line: str, ui) -> R
     before = _certify(plan, module, ui, "before")
 
     ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}")
-    settings = TrainSettings(eps=options.eps, epochs=options.epochs, ramp_epochs=options.ramp_epochs,
-                             alpha=options.alpha, lr=options.lr, batch_size=options.batch_size, seed=options.seed)
     net = _compile(module, plan.rules)
-    history = train(module, net, plan.train_method, plan.perturbation, plan.data, settings,
+    history = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
                     checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
                     progress=ui.progress, log=ui.log)
 
@@ -177,7 +175,14 @@ def prepare(options: Options, training: bool) -> Plan:
     plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out)
     if training:
         plan.data = _train_data(splits, options, device)
+        if options.resume:  # a checkpoint of another run is refused now, not after certifying "before"
+            read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
     return plan
+
+
+def _train_settings(options: Options) -> TrainSettings:
+    return TrainSettings(eps=options.eps, epochs=options.epochs, ramp_epochs=options.ramp_epochs,
+                         alpha=options.alpha, lr=options.lr, batch_size=options.batch_size, seed=options.seed)
 
 
 def _check_out(options: Options, training: bool) -> Path | None:

@@ -152,11 +152,16 @@ def _row(kind: str, e: Entry) -> dict:
     }
     if kind == "perturbations":
         row["options"] = {
-            key: {"default": opt.default, "help": opt.help,
-                  "choices": list(opt.choices) if opt.choices is not None else None}
+            key: {"default": _json_value(opt.default), "help": opt.help,
+                  "choices": [_json_value(c) for c in opt.choices] if opt.choices is not None else None}
             for key, opt in e.obj.options.items()
         }
     return row
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` when JSON can hold it, else its repr (a plugin's option default may be anything)."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 def _first_line(text: str | None) -> str:

@@ -273,9 +273,8 @@ def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
             tmp.unlink()
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
-                    fingerprint: str) -> tuple[int, list[dict[str, float]]]:
-    """Restore weights, optimizer and RNG states from ``path``; return (completed epochs, history).
+def read_checkpoint(path: Path, settings: TrainSettings, fingerprint: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (``torch.load(weights_only=True)``), checked against this run.
 
     RobnetError when the file is unreadable or was written for other settings or another input.
     """
@@ -283,15 +282,23 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise RobnetError(f"cannot read checkpoint {path} ({type(exc).__name__}); drop --resume to start over") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise RobnetError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RobnetError(f"{path} is not a robnet-svc checkpoint of format {CHECKPOINT_FORMAT}; use --force to start over")
     saved = state["settings"]
     for key, value in asdict(settings).items():
         if saved.get(key) != value:
             raise RobnetError(f"checkpoint {path} was written with {key}={saved.get(key)!r}, this run has "
                               f"{value!r}; use the same settings to --resume, or --force to start over")
     if state["fingerprint"] != fingerprint:
-        raise RobnetError(f"checkpoint {path} belongs to another model or dataset; use --force to start over")
+        raise RobnetError(f"checkpoint {path} belongs to another model, dataset, perturbation or method; "
+                          "use the same settings to --resume, or --force to start over")
+    return state
+
+
+def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
+                    fingerprint: str) -> tuple[int, list[dict[str, float]]]:
+    """Restore weights, optimizer and RNG states from ``path``; return (completed epochs, history)."""
+    state = read_checkpoint(path, settings, fingerprint)
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])

@@ -3,7 +3,7 @@
 API (other tests import it):
 
 * ``MODELS``: name -> ``Spec`` (builder, per-sample input shape, export batch). Names:
-  ``mlp`` (Flatten + Linear on 1x8x8 images), ``cnn_bn`` (Conv + BatchNorm + ReLU),
+  ``mlp`` (Flatten + Linear on 1x8x8 images), ``cnn_bn`` (Conv + ReLU + BatchNorm, kept as a node),
   ``residual`` (a residual Add), ``avgpool`` (AvgPool + GlobalAvgPool), ``normalized``
   (``(x - mean) / std`` in front), ``softmax`` (Softmax at the end), ``logsoftmax``,
   ``fixed_batch`` (exported at batch 10, ``x.reshape(10, -1)``: the batch baked in),
@@ -90,8 +90,9 @@ class _MatMulAdd(nn.Module):
 
 
 def _cnn_bn() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    bn = model[1]
+    # BatchNorm after the ReLU: the exporter cannot fold it into the Conv, so it stays a node.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    bn = model[2]
     bn.running_mean.uniform_(-0.5, 0.5)
     bn.running_var.uniform_(0.5, 2.0)
     bn.weight.data.uniform_(0.5, 1.5)

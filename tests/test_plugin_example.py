@@ -87,6 +87,14 @@ from robnet_svc.hookspecs import hookimpl
 def robnet_register_perturbation(register):
     pass
 """),
+    # a valid plugin whose entry-point name another distribution (robnet-svc-badclass) uses too
+    "robnet-svc-samename": ("badclass", "robnet_svc_samename", _PERTURBATION.replace('"vignette"', '"same-ep-name"') + """
+from robnet_svc.hookspecs import hookimpl
+
+@hookimpl
+def robnet_register_perturbations(register):
+    register(Clash)
+"""),
     # returns the classes instead of calling register()
     "robnet-svc-returns": ("returns", "robnet_svc_returns", _PERTURBATION + """
 from robnet_svc.hookspecs import hookimpl
@@ -231,7 +239,7 @@ def test_two_distributions_registering_the_same_name_is_an_error_naming_both(exa
 
 def test_invalid_registrations_are_one_line_each_naming_the_plugin(broken_site):
     proc = run_cli(["plugins", "--json"], [broken_site],
-                   allow="robnet-svc-badclass,robnet-svc-typo,robnet-svc-returns")
+                   allow="robnet-svc-badclass,robnet-svc-typo,robnet-svc-returns,robnet-svc-samename")
     assert proc.returncode == 0, proc.stderr
     lines = tool_lines(proc.stderr)
     assert len(lines) == 3, lines
@@ -243,6 +251,10 @@ def test_invalid_registrations_are_one_line_each_naming_the_plugin(broken_site):
     data = json.loads(proc.stdout)
     assert "not-a-perturbation" not in names(data) and "vignette" not in names(data)
     assert names(data)["bias-field"]["distribution"] == "robnet-svc"
+    # the second distribution using the entry-point name 'badclass' still loads, under a qualified name
+    same = names(data)["same-ep-name"]
+    assert (same["distribution"], same["plugin"]) == ("robnet-svc-samename", "badclass@robnet-svc-samename")
+    assert [p["name"] for p in data["plugins"]][-1] == "badclass@robnet-svc-samename"
 
 
 # --- the example perturbations themselves (imported from the installed copy) ------------------

@@ -77,6 +77,7 @@ def _onnx2torch_rules() -> dict:
         global_average_pool.OnnxGlobalAveragePool: AveragePoolRule,
         global_average_pool.OnnxGlobalAveragePoolWithKnownInputShape: AveragePoolRule,
         pad.OnnxPadStatic: PadRule,
+        pad.OnnxPadDynamic: PadRule,  # pads arrive as constant inputs (folded by normalize_graph)
         flatten.OnnxFlatten: ReshapeRule,
         reshape.OnnxReshape: ReshapeRule,
         squeeze.OnnxSqueezeStaticAxes: ReshapeRule,

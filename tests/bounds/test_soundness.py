@@ -56,7 +56,7 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
 
 
 @pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
-@settings(**PROPERTY, max_examples=6)
+@settings(**PROPERTY, max_examples=5)
 @given(data=st.data(), clip=st.booleans())
 def test_random_networks_sound_and_ordered(pert_id, data, clip):
     recipe = data.draw(recipes(), label="recipe")
@@ -78,7 +78,11 @@ def test_forward_symbolic_methods_refuse_linf(method):
                                                             torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("pert_id", [p for p in PERTURBATIONS if p != "linf"])
+# affine networks: a representative subset of the dense perturbations keeps the file fast
+EXACT_PERTURBATIONS = ("bias-mult-o3", "bias-add-o1", "bias-both-o2", "bias-both-o0", "brightness", "contrast")
+
+
+@pytest.mark.parametrize("pert_id", EXACT_PERTURBATIONS)
 @settings(**PROPERTY, max_examples=4)
 @given(data=st.data())
 def test_networks_without_relu_get_exact_bounds(pert_id, data):
