@@ -116,11 +116,10 @@ def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, str]:
         raise _fail(path, f"is not an ONNX model (cannot parse it: {_first_line(exc)})") from exc
     if not model.graph.node or not model.opset_import:
         raise _fail(path, "is not an ONNX model (no graph or no opset in it; truncated or another format?)")
-    if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
-        try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:  # OSError, or onnx's ValidationError for a missing file
-            raise _fail(path, f"cannot read its external data file(s) next to it ({_first_line(exc)})") from exc
+    try:  # a no-op unless some tensor lives in an external data file (next to the model)
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # OSError, or onnx's ValidationError for a missing file
+        raise _fail(path, f"cannot read its external data file(s) next to it ({_first_line(exc)})") from exc
     model = _toposorted(model)
     try:
         onnx.checker.check_model(model)
