@@ -26,7 +26,10 @@ from benchmarks.worker import REPO, Job, run_here, run_isolated
 
 DEFAULT_NETWORKS = ("DM-small", "DM-medium", "MRI-64")
 QUICK_NETWORKS = ("DM-small", "MRI-64")
-MEM_CHECK_NETWORK_PREFIX = "MRI"  # issue 7: the MRI-shaped net at batch 32 must fit 8 GiB
+MEM_CHECK_NETWORK_PREFIX = "MRI"
+# Full CROWN (rsip) bounds every neuron of every layer by a backward pass: O(neurons · forward).
+# On 2 CPU cores DM-small takes ~40 CPU-s per 8 samples, so it is timed on small batches.
+RSIP_CERT_BATCH = {"DM-small": 2, "MRI-64": 1, "DM-medium": 1, "DM-large": 1, "tiny": 2}  # issue 7: the MRI-shaped net at batch 32 must fit 8 GiB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mem-batch", type=int, default=32,
                         help="second batch size for the MRI net's memory check (0: skip)")
     parser.add_argument("--cert-batch", type=int, default=64, help="certification batch for rsip-ssip")
-    parser.add_argument("--rsip-cert-batch", type=int, default=8,
-                        help="certification batch for full CROWN (rsip): small, it is the expensive one")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
+    parser.add_argument("--rsip-cert-batch", type=int,
+                        help="certification batch for full CROWN (rsip), timed once without warm-up: "
+                        "it is the expensive one (default per network: " +
+                        ", ".join(f"{k} {v}" for k, v in RSIP_CERT_BATCH.items()) + ")")
+    parser.add_argument("--rsip-timeout", type=float, default=150.0,
+                        help="seconds before full-CROWN certification of a network is declared infeasible")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
     parser.add_argument("--repeats", type=int, help="timed steps, median reported (default 5; --quick 2)")
     parser.add_argument("--threads", type=int, default=machine.usable_cores(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a configuration is "
@@ -56,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
                         "(default docs/benchmarks.md; --quick: none)")
     args = parser.parse_args(argv)
-    args.warmup = 1 if args.warmup is None else args.warmup
+    args.warmup = 2 if args.warmup is None else args.warmup
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if args.out is None:
         args.out = REPO / "benchmarks" / ("results.quick.json" if args.quick else "results.json")
@@ -90,7 +97,11 @@ def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], lis
         if "ssip" in args.methods or "rsip-ssip" in args.methods:
             jobs.append(make("floor", net, "ssip", args.batch))
         for m in args.cert_methods:
-            jobs.append(make("cert", net, m, args.rsip_cert_batch if m == "rsip" else args.cert_batch))
+            if m == "rsip":
+                batch = args.rsip_cert_batch or RSIP_CERT_BATCH.get(net, 1)
+                jobs.append(Job("cert", net, m, batch, str(device), 0, 1, args.threads))
+            else:
+                jobs.append(make("cert", net, m, args.cert_batch))
     return networks, jobs
 
 
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for index, job in enumerate(jobs, 1):
         t0 = time.perf_counter()
-        got = run_here_safely(job) if args.no_isolate else run_isolated(job, args.timeout)
+        timeout = args.rsip_timeout if job.method == "rsip" else args.timeout
+        got = run_here_safely(job) if args.no_isolate else run_isolated(job, timeout)
         if job.kind == "train":
             train[(job.network, job.method, job.batch)] = got
         elif job.kind == "floor":
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     args.load = (load_start, os.getloadavg()[0])  # other processes on the machine skew absolute times
     print()
-    print(report.table(results))
+    print(report.table(train, args.batch))
     print()
     print(report.extra_tables(floor, cert))
     print()
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report.write_json(args.out, results)
     if args.docs:
-        report.rewrite_docs(args.docs, device.type, docs_section(args, device, description, results,
+        report.rewrite_docs(args.docs, device.type, docs_section(args, device, description, train,
                                                                  floor, cert, verdicts, elapsed))
         print(f"docs: {args.docs}")
     return 0
@@ -149,7 +161,7 @@ def run_here_safely(job: Job) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
-def docs_section(args, device, description, results, floor, cert, verdicts, elapsed) -> str:
+def docs_section(args, device, description, train, floor, cert, verdicts, elapsed) -> str:
     """The markdown that replaces this device's results section of the docs."""
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python -m benchmarks.run"
     kind = "GPU" if device.type == "cuda" else "CPU"
@@ -165,7 +177,7 @@ def docs_section(args, device, description, results, floor, cert, verdicts, elap
         "",
         "Training step (forward + bounds + hinge loss + backward + Adam):",
         "",
-        report.table(results),
+        report.table(train, args.batch),
         "",
         "SSIP floor (no_grad, paper Theorem 3) and certification throughput (no_grad; clean forward + margin bounds):",
         "",

@@ -1,6 +1,6 @@
 """``robnet-svc demo``: the whole pipeline on a fresh machine, on real images, in minutes.
 
-1. load the handwritten digits shipped with scikit-learn (no download), upsampled to 16x16;
+1. load the handwritten digits shipped with scikit-learn (no download), at their native 8x8;
 2. train a small CNN normally (cross-entropy, Adam) and export it to ``OUT/model.onnx``;
 3. ``harden`` it: rsip-ssip training against an order-2 multiplicative bias field, then
    certify before and after, writing ``model.robust.onnx``, ``certificate.h5`` and
@@ -19,7 +19,7 @@ from robnet_svc.pipeline import Options, harden
 from robnet_svc.report import Report
 from robnet_svc.training import train_standard
 
-IMAGE_SHAPE = (1, 16, 16)
+IMAGE_SHAPE = (1, 8, 8)
 INPUT_MODEL = "model.onnx"
 
 

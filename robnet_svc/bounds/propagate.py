@@ -50,13 +50,6 @@ def concretize_equation(eq: Tensor, aset, upper: bool = False) -> Tensor:
     return const + out.reshape(const.shape)
 
 
-def _const_row(eq_rows: int, ndim: int, like: Tensor) -> Tensor:
-    """``[1, k+1, 1, ...]`` mask selecting the constant row of an equation tensor."""
-    mask = like.new_zeros((1, eq_rows) + (1,) * (ndim - 2))
-    mask[:, -1] = 1
-    return mask
-
-
 def forward_pass(frame: Frame, aset, symbolic: bool = False,
                  tighter: dict[int, PreActivationBounds] | None = None) -> ForwardResult:
     """Interval (and, if ``symbolic``, SSIP) bounds of every node; see the module docstring."""
@@ -76,15 +69,16 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
             lower, upper = ins[0].lower, ins[0].upper
             if symbolic:
                 sym = syms[node.inputs[0]]
-                lower = torch.maximum(lower, concretize_equation(sym.lower, aset))
-                upper = torch.minimum(upper, concretize_equation(sym.upper, aset, upper=True))
+                lo_eq, up_eq = sym.lower, sym.upper  # formed once: concretised here, relaxed below
+                lower = torch.maximum(lower, concretize_equation(lo_eq, aset))
+                upper = torch.minimum(upper, concretize_equation(up_eq, aset, upper=True))
             pre = PreActivationBounds(lower, upper)
             if tighter is not None and i in tighter:
                 pre = pre.intersect(tighter[i])
             result.pre[i] = pre
             intervals[i] = Interval.from_bounds(*rule.interval(pre.lower, pre.upper))
             if symbolic:
-                syms[i] = _relax_forward(rule.relax(pre.lower, pre.upper), syms[node.inputs[0]],
+                syms[i] = _relax_forward(rule.relax(pre.lower, pre.upper), lo_eq, up_eq, sym.radius is None,
                                          getattr(rule, "nonneg_slopes", False))
             continue
         bias = frame.bias(i, ins[0].mid) if symbolic else None
@@ -105,8 +99,8 @@ def _affine_forward(rule, bias: Tensor | None, ins: list[SymbolicBounds]) -> Sym
     centre = rule.forward(*(fold(s.centre) for s in ins))
     centre = centre.reshape(b, rows, *centre.shape[1:])
     if bias is not None:
-        # f added b to every row; only the constant row keeps it.
-        centre = centre - bias.unsqueeze(1) * (1 - _const_row(rows, centre.dim(), centre))
+        # f added b to every row; only the constant row keeps it (in place: centre is fresh).
+        centre[:, :-1] -= bias.unsqueeze(1)
     if all(s.radius is None for s in ins):
         return SymbolicBounds(centre, None)
     radii = [fold(s.radius) if s.radius is not None else torch.zeros_like(fold(s.centre)) for s in ins]
@@ -114,23 +108,27 @@ def _affine_forward(rule, bias: Tensor | None, ins: list[SymbolicBounds]) -> Sym
     return SymbolicBounds(centre, radius.reshape(b, rows, *radius.shape[1:]))
 
 
-def _relax_forward(relax: Relaxation, sym: SymbolicBounds, nonneg_slopes: bool) -> SymbolicBounds:
+def _relax_forward(relax: Relaxation, lo_eq: Tensor, up_eq: Tensor, exact_input: bool,
+                   nonneg_slopes: bool) -> SymbolicBounds:
     """SSIP through an activation: Lo' = s_lo·Lo + b_lo, Up' = s_up·Up + b_up (slopes >= 0;
-    negative slopes swap the roles of Lo and Up)."""
+    negative slopes swap the roles of Lo and Up), returned in centre–radius form.
+    Equations ``[B, k+1, *shape]``; the biases go to the constant row."""
     lo_s, up_s = relax.lower_slope.unsqueeze(1), relax.upper_slope.unsqueeze(1)
-    mask = _const_row(sym.centre.shape[1], sym.centre.dim(), sym.centre)
-    exact = bool(((relax.lower_slope == relax.upper_slope) & (relax.lower_bias == relax.upper_bias)).all())
-    if sym.radius is None and exact:
-        return SymbolicBounds(lo_s * sym.centre + relax.lower_bias.unsqueeze(1) * mask, None)
-    lo, up = sym.lower, sym.upper
+    if exact_input and bool(((relax.lower_slope == relax.upper_slope) & (relax.lower_bias == relax.upper_bias)).all()):
+        centre = lo_s * lo_eq
+        centre[:, -1] += relax.lower_bias
+        return SymbolicBounds(centre, None)
+    # halves folded into the slopes: centre' = (Up' + Lo')/2, radius' = (Up' - Lo')/2
+    lo_s, up_s = lo_s * 0.5, up_s * 0.5
     if nonneg_slopes:
-        new_lo, new_up = lo_s * lo, up_s * up
+        half_lo, half_up = lo_s * lo_eq, up_s * up_eq
     else:
-        new_lo = lo_s.clamp(min=0) * lo + lo_s.clamp(max=0) * up
-        new_up = up_s.clamp(min=0) * up + up_s.clamp(max=0) * lo
-    new_lo = new_lo + relax.lower_bias.unsqueeze(1) * mask
-    new_up = new_up + relax.upper_bias.unsqueeze(1) * mask
-    return SymbolicBounds((new_up + new_lo) / 2, (new_up - new_lo) / 2)
+        half_lo = lo_s.clamp(min=0) * lo_eq + lo_s.clamp(max=0) * up_eq
+        half_up = up_s.clamp(min=0) * up_eq + up_s.clamp(max=0) * lo_eq
+    centre, radius = half_up + half_lo, half_up - half_lo
+    centre[:, -1] += (relax.upper_bias + relax.lower_bias) * 0.5
+    radius[:, -1] += (relax.upper_bias - relax.lower_bias) * 0.5
+    return SymbolicBounds(centre, radius)
 
 
 Frontier = Callable[[int, Tensor], tuple[Tensor | None, Tensor]]
@@ -192,9 +190,12 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
                 const = const + offset
                 continue
             r = relax[i]
-            pos, neg = lam_i.clamp(min=0), lam_i.clamp(max=0)
-            const = const + (pos * r.lower_bias.unsqueeze(1) + neg * r.upper_bias.unsqueeze(1)).flatten(2).sum(-1)
-            _accumulate(acc, node.inputs[0], pos * r.lower_slope.unsqueeze(1) + neg * r.upper_slope.unsqueeze(1))
+            # Λ >= 0 takes the lower relaxation, Λ < 0 the upper one.
+            nonneg = lam_i >= 0
+            slope = torch.where(nonneg, r.lower_slope.unsqueeze(1), r.upper_slope.unsqueeze(1))
+            bias = torch.where(nonneg, r.lower_bias.unsqueeze(1), r.upper_bias.unsqueeze(1))
+            const = const + (lam_i * bias).flatten(2).sum(-1)
+            _accumulate(acc, node.inputs[0], lam_i * slope)
             continue
         rule = frame.rule(i)
         bias = frame.bias(i, lam_i)

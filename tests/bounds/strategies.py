@@ -63,9 +63,9 @@ def recipes(draw, families=FAMILIES, relu=None) -> Recipe:
     return Recipe(
         family=family,
         channels=draw(st.integers(1, 3)),
-        size=(draw(st.integers(4, 8)), draw(st.integers(4, 8))),
+        size=(draw(st.integers(4, 7)), draw(st.integers(4, 7))),
         classes=draw(st.integers(2, 5)),
-        width=draw(st.sampled_from([4, 6, 8])),
+        width=draw(st.sampled_from([4, 6])),
         relu=draw(st.booleans()) if relu is None else relu,
         norm=draw(st.sampled_from(["none", "subdiv", "muladd"])),
         batchnorm=draw(st.booleans()),

@@ -19,16 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from robnet_svc.bounds import compile_network
 from robnet_svc.errors import RobnetError
+from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
 
 from .strategies import (DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
                          exact_margin_min, make_set, perturbation_inputs, recipes, sampled_margins)
-
-try:
-    from robnet_svc.bounds import compile_network
-except ImportError:  # the engine lands in robnet_svc.bounds (issue 3)
-    pytest.skip("robnet_svc.bounds.compile_network is not there yet", allow_module_level=True)
 
 NUM_SAMPLES = 1000
 EXACT_TOL = 1e-8  # relative, float64
@@ -148,7 +145,6 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
     OnnxPadStatic/OnnxPadDynamic, BatchNormalization kept unfolded, two-tensor Add)."""
     onnx = pytest.importorskip("onnx")
     onnx2torch = pytest.importorskip("onnx2torch")
-    from robnet_svc.graph import normalize_graph
 
     module = build(recipe)
     example = torch.rand(1, recipe.channels, *recipe.size)
