@@ -27,10 +27,10 @@ def demo_options(out: Path, fast: bool, device: str) -> Options:
     """The demo's harden settings (the full run: ~1-2 min on 2 CPU cores; ``fast``: a smoke test)."""
     return Options(
         model=str(out / INPUT_MODEL), dataset="digits", perturbation="bias-field", eps=0.3, order=2, mode="mult",
-        method="rsip-ssip", cert_method="rsip-ssip", epochs=2 if fast else 6, alpha=1.0, lr=5e-4,
-        batch_size=64, device=device, seed=0, val_fraction=0.1,
-        max_train=300 if fast else None, max_test=100 if fast else None, attack_steps=5 if fast else 10,
-        out=str(out), force=True,
+        method="rsip-ssip", cert_method="rsip-ssip", alpha=1.0, device=device, seed=0, val_fraction=0.1,
+        epochs=3 if fast else 6, ramp_epochs=1 if fast else None, lr=1e-3 if fast else 5e-4,
+        batch_size=32 if fast else 64, max_train=256 if fast else None, max_test=64 if fast else None,
+        attack_steps=5 if fast else 10, out=str(out), force=True,
     )
 
 

@@ -9,8 +9,10 @@ from robnet_svc.bounds.ops.base import AffineRule
 
 
 class ConvRule(AffineRule):
-    """Convolution: ``|L|`` is the convolution with ``|weight|``; ``Lᵀ`` is
-    ``conv_transpose2d`` (zero padding with numeric padding), the generic VJP otherwise."""
+    """Convolution: ``|L|`` is the convolution with ``|weight|`` (exact for zero padding; with
+    reflect/replicate/circular padding a pixel can meet the kernel twice and this is a sound
+    over-approximation of ``|J|``); ``Lᵀ`` is ``conv_transpose2d`` (zero padding given as
+    numbers), the generic VJP otherwise."""
 
     def abs_linear(self, rad: Tensor) -> Tensor:
         m = self.call.module
