@@ -35,12 +35,14 @@ RSIP_CERT_BATCH = {"DM-small": 2, "MRI-64": 1, "DM-medium": 1, "DM-large": 1, "t
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="DM-small and MRI-64 only, 1 warm-up + 2 timed steps; writes results.quick.json")
+                        help="DM-small and MRI-64, 1 warm-up + 2 timed steps, no full-CROWN certification; "
+                        "writes results.quick.json")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), help="networks to run")
     parser.add_argument("--large", action="store_true", help="include DM-large (default only on a GPU)")
     parser.add_argument("--methods", nargs="+", choices=TRAIN_METHODS, default=list(TRAIN_METHODS))
-    parser.add_argument("--cert-methods", nargs="*", choices=CERT_METHODS, default=list(CERT_METHODS))
+    parser.add_argument("--cert-methods", nargs="*", choices=CERT_METHODS,
+                        help="certification methods (default rsip-ssip and rsip; --quick: rsip-ssip)")
     parser.add_argument("--batch", type=int, default=64, help="training batch size (issue 7: 64)")
     parser.add_argument("--mem-batch", type=int, default=32,
                         help="second batch size for the MRI net's memory check (0: skip)")
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ", ".join(f"{k} {v}" for k, v in RSIP_CERT_BATCH.items()) + ")")
     parser.add_argument("--rsip-timeout", type=float, default=150.0,
                         help="seconds before full-CROWN certification of a network is declared infeasible")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; --quick 1)")
     parser.add_argument("--repeats", type=int, help="timed steps, median reported (default 5; --quick 2)")
     parser.add_argument("--threads", type=int, default=machine.usable_cores(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a configuration is "
@@ -63,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
                         "(default docs/benchmarks.md; --quick: none)")
     args = parser.parse_args(argv)
-    args.warmup = 2 if args.warmup is None else args.warmup
+    args.warmup = (1 if args.quick else 2) if args.warmup is None else args.warmup
+    if args.cert_methods is None:
+        args.cert_methods = ["rsip-ssip"] if args.quick else list(CERT_METHODS)
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if args.out is None:
         args.out = REPO / "benchmarks" / ("results.quick.json" if args.quick else "results.json")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,6 @@ class Plan:
     device: torch.device
     out: Path | None
     data: TrainData | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the two stories
@@ -169,7 +168,7 @@ def prepare(options: Options, training: bool) -> Plan:
     rules = registry.rules()
     _compile(imported.module, rules)  # unsupported operations are reported now, not after training
 
-    splits = dataset_cls(options.data_dir, **_dataset_options(options)).load(imported.image_shape, progress=True)
+    splits = dataset_cls(options.data_dir).load(imported.image_shape, progress=True)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)
     plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out)
@@ -213,10 +212,6 @@ def _perturbation(registry, options: Options):
     cls = registry.perturbation(options.perturbation)
     given = {"order": options.order, "mode": options.mode, "coef_scale": options.coef_scale}
     return cls(options.eps, **{k: v for k, v in given.items() if v is not None})
-
-
-def _dataset_options(options: Options) -> dict[str, Any]:
-    return {}
 
 
 def _device(name: str) -> torch.device:

@@ -8,7 +8,6 @@ import h5py
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from cli_support import FAST, FAST_TRAIN, digits_model, invoke
 from robnet_svc.models import export_onnx, tiny_cnn
