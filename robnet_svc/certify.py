@@ -16,9 +16,11 @@ For each test sample ``x`` with label ``y`` and its perturbation set
 A sample that is certified and successfully attacked contradicts its own certificate:
 ``check_soundness`` raises ``SoundnessError`` naming it. Never reported, always raised.
 
-Determinism: the network is in eval mode, samples are processed in their given order in
-batches of a fixed size, and the attack's random starts come from a generator seeded per
-batch, so the same settings give the same flags, bit for bit, on the same device.
+Determinism: the network is in eval mode and the attack's random starts of a sample come
+from a generator seeded with ``(seed, sample id)`` (its position in the test split), so a
+sample gets the same attack however the test set is batched or sharded across processes;
+the same settings give the same flags, bit for bit, on the same device and batching, and
+the same flags up to floating-point noise otherwise.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ class Certificates:
 
     FIELDS = ("index", "label", "prediction", "certified", "margin_lower", "attack_success", "attack_margin")
 
+    @classmethod
+    def concat(cls, parts: "list[Certificates]") -> "Certificates":
+        """The parts one after the other (e.g. the shards of every rank, in rank order); empty parts
+        are skipped (an empty shard does not know the number of classes)."""
+        parts = [p for p in parts if p.num_samples] or parts[:1]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+
     @property
     def num_samples(self) -> int:
         return int(self.index.shape[0])
@@ -105,16 +114,25 @@ def box_corners(lower: Tensor, upper: Tensor) -> Tensor:
     return lower.unsqueeze(1) + bits * (upper - lower).unsqueeze(1)
 
 
+def random_starts(sample_ids: Tensor, restarts: int, k: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """Uniform ``[B, restarts, k]`` in [0, 1): row ``b`` from a CPU generator seeded with
+    ``(seed, sample_ids[b])``, so it depends on the sample, not on its batch or process."""
+    rows = [torch.rand(restarts, k, dtype=dtype, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+            for i in sample_ids.tolist()]  # B tiny draws; the bounds and attack below dominate
+    return torch.stack(rows) if rows else torch.zeros(0, restarts, k, dtype=dtype)
+
+
 def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSettings,
-                  generator: torch.Generator) -> Tensor:
+                  sample_ids: Tensor) -> Tensor:
     """Smallest margin the attack finds for each sample: ``[B]``.
 
-    ``aset``: the samples' ``AffineSet`` (``B`` samples, ``k`` coefficients); ``generator``:
-    a CPU generator for the random starts (drawn on CPU, so results do not depend on the device).
+    ``aset``: the samples' ``AffineSet`` (``B`` samples, ``k`` coefficients); ``sample_ids``
+    ``[B]`` int: the samples' ids, which seed their random starts (drawn on CPU, so results
+    do not depend on the device).
     """
     lower, upper = aset.lower.detach(), aset.upper.detach()
     b, k = lower.shape
-    u = torch.rand(b, settings.restarts, k, generator=generator, dtype=lower.dtype).to(lower.device)
+    u = random_starts(sample_ids, settings.restarts, k, settings.seed, lower.dtype).to(lower.device)
     u[:, : settings.restarts // 4] = (u[:, : settings.restarts // 4] > 0.5).to(u.dtype)  # random corners
     starts = [aset.nominal.detach().unsqueeze(1), lower.unsqueeze(1) + u * (upper - lower).unsqueeze(1)]
     if k <= MAX_CORNER_COEFFS:
@@ -144,25 +162,28 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
 
 def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor, *,
                   batch_size: int, attack: AttackSettings, device: torch.device,
+                  sample_ids: Tensor | None = None,
                   on_batch: Callable[[int], None] | None = None) -> Certificates:
     """Certify ``images [N, C, H, W]`` with labels ``[N]`` and attack them.
 
+    ``sample_ids [N]`` int64: the samples' ids (seeds of their attacks; default ``0..N-1``),
+    also the returned ``index``.
     ``module``: the classifier (put in eval mode here); ``net``: its compiled form for the
     bound ``method``; ``perturbation``: a ``Perturbation`` at the certification radius.
     ``on_batch(n)`` is called after each batch of ``n`` samples (progress bars).
     Raises SoundnessError when a certified sample is successfully attacked.
     """
     module.eval()
+    ids = torch.arange(images.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
     out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS if f != "index"}
-    for batch, start in enumerate(range(0, images.shape[0], batch_size)):
+    for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
         aset = perturbation.affine_set(x)
         with torch.no_grad():
             prediction = module(x).argmax(-1)
             margin_lower = method.margin_lower(net, aset, y)
-        generator = torch.Generator().manual_seed(attack.seed * 1_000_003 + batch)
-        found = attack_margin(module, aset, y, attack, generator)
+        found = attack_margin(module, aset, y, attack, ids[start:start + batch_size])
         out["label"].append(y)
         out["prediction"].append(prediction)
         out["certified"].append((prediction == y) & (margin_lower > 0).all(-1))
@@ -171,9 +192,12 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
         out["attack_margin"].append(found)
         if on_batch is not None:
             on_batch(x.shape[0])
+    if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
+        return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
+                            np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(0, np.float32))
     arrays = {f: torch.cat(v).detach().cpu().numpy() for f, v in out.items()}
     certs = Certificates(
-        index=np.arange(images.shape[0], dtype=np.int64),
+        index=ids.numpy().astype(np.int64),
         label=arrays["label"].astype(np.int64),
         prediction=arrays["prediction"].astype(np.int64),
         certified=arrays["certified"].astype(bool),

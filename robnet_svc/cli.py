@@ -3,11 +3,16 @@
 Exit codes: 0 success, 1 certified accuracy under ``--fail-under``, 2 bad input or usage,
 3 a soundness error (a bug: a certified sample was broken by an attack).
 Errors are one line on stderr; ``--debug`` shows the traceback.
+
+Heavy modules (torch, the pipeline) are imported inside the commands, so that ``--help``
+and quick commands start fast. Under torchrun (docs/distributed.md) every rank runs the
+same command; only rank 0 shows progress, logs and prints results, errors name the rank.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -69,8 +74,8 @@ def inspect_cmd(model: str, image_shape: str | None, as_json: bool) -> None:
 # --------------------------------------------------------------------------- harden / certify
 
 def _shared_options(func):
-    """Options common to ``harden`` and ``certify`` (defaults: ``pipeline.Options``)."""
-    from robnet_svc.pipeline import Options
+    """Options common to ``harden`` and ``certify`` (defaults: ``options.Options``)."""
+    from robnet_svc.options import Options
 
     d = Options()
     decorators = [
@@ -78,6 +83,9 @@ def _shared_options(func):
         click.option("--dataset", default=d.dataset, show_default=True,
                      help="Dataset plugin (robnet-svc plugins lists them)."),
         click.option("--data-dir", default=None, help="Folder of the dataset (not needed for digits)."),
+        click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
+                     callback=_check_dataset_options,
+                     help="Option of the dataset plugin, repeatable (e.g. cache=false); see docs/cli.md."),
         click.option("--image-shape", default=None, metavar="CxHxW",
                      help="How to view a flat [N,D] model input as an image, e.g. 1x28x28."),
         click.option("--perturbation", default=d.perturbation, show_default=True, help="Perturbation plugin."),
@@ -109,6 +117,21 @@ def _shared_options(func):
     return func
 
 
+def _check_dataset_options(_ctx, param, values):
+    """``--dataset-option`` values (flags, or a TOML list of strings) must read ``KEY=VALUE``."""
+    values = [values] if isinstance(values, str) else list(values or ())
+    for value in values:
+        if not isinstance(value, str) or "=" not in value or not value.split("=", 1)[0].strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE (e.g. cache=false)", param=param)
+    return tuple(values)
+
+
+def dataset_options(values) -> dict[str, str]:
+    """``("k=v", ...)`` -> ``{"k": "v"}`` (a later key wins); the dataset converts the strings."""
+    pairs = (value.split("=", 1) for value in values)
+    return {key.strip(): val.strip() for key, val in pairs}
+
+
 @cli.command("harden")
 @_shared_options
 @click.option("--method", default="rsip-ssip", show_default=True, help="Bound method used in training.")
@@ -131,8 +154,8 @@ def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
     from robnet_svc import pipeline
 
-    report = _run(ctx, pipeline.harden, params)
-    _finish(report, "after", params)
+    report, is_main = _run(ctx, pipeline.harden, params)
+    _finish(report, "after", params, is_main)
 
 
 @cli.command("certify")
@@ -144,8 +167,8 @@ def certify_cmd(ctx: click.Context, **params) -> None:
     """Certify MODEL (ONNX) on a test set, without training (a deployment gate with --fail-under)."""
     from robnet_svc import pipeline
 
-    report = _run(ctx, pipeline.certify, params)
-    _finish(report, "model", params)
+    report, is_main = _run(ctx, pipeline.certify, params)
+    _finish(report, "model", params, is_main)
 
 
 @cli.group("report")
@@ -186,7 +209,11 @@ def demo_cmd(out: str, fast: bool, force: bool, device: str, as_json: bool) -> N
 
 
 class Ui:
-    """Progress bars and log lines on stderr (stdout stays free for ``--json``)."""
+    """Progress bars, log lines and warnings on stderr (stdout stays free for ``--json``).
+    ``quiet``: none of them (the ranks other than 0 of a distributed run)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
 
     def __enter__(self) -> "Ui":
         from rich.console import Console
@@ -196,7 +223,7 @@ class Ui:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                                  console=self.console, transient=True,
-                                 disable=not self.console.is_terminal)  # logs only, when redirected
+                                 disable=self.quiet or not self.console.is_terminal)  # logs only, when redirected
         self.progress.start()
         return self
 
@@ -204,29 +231,45 @@ class Ui:
         self.progress.stop()
 
     def log(self, message: str) -> None:
-        self.console.print(f"robnet-svc: {message}", highlight=False, soft_wrap=True)
+        if not self.quiet:
+            self.console.print(f"robnet-svc: {message}", highlight=False, soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        """A warning line like ``robnet-svc plugins`` prints for a broken plugin."""
+        if not self.quiet:
+            click.echo(f"robnet-svc: warning: {message}", err=True)
 
 
 def _run(ctx: click.Context, story, params: dict):
-    """Build pipeline options from the resolved parameters and run ``story`` with progress on stderr."""
+    """Build pipeline options from the resolved parameters and run ``story`` with progress on stderr
+    (in this process's place of a torchrun job, if any); return (report, whether this is rank 0)."""
     import shlex
 
+    from robnet_svc import distributed
     from robnet_svc.config import effective_config
-    from robnet_svc.pipeline import Options
+    from robnet_svc.options import Options
 
     fields = set(Options.__dataclass_fields__)
-    options = Options(**{k: v for k, v in params.items() if k in fields})
+    options = Options(**{k: v for k, v in params.items() if k in fields},
+                      dataset_options=dataset_options(params.get("dataset_option", ())))
     command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *sys.argv[1:]])
-    with Ui() as ui:
-        return story(options, effective_config(ctx), command_line, ui)
+    dist = distributed.from_env()
+    with Ui(quiet=not dist.is_main) as ui:
+        report = story(options, effective_config(ctx), command_line, ui, dist=dist)
+    dist.stop()
+    return report, dist.is_main
 
 
-def _finish(report, section: str, params: dict) -> None:
-    _print_summary(report, params.get("as_json", False))
+def _finish(report, section: str, params: dict, is_main: bool) -> None:
+    """Print the summary (rank 0) and apply ``--fail-under`` (every rank exits with the same code)."""
+    if is_main:
+        _print_summary(report, params.get("as_json", False))
     threshold = params.get("fail_under")
     certified = report.sections[section].summary()["certified_accuracy"]
     if threshold is not None and certified < threshold:
-        click.echo(f"robnet-svc: certified accuracy {certified:.4f} is under --fail-under {threshold}", err=True)
+        if is_main:
+            click.echo(f"robnet-svc: certified accuracy {certified:.4f} is under --fail-under {threshold}",
+                       err=True)
         sys.exit(1)
 
 
@@ -268,21 +311,34 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         label = "soundness error" if isinstance(exc, SoundnessError) else "error"
-        click.echo(f"robnet-svc: {label}: {_one_line(str(exc))}", err=True)
-        sys.exit(exc.exit_code)
+        click.echo(f"robnet-svc: {_rank()}{label}: {_one_line(str(exc))}", err=True)
+        _exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("robnet-svc: interrupted", err=True)
-        sys.exit(130)
+        click.echo(f"robnet-svc: {_rank()}interrupted", err=True)
+        _exit(130)
     except Exception as exc:  # a bug in robnet-svc: still one line, unless --debug
         if debug:
             raise
-        click.echo(f"robnet-svc: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+        click.echo(f"robnet-svc: {_rank()}internal error: {type(exc).__name__}: {_one_line(str(exc))} "
                    "(re-run with --debug for the traceback)", err=True)
-        sys.exit(3)
+        _exit(3)
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _rank() -> str:
+    """``"rank R/N: "`` under a torchrun job of several processes (from its environment), else ``""``."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '?')}/{world}: " if world not in ("", "1") else ""
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``; a rank of a running process group leaves at once (no waiting on peers)."""
+    if "robnet_svc.distributed" in sys.modules:  # imported only by commands that may start a process group
+        sys.modules["robnet_svc.distributed"].abort(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ certify: validate -> certify the model ("model") -> optionally certificate.h5 + 
 
 The "after" certificate is computed on the exported file as re-imported, exactly what
 ``robnet-svc certify model.robust.onnx`` computes, so that command reproduces its flags.
+
+Distributed (``torchrun``, docs/distributed.md): every rank runs this same story with its
+``Dist``. Each validates everything itself (only rank 0 checks ``--out``, which only it
+writes) before the first collective; certification is sharded and gathered back in the
+original order; training is DistributedDataParallel; rank 0 exports the ONNX file and sends
+its bytes to the others, so every rank certifies the very file that is written.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,9 @@ import torch
 
 from robnet_svc import __version__
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
+from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
+from robnet_svc.options import Options
 from robnet_svc.report import Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
@@ -32,40 +40,6 @@ MODEL_FILE = "model.robust.onnx"
 CERTIFICATE_FILE = "certificate.h5"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-@dataclass
-class Options:
-    """Every option of ``harden`` and ``certify`` (``certify`` ignores the training ones).
-    The command line's defaults are these."""
-
-    model: str = ""
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_shape: str | None = None
-    perturbation: str = "bias-field"
-    eps: float = 0.1
-    order: int | None = None       # perturbation options: None keeps the perturbation's default
-    mode: str | None = None
-    coef_scale: float | None = None
-    method: str = "rsip-ssip"
-    cert_method: str = "rsip-ssip"
-    epochs: int = 10
-    ramp_epochs: float | None = None
-    alpha: float = 1.0
-    lr: float = 5e-4
-    batch_size: int = 64
-    cert_batch_size: int = 128
-    device: str = "auto"
-    seed: int = 0
-    val_fraction: float = 0.1
-    max_train: int | None = None
-    max_test: int | None = None
-    attack_steps: int = 10
-    attack_restarts: int = 8
-    out: str | None = None
-    force: bool = False
-    resume: bool = False
 
 
 @dataclass
@@ -83,56 +57,60 @@ class Plan:
     device: torch.device
     out: Path | None
     data: TrainData | None = None
+    dist: Dist = field(default_factory=Dist)
 
 
 # --------------------------------------------------------------------------- the two stories
 
 
-def harden(options: Options, config: dict[str, Any], command_line: str, ui) -> Report:
+def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
     """Fine-tune ``options.model`` to be certifiably robust and write the three outputs to ``options.out``.
 
     ``config``: the effective config (stored in the certificate); ``ui``: progress and log
-    sink (``robnet_svc.cli.Ui``-like: ``.progress``, ``.log(msg)``).
+    sink (``robnet_svc.cli.Ui``-like: ``.progress``, ``.log(msg)``, optional ``.warn(msg)``);
+    ``dist``: this process's place in a torchrun job (None: one process). Every rank returns
+    the same report; only rank 0 writes.
     """
-    plan = prepare(options, training=True)
-    plan.out.mkdir(parents=True, exist_ok=True)
+    plan = prepare(options, training=True, dist=dist, warn=getattr(ui, "warn", None))
     checkpoint = plan.out / CHECKPOINT_FILE
-    if checkpoint.exists() and not options.resume:
-        checkpoint.unlink()  # --force: a stale checkpoint must not be resumed by accident later
+    if plan.dist.is_main:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        if checkpoint.exists() and not options.resume:
+            checkpoint.unlink()  # --force: a stale checkpoint must not be resumed by accident later
 
     ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
     module = plan.imported.module.to(plan.device)
     before = _certify(plan, module, ui, "before")
 
-    ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}")
+    ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
+           + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
     net = _compile(module, plan.rules)
     history = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
                     checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
-                    progress=ui.progress, log=ui.log)
-
-    from robnet_svc.onnx_io import export_model, load_model
+                    progress=ui.progress, log=ui.log, dist=plan.dist)
 
     model_path = plan.out / MODEL_FILE
-    export_model(module.cpu().eval(), source=plan.imported, out_path=model_path,
-                 metadata={"robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
-                           "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
-    robust = load_model(model_path, image_shape=options.image_shape)
+    robust = _export(plan, module, model_path, {
+        "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
+        "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
     ui.log(f"certifying the hardened model {model_path} ({options.cert_method})")
     after = _certify(plan, robust.module.to(plan.device), ui, "after")
 
     report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
                      config, command_line, history)
-    _write_outputs(plan.out, report)
+    if plan.dist.is_main:
+        _write_outputs(plan.out, report)
     return report
 
 
-def certify(options: Options, config: dict[str, Any], command_line: str, ui) -> Report:
-    """Certify ``options.model`` on the test split; write certificate + summary to ``options.out`` if given."""
-    plan = prepare(options, training=False)
+def certify(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
+    """Certify ``options.model`` on the test split; write certificate + summary to ``options.out`` if given
+    (rank 0 only; the test set is sharded over the ranks of a distributed run)."""
+    plan = prepare(options, training=False, dist=dist, warn=getattr(ui, "warn", None))
     ui.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
     certs = _certify(plan, plan.imported.module.to(plan.device), ui, "model")
     report = _report(plan, "certify", {"model": (certs, plan.imported)}, config, command_line, [])
-    if plan.out is not None:
+    if plan.out is not None and plan.dist.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
         _write_outputs(plan.out, report)
     return report
@@ -141,13 +119,22 @@ def certify(options: Options, config: dict[str, Any], command_line: str, ui) -> 
 # --------------------------------------------------------------------------- validation
 
 
-def prepare(options: Options, training: bool) -> Plan:
-    """Check every input and load model and data; RobnetError (one line) before anything is written."""
+def prepare(options: Options, training: bool, dist: Dist | None = None, warn=None) -> Plan:
+    """Check every input and load model and data; RobnetError (one line) before anything is written.
+
+    Distributed: every rank checks everything (so a bad input fails on every rank, before
+    any collective) except ``--out``, which only rank 0 writes and checks; the process group
+    is joined last. ``warn(line)``: where broken plugins are reported (rank 0).
+    """
     from robnet_svc.onnx_io import load_model
     from robnet_svc.plugins import load_registry
 
-    out = _check_out(options, training)
+    dist = dist or Dist()
+    out = _check_out(options, training) if dist.is_main else (Path(options.out) if options.out else None)
     registry = load_registry()
+    if warn is not None and dist.is_main:
+        for line in registry.broken:
+            warn(line)
     perturbation = _perturbation(registry, options)
     cert_method = registry.bound_method(options.cert_method)()
     train_method = registry.bound_method(options.method)() if training else None
@@ -156,7 +143,7 @@ def prepare(options: Options, training: bool) -> Plan:
         raise RobnetError(f"dataset {options.dataset!r} needs --data-dir")
     if options.data_dir and not Path(options.data_dir).is_dir():
         raise RobnetError(f"--data-dir {options.data_dir} is not a folder")
-    device = _device(options.device)
+    device = dist.device(_device(options.device))
 
     imported = load_model(options.model, image_shape=options.image_shape)
     probe = torch.zeros(1, *imported.image_shape)
@@ -168,14 +155,17 @@ def prepare(options: Options, training: bool) -> Plan:
     rules = registry.rules()
     _compile(imported.module, rules)  # unsupported operations are reported now, not after training
 
-    splits = dataset_cls(options.data_dir).load(imported.image_shape, progress=True)
+    dataset = dataset_cls(options.data_dir, **options.dataset_options)
+    splits = dataset.load(imported.image_shape, progress=dist.is_main)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)
-    plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out)
+    plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out,
+                dist=dist)
     if training:
         plan.data = _train_data(splits, options, device)
-        if options.resume:  # a checkpoint of another run is refused now, not after certifying "before"
+        if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
             read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
+    dist.start(device)  # the first collective of the run comes after every check
     return plan
 
 
@@ -268,7 +258,9 @@ def _train_data(splits, options: Options, device: torch.device) -> TrainData:
 def _fingerprint(plan: Plan) -> str:
     """What a checkpoint must agree on besides the training settings: model, data, perturbation, method."""
     o = plan.options
-    parts = [plan.imported.sha256, o.dataset, str(o.data_dir), str(o.image_shape), str(o.max_train),
+    parts = [plan.imported.sha256, o.dataset, str(o.data_dir), json.dumps(o.dataset_options, sort_keys=True,
+                                                                          default=str),
+             str(o.image_shape), str(o.max_train),
              str(o.val_fraction), json.dumps(plan.perturbation.describe(), sort_keys=True), o.method,
              str(plan.data.images.shape[0])]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -278,24 +270,48 @@ def _fingerprint(plan: Plan) -> str:
 
 
 def _certify(plan: Plan, module, ui, label: str) -> Certificates:
+    """Certificates of ``module`` on the test samples ``plan.test_index``, in that order.
+
+    Distributed: each rank certifies a contiguous share and the shares are gathered in rank
+    order; attacks are seeded per sample (its position in the test split), not per rank."""
     o = plan.options
-    index = torch.from_numpy(plan.test_index)
+    mine = plan.test_index[plan.dist.shard(len(plan.test_index))]
+    index = torch.from_numpy(mine)
     images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
     net = _compile(module, plan.rules)
     task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
     certs = certify_model(
         module, net, plan.cert_method, plan.perturbation, images, labels,
-        batch_size=o.cert_batch_size, device=plan.device,
+        batch_size=o.cert_batch_size, device=plan.device, sample_ids=index,
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
         on_batch=(lambda n: ui.progress.update(task, advance=n)) if task is not None else None,
     )
     if task is not None:
         ui.progress.remove_task(task)
-    certs.index = plan.test_index.copy()
+    certs = Certificates.concat(plan.dist.gather(certs))
     s = certs.summary()
     ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
     return certs
+
+
+def _export(plan: Plan, module, model_path: Path, metadata: dict[str, str]):
+    """Rank 0 writes ``module`` as ONNX at ``model_path``; every rank returns the written file re-imported
+    (other ranks receive its bytes: no shared file system needed)."""
+    import tempfile
+
+    from robnet_svc.onnx_io import export_model, load_model
+
+    if plan.dist.is_main:
+        export_model(module, source=plan.imported, out_path=model_path,
+                     metadata=metadata)
+    data = plan.dist.broadcast(model_path.read_bytes() if plan.dist.is_main and plan.dist.active else None)
+    if plan.dist.is_main:
+        return load_model(model_path, image_shape=plan.options.image_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_path = Path(tmp) / MODEL_FILE
+        copy_path.write_bytes(data)
+        return load_model(copy_path, image_shape=plan.options.image_shape)
 
 
 def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]], config: dict[str, Any],
@@ -336,5 +352,6 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
 
 
 def _write_outputs(out: Path, report: Report) -> None:
+    """The certificate and the summary (rank 0's job)."""
     write_report(out / CERTIFICATE_FILE, report)
     write_json(out / SUMMARY_FILE, report.summary())

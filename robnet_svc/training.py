@@ -19,10 +19,19 @@ updated); bounds are computed in eval mode (running statistics), which is what t
 exported model and the certificate use.
 
 Reproducibility: the data order of epoch ``e`` comes from a generator seeded with
-``(seed, e)``; the global torch RNG (dropout) is seeded once and its state checkpointed. A
-run resumed from the checkpoint of epoch ``e`` ends with the same weights as an
-uninterrupted run. Distributed training fits in two places: ``epoch_batches`` (this
-rank's share of the epoch) and ``is_main`` (only rank 0 writes).
+``(seed, e)``; the global torch RNG (dropout) is re-seeded at the start of every epoch from
+``(seed, e, rank)``, so a run resumed from the checkpoint of epoch ``e`` ends with the same
+weights as an uninterrupted run, with no RNG state to carry.
+
+Distributed (DistributedDataParallel, docs/distributed.md): ``batch_size`` is the GLOBAL
+batch. Every rank draws the same global batches and takes ``batch[rank::world_size]``
+(shards differ in size by at most one; a shard may be empty), so all ranks run the same
+number of steps. ``RobustObjective`` scales each rank's loss sums by
+``world_size / global_batch``; DDP averages the gradients over ranks, which gives exactly
+the gradient of the 1-process loss on the whole global batch (up to floating-point
+summation order). Statistics are summed over ranks; only rank 0 writes checkpoints.
+Not equivalent across process counts: BatchNorm batch statistics of the cross-entropy
+forward (per rank) and dropout masks (drawn per rank).
 """
 
 from __future__ import annotations
@@ -39,9 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: no RNG state (re-seeded per epoch)
 LR_STEPS = ((100 / 175, 1.0), (150 / 175, 0.1), (1.0, 0.01))  # (until progress, lr factor)
 
 
@@ -95,11 +105,15 @@ def robust_loss(margin_lower: Tensor) -> Tensor:
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int,
                   rank: int = 0, world_size: int = 1) -> list[Tensor]:
-    """Index batches of this rank for ``epoch``: a seeded permutation, strided by rank
-    (every rank draws the same permutation), cut into batches of ``batch_size``."""
+    """This rank's share of every global batch of ``epoch``: a seeded permutation (the same on
+    every rank) cut into global batches of ``batch_size``; rank ``r`` takes ``batch[r::world_size]``.
+
+    Every rank gets ``ceil(num_samples / batch_size)`` index tensors (the last ones may be
+    empty on high ranks), so ranks always run the same number of steps.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator)[rank::world_size]
-    return list(order.split(batch_size))
+    order = torch.randperm(num_samples, generator=generator)
+    return [batch[rank::world_size] for batch in order.split(batch_size)]
 
 
 @contextmanager
@@ -120,59 +134,119 @@ def certified_mask(margin_lower: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor,
-             batch_size: int) -> tuple[float, float]:
-    """Clean and certified accuracy (eval mode, the perturbation's own radius); (nan, nan) when empty."""
+             batch_size: int, dist: Dist = Dist()) -> tuple[float, float]:
+    """Clean and certified accuracy (eval mode, the perturbation's own radius); (nan, nan) when empty.
+
+    Distributed: each rank evaluates its contiguous share, the counts are summed over ranks."""
     if images.shape[0] == 0:
         return math.nan, math.nan
-    correct = certified = 0
+    mine = dist.shard(images.shape[0])
+    counts = torch.zeros(2, dtype=torch.float64, device=images.device)  # correct, certified
     with eval_mode(module):
-        for start in range(0, images.shape[0], batch_size):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        for start in range(mine.start, mine.stop, batch_size):
+            stop = min(start + batch_size, mine.stop)
+            x, y = images[start:stop], labels[start:stop]
             ok = module(x).argmax(-1) == y
-            correct += int(ok.sum())
+            counts[0] += ok.sum()
             if ok.any():
                 margin = method.margin_lower(net, perturbation.affine_set(x[ok]), y[ok])
-                certified += int(certified_mask(margin).sum())
+                counts[1] += certified_mask(margin).sum()
+    correct, certified = dist.sum(counts).tolist()
     return correct / images.shape[0], certified / images.shape[0]
+
+
+#: Order of the statistics ``RobustObjective`` returns (summed over a shard, then over ranks).
+STAT_FIELDS = ("ce_sum", "robust_sum", "correct", "certified", "seen")
+
+
+class RobustObjective(nn.Module):
+    """The training loss of one shard as a module, so that DistributedDataParallel sees every use
+    of the parameters (the cross-entropy forward and the bound computation) inside its forward.
+
+    ``forward(x [b, C, H, W], y [b], eps, global_size) -> (loss [], stats [5] float64)``:
+    ``loss = world_size / global_size * (sum_b CE_b + alpha * sum_b 1[correct_b] * robust_b)``.
+    With ``world_size = 1`` and the whole batch this is Eq. 7 (a batch mean); with DDP's
+    gradient average over ranks it is the gradient of Eq. 7 on the global batch of
+    ``global_size`` samples. ``stats``: sums of this shard in ``STAT_FIELDS`` order.
+    ``net``, ``method``, ``perturbation`` are held outside the module tree (``net`` reads
+    ``module``'s live parameters; DDP must not see them twice).
+    """
+
+    def __init__(self, module: nn.Module, net, method, perturbation, alpha: float, world_size: int = 1):
+        super().__init__()
+        self.module = module
+        self.bounds = (net, method, perturbation)  # a tuple: not registered as submodules
+        self.alpha = alpha
+        self.world_size = world_size
+
+    def forward(self, x: Tensor, y: Tensor, eps: float, global_size: int) -> tuple[Tensor, Tensor]:
+        net, method, perturbation = self.bounds
+        zero = torch.zeros((), device=x.device)
+        if x.shape[0] == 0:  # an empty shard (last global batch smaller than the world): zero gradients,
+            # but every parameter still takes part, as DDP's reducer expects
+            loss = sum(p.sum() for p in self.module.parameters()) * 0.0
+            return loss, torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=x.device)
+        logits = self.module(x)
+        ce_sum = F.cross_entropy(logits, y, reduction="sum")
+        correct = logits.argmax(-1) == y
+        robust_sum, certified = zero, zero
+        if self.alpha > 0 and bool(correct.any()):
+            with eval_mode(self.module):  # bounds use running statistics (what is exported and certified)
+                margin = method.margin_lower(net, perturbation.affine_set(x[correct], eps=eps), y[correct])
+            robust_sum = robust_loss(margin).sum()
+            certified = certified_mask(margin.detach()).sum()
+        loss = (ce_sum + self.alpha * robust_sum) * (self.world_size / global_size)
+        stats = torch.stack([ce_sum.detach(), robust_sum.detach(), correct.sum(), certified,
+                             torch.tensor(x.shape[0], device=x.device)]).double()
+        return loss, stats
 
 
 def train(module: nn.Module, net, method, perturbation, data: TrainData, settings: TrainSettings, *,
           checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
           progress=None, log: Callable[[str], None] = lambda _msg: None,
-          is_main: bool = True) -> list[dict[str, float]]:
+          dist: Dist = Dist()) -> list[dict[str, float]]:
     """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``).
 
     ``net``: the compiled form of ``module`` for ``method`` (it reads the live parameters);
     ``perturbation``: at the target radius (``settings.eps``); all tensors in ``data`` on the
-    training device. ``checkpoint``: file written after every epoch (rank 0 only); with
-    ``resume`` the run continues from it (same settings and ``fingerprint`` required).
-    ``progress``: a rich ``Progress`` or None.
+    training device (every rank holds the whole split). ``checkpoint``: file written after
+    every epoch (rank 0 only); with ``resume`` the run continues from it (same settings and
+    ``fingerprint`` required; rank 0 reads it and sends it to the others, any world size).
+    ``progress``: a rich ``Progress`` or None. ``dist``: this process's place in a
+    distributed run (the default: one process, no process group).
     """
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     history: list[dict[str, float]] = []
     start_epoch = 0
-    torch.manual_seed(settings.seed)
-    if resume and checkpoint is not None and checkpoint.exists():
-        start_epoch, history = load_checkpoint(checkpoint, module, optimizer, settings, fingerprint)
+    if resume and checkpoint is not None:
+        state = dist.broadcast(read_checkpoint(checkpoint, settings, fingerprint) if dist.is_main else None)
+        start_epoch, history = restore_checkpoint(state, module, optimizer)
         log(f"resuming from {checkpoint} after epoch {start_epoch}")
+    device = data.images.device
+    objective = dist.wrap(RobustObjective(module, net, method, perturbation, settings.alpha, dist.world_size),
+                          device)
 
     steps_per_epoch = math.ceil(data.images.shape[0] / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     for epoch in range(start_epoch, settings.epochs):
         began = time.perf_counter()
-        batches = epoch_batches(data.images.shape[0], settings.batch_size, settings.seed, epoch)
+        torch.manual_seed((settings.seed * 1_000_003 + epoch) * 1_009 + dist.rank)  # dropout: per epoch and rank
+        global_sizes = [min(settings.batch_size, data.images.shape[0] - i * settings.batch_size)
+                        for i in range(steps_per_epoch)]
+        batches = epoch_batches(data.images.shape[0], settings.batch_size, settings.seed, epoch,
+                                dist.rank, dist.world_size)
         task = progress.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches),
                                  stats="") if progress is not None else None
         sums = {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0, "certified": 0, "seen": 0}
-        for i, idx in enumerate(batches):
+        for i, (idx, global_size) in enumerate(zip(batches, global_sizes)):
             step = epoch * steps_per_epoch + i
             eps = eps_at(step, steps_per_epoch, settings)
             lr = lr_at(step / total_steps, settings.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            stats = train_step(module, net, method, perturbation, optimizer,
-                               data.images[idx.to(data.images.device)], data.labels[idx.to(data.labels.device)],
-                               eps=eps, alpha=settings.alpha)
+            idx = idx.to(device)
+            stats = train_step(objective, optimizer, data.images[idx], data.labels[idx], eps=eps,
+                               alpha=settings.alpha, global_size=global_size, dist=dist)
             for key, value in stats.items():
                 sums[key] += value
             if task is not None:
@@ -181,7 +255,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                     f"loss {sums['loss'] / (i + 1):.3f}  acc {sums['correct'] / seen:.3f}  "
                     f"cert {sums['certified'] / seen:.3f}  eps {eps:.3g}"))
         val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
-                                       settings.batch_size)
+                                       settings.batch_size, dist)
         n = max(len(batches), 1)
         history.append({
             "epoch": epoch + 1, "eps": eps, "lr": lr,
@@ -193,33 +267,27 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
         })
         if task is not None:
             progress.remove_task(task)
-        if is_main and checkpoint is not None:
+        if dist.is_main and checkpoint is not None:
             save_checkpoint(checkpoint, module, optimizer, epoch + 1, history, settings, fingerprint)
         log(_epoch_line(history[-1], settings.epochs))
     return history
 
 
-def train_step(module: nn.Module, net, method, perturbation, optimizer: torch.optim.Optimizer,
-               x: Tensor, y: Tensor, *, eps: float, alpha: float) -> dict[str, float]:
-    """One optimisation step on the batch ``x [B, C, H, W]``, ``y [B]``; returns batch statistics
-    (loss terms, number correct, number certified at radius ``eps``, number seen)."""
-    module.train()
-    logits = module(x)
-    ce = F.cross_entropy(logits, y)
-    correct = logits.argmax(-1) == y
-    rob = torch.zeros((), device=x.device)
-    certified = 0
-    if alpha > 0 and bool(correct.any()):
-        with eval_mode(module):  # bounds use running statistics (what is exported and certified)
-            margin = method.margin_lower(net, perturbation.affine_set(x[correct], eps=eps), y[correct])
-        rob = robust_loss(margin).sum() / x.shape[0]
-        certified = int(certified_mask(margin.detach()).sum())
-    loss = ce + alpha * rob
+def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
+               eps: float, alpha: float, global_size: int, dist: Dist = Dist()) -> dict[str, float]:
+    """One optimisation step on this rank's shard ``x [b, C, H, W]``, ``y [b]`` of a global batch of
+    ``global_size`` samples. ``objective``: a ``RobustObjective``, in DDP when distributed.
+    Returns the global batch's statistics (loss terms as batch means, number correct, number
+    certified at radius ``eps``, number seen), the same on every rank."""
+    objective.train()
+    loss, stats = objective(x, y, eps, global_size)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # DDP: gradients averaged over ranks here
     optimizer.step()
-    return {"loss": float(loss.detach()), "ce_loss": float(ce.detach()), "robust_loss": float(rob.detach()),
-            "correct": int(correct.sum()), "certified": certified, "seen": int(x.shape[0])}
+    ce_sum, robust_sum, correct, certified, seen = dist.sum(stats).tolist()
+    ce, rob = ce_sum / global_size, robust_sum / global_size
+    return {"loss": ce + alpha * rob, "ce_loss": ce, "robust_loss": rob,
+            "correct": int(correct), "certified": int(certified), "seen": int(seen)}
 
 
 def _epoch_line(row: dict[str, float], epochs: int) -> str:
@@ -258,8 +326,6 @@ def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         "epoch": epoch,
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "history": history,
         "settings": asdict(settings),
         "fingerprint": fingerprint,
@@ -295,13 +361,10 @@ def read_checkpoint(path: Path, settings: TrainSettings, fingerprint: str) -> di
     return state
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
-                    fingerprint: str) -> tuple[int, list[dict[str, float]]]:
-    """Restore weights, optimizer and RNG states from ``path``; return (completed epochs, history)."""
-    state = read_checkpoint(path, settings, fingerprint)
+def restore_checkpoint(state: dict[str, Any], module: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]]:
+    """Put a ``read_checkpoint`` state's weights and optimizer state back; return (completed epochs,
+    history). No RNG state: every epoch re-seeds from (seed, epoch, rank)."""
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["epoch"]), list(state["history"])

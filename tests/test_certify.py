@@ -74,7 +74,7 @@ def test_attack_finds_the_known_worst_case_of_a_linear_model():
     images = torch.tensor([0.6, 0.9]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
     pert = load_registry().perturbation("brightness")(0.3)
     found = attack_margin(net, pert.affine_set(images), torch.tensor([0, 0]), AttackSettings(steps=3, restarts=1),
-                          torch.Generator().manual_seed(0))
+                          torch.arange(2))
     assert found.tolist() == pytest.approx([0.6 - 0.3 - 0.5, 0.9 - 0.3 - 0.5], abs=1e-6)
 
 

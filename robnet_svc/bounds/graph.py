@@ -50,13 +50,27 @@ def _scale_shift(x: Tensor, scale: float, shift: float) -> Tensor:
 
 
 class _ClipAffine(AffineRule):
-    """``y = scale·x + shift`` with python scalars (the affine parts of the clipping layer)."""
+    """``y = scale·x + shift`` with python scalars (the affine parts of the clipping layer).
+    Scales are ±1, so every part is at most a negation (no full-size multiply by 1)."""
+
+    @property
+    def has_bias(self) -> bool:  # noqa: D401 - the shift of the usual [0, 1] clip is 0 in front
+        return self.call.args[2] != 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.call.args[1:]
+        return self.linear(x) + shift if shift != 0 else self.linear(x)
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        scale = self.call.args[1]
+        return x if scale == 1 else -x if scale == -1 else x * scale
 
     def abs_linear(self, rad: Tensor) -> Tensor:
-        return rad * abs(self.call.args[1])
+        scale = abs(self.call.args[1])
+        return rad if scale == 1 else rad * scale
 
     def transpose(self, lam: Tensor) -> tuple[Tensor]:
-        return (lam * self.call.args[1],)
+        return (self.linear(lam),)
 
 
 def _clip_nodes(clip: tuple[float, float] | None) -> list[PlanNode]:

@@ -40,19 +40,25 @@ def box_mid_rad(aset) -> tuple[Tensor, Tensor]:
 
 
 def concretize_equation(eq: Tensor, aset, upper: bool = False) -> Tensor:
-    """min (or max) over the box of the equations ``eq [B, k+1, *shape]`` -> ``[B, *shape]``."""
+    """min (or max) over the box of the equations ``eq [B, k+1, *shape]`` -> ``[B, *shape]``:
+    ``const + mid·coef ∓ rad·|coef|``, two batched matrix products on the rows of ``eq``
+    (no copy of the coefficient rows; ``|coef|`` is the one full-size temporary)."""
     mid, rad = box_mid_rad(aset)
-    coef = eq[:, :-1].flatten(2)
-    const = eq[:, -1]
-    centre = torch.einsum("bkn,bk->bn", coef, mid)
-    spread = torch.einsum("bkn,bk->bn", coef.abs(), rad)
-    out = centre + spread if upper else centre - spread
-    return const + out.reshape(const.shape)
+    flat = eq.flatten(2)
+    coef = flat[:, :-1]
+    out = torch.baddbmm(flat[:, -1:], mid.unsqueeze(1), coef)
+    out = torch.baddbmm(out, rad.unsqueeze(1), coef.abs(), alpha=1.0 if upper else -1.0)
+    return out.reshape(eq.shape[0], *eq.shape[2:])
 
 
 def forward_pass(frame: Frame, aset, symbolic: bool = False,
-                 tighter: dict[int, PreActivationBounds] | None = None) -> ForwardResult:
-    """Interval (and, if ``symbolic``, SSIP) bounds of every node; see the module docstring."""
+                 tighter: dict[int, PreActivationBounds] | None = None,
+                 pre_only: bool = False) -> ForwardResult:
+    """Interval (and, if ``symbolic``, SSIP) bounds of every node; see the module docstring.
+
+    ``pre_only``: the caller needs only ``pre`` (RSIP-SSIP), so the pass stops once the last
+    activation's input bounds are known (``intervals``/``symbolic`` stay None after it).
+    """
     n = len(frame.nodes)
     intervals: list[Interval | None] = [None] * n
     syms: list[SymbolicBounds | None] | None = [None] * n if symbolic else None
@@ -61,6 +67,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
     if symbolic:
         weights, offset = aset.dense()
         syms[0] = SymbolicBounds(torch.cat([weights, offset.unsqueeze(1)], 1), None)
+    last_activation = max((i for i in range(1, n) if frame.is_activation(i)), default=0) if pre_only else n
     for i in range(1, n):
         node = frame.nodes[i]
         rule = frame.rule(i)
@@ -76,6 +83,8 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
             if tighter is not None and i in tighter:
                 pre = pre.intersect(tighter[i])
             result.pre[i] = pre
+            if i == last_activation:
+                break
             intervals[i] = Interval.from_bounds(*rule.interval(pre.lower, pre.upper))
             if symbolic:
                 syms[i] = _relax_forward(rule.relax(pre.lower, pre.upper), lo_eq, up_eq, sym.radius is None,
@@ -96,39 +105,76 @@ def _affine_forward(rule, bias: Tensor | None, ins: list[SymbolicBounds]) -> Sym
     def fold(t: Tensor) -> Tensor:
         return t.reshape(b * rows, *t.shape[2:])
 
-    centre = rule.forward(*(fold(s.centre) for s in ins))
-    centre = centre.reshape(b, rows, *centre.shape[1:])
-    if bias is not None:
-        # f added b to every row; only the constant row keeps it (in place: centre is fresh).
-        centre[:, :-1] -= bias.unsqueeze(1)
+    centres = [fold(s.centre) for s in ins]
+    if bias is None:
+        centre = rule.forward(*centres)
+        centre = centre.reshape(b, rows, *centre.shape[1:])
+    else:
+        # L on every row (e.g. the conv without its bias), b on the constant row only.
+        centre = rule.linear(*centres, bias=bias)
+        centre = _add_to_constant_row(centre.reshape(b, rows, *centre.shape[1:]), bias, centres)
     if all(s.radius is None for s in ins):
         return SymbolicBounds(centre, None)
-    radii = [fold(s.radius) if s.radius is not None else torch.zeros_like(fold(s.centre)) for s in ins]
+    radii = [fold(s.radius) if s.radius is not None else torch.zeros_like(c) for s, c in zip(ins, centres)]
     radius = rule.abs_linear(*radii)
     return SymbolicBounds(centre, radius.reshape(b, rows, *radius.shape[1:]))
+
+
+def _add_to_constant_row(eq: Tensor, value: Tensor, inputs: list[Tensor]) -> Tensor:
+    """``eq [B, k+1, *shape]`` with ``value`` (``[1 or B, *shape]``) added to the constant row: in
+    place when ``eq`` is a fresh tensor, out of place when it shares memory with an input
+    (an op whose linear part is the identity, e.g. ``x + c``)."""
+    ptr = eq.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
+        return torch.cat([eq[:, :-1], (eq[:, -1] + value).unsqueeze(1)], 1)
+    eq[:, -1] += value
+    return eq
 
 
 def _relax_forward(relax: Relaxation, lo_eq: Tensor, up_eq: Tensor, exact_input: bool,
                    nonneg_slopes: bool) -> SymbolicBounds:
     """SSIP through an activation: Lo' = s_lo·Lo + b_lo, Up' = s_up·Up + b_up (slopes >= 0;
     negative slopes swap the roles of Lo and Up), returned in centre–radius form.
-    Equations ``[B, k+1, *shape]``; the biases go to the constant row."""
+    Equations ``[B, k+1, *shape]``; the biases go to the constant row.
+
+    Cost (the hot step of SSIP): three full-size ops when slopes are non-negative
+    (``h = s_up/2·Up``, ``centre' = h + s_lo/2·Lo``, ``radius' = h − s_lo/2·Lo``), two while the
+    input is exact (Lo = Up), one or none when every neuron is stable (exact relaxation).
+    """
     lo_s, up_s = relax.lower_slope.unsqueeze(1), relax.upper_slope.unsqueeze(1)
-    if exact_input and bool(((relax.lower_slope == relax.upper_slope) & (relax.lower_bias == relax.upper_bias)).all()):
+    if exact_input and _is_exact(relax):
+        if _is_identity(relax):
+            return SymbolicBounds(lo_eq, None)
         centre = lo_s * lo_eq
         centre[:, -1] += relax.lower_bias
         return SymbolicBounds(centre, None)
     # halves folded into the slopes: centre' = (Up' + Lo')/2, radius' = (Up' - Lo')/2
     lo_s, up_s = lo_s * 0.5, up_s * 0.5
-    if nonneg_slopes:
-        half_lo, half_up = lo_s * lo_eq, up_s * up_eq
+    if nonneg_slopes and lo_eq is up_eq:
+        centre, radius = (up_s + lo_s) * lo_eq, (up_s - lo_s) * lo_eq
+    elif nonneg_slopes:
+        half_up = up_s * up_eq
+        centre = torch.addcmul(half_up, lo_s, lo_eq)
+        radius = torch.addcmul(half_up, lo_s, lo_eq, value=-1.0)
     else:
         half_lo = lo_s.clamp(min=0) * lo_eq + lo_s.clamp(max=0) * up_eq
         half_up = up_s.clamp(min=0) * up_eq + up_s.clamp(max=0) * lo_eq
-    centre, radius = half_up + half_lo, half_up - half_lo
+        centre, radius = half_up + half_lo, half_up - half_lo
     centre[:, -1] += (relax.upper_bias + relax.lower_bias) * 0.5
     radius[:, -1] += (relax.upper_bias - relax.lower_bias) * 0.5
     return SymbolicBounds(centre, radius)
+
+
+def _is_exact(relax: Relaxation) -> bool:
+    """Every neuron's lower and upper relaxations coincide (all stable). One host sync."""
+    return bool(((relax.lower_slope == relax.upper_slope) & (relax.lower_bias == relax.upper_bias)).all())
+
+
+def _is_identity(relax: Relaxation) -> bool:
+    """The relaxation is ``x <= σ(x) <= x`` everywhere (e.g. the clip's first ReLU on non-negative
+    pixels), so Λ and equations pass through unchanged. One host sync."""
+    return bool(((relax.lower_slope == 1) & (relax.upper_slope == 1)
+                 & (relax.lower_bias == 0) & (relax.upper_bias == 0)).all())
 
 
 Frontier = Callable[[int, Tensor], tuple[Tensor | None, Tensor]]
@@ -139,8 +185,8 @@ def interval_frontier(fwd: ForwardResult) -> Frontier:
     def value(i: int, lam: Tensor) -> tuple[None, Tensor]:
         iv = fwd.intervals[i]
         flat = lam.flatten(2)
-        const = (flat * iv.mid.flatten(1).unsqueeze(1)).sum(-1) - (flat.abs() * iv.rad.flatten(1).unsqueeze(1)).sum(-1)
-        return None, const
+        const = torch.bmm(flat, iv.mid.flatten(1).unsqueeze(-1)) - torch.bmm(flat.abs(), iv.rad.flatten(1).unsqueeze(-1))
+        return None, const.squeeze(-1)
 
     return value
 
@@ -169,6 +215,8 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     upper for Λ < 0).
     """
     b, s = lam.shape[:2]
+    # which relaxations are exact (all neurons stable) or the identity: their step is cheaper
+    exact = {} if frontier is not None else {i: _relaxation_kind(r) for i, r in relax.items() if i <= start}
     acc: dict[int, Tensor] = {start: lam}
     const = lam.new_zeros((b, s))
     coef: Tensor | None = None
@@ -189,18 +237,15 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
                     coef = c if coef is None else coef + c
                 const = const + offset
                 continue
-            r = relax[i]
-            # Λ >= 0 takes the lower relaxation, Λ < 0 the upper one.
-            nonneg = lam_i >= 0
-            slope = torch.where(nonneg, r.lower_slope.unsqueeze(1), r.upper_slope.unsqueeze(1))
-            bias = torch.where(nonneg, r.lower_bias.unsqueeze(1), r.upper_bias.unsqueeze(1))
-            const = const + (lam_i * bias).flatten(2).sum(-1)
-            _accumulate(acc, node.inputs[0], lam_i * slope)
+            lam_in, offset = _relax_backward(relax[i], lam_i, exact.get(i))
+            if offset is not None:
+                const = const + offset
+            _accumulate(acc, node.inputs[0], lam_in)
             continue
         rule = frame.rule(i)
         bias = frame.bias(i, lam_i)
         if bias is not None:
-            const = const + (lam_i * bias.unsqueeze(1)).flatten(2).sum(-1)
+            const = const + torch.matmul(lam_i.flatten(2), bias.reshape(-1))
         parents = rule.transpose(lam_i.reshape(b * s, *lam_i.shape[2:]))
         for j, t in zip(node.inputs, parents):
             _accumulate(acc, j, t.reshape(b, s, *frame.shapes[j]))
@@ -211,3 +256,33 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
 
 def _accumulate(acc: dict[int, Tensor], j: int, t: Tensor) -> None:
     acc[j] = t if j not in acc else acc[j] + t
+
+
+def _relaxation_kind(relax: Relaxation) -> str:
+    """"identity", "exact" (lower = upper relaxation everywhere) or "general"."""
+    if not _is_exact(relax):
+        return "general"
+    return "identity" if _is_identity(relax) else "exact"
+
+
+def _relax_backward(r: Relaxation, lam: Tensor, kind: str | None) -> tuple[Tensor, Tensor | None]:
+    """Λ through an activation, ``lam [B, S, *shape]``: Λ >= 0 takes the lower relaxation,
+    Λ < 0 the upper one. Returns Λ at the activation's input and the constant ``[B, S]``.
+
+    Written as ``Λ·s_up + Λ⁺·(s_lo − s_up)`` (one clamp, one multiply, one fused multiply-add
+    at full size) and constants as matrix–vector products, instead of sign masks and
+    ``where`` chains that autograd must store and replay.
+    """
+    b, s = lam.shape[:2]
+    flat = lam.reshape(b, s, -1)
+    if kind == "identity":
+        return lam, None
+    if kind == "exact":
+        offset = torch.bmm(flat, r.lower_bias.reshape(b, -1, 1)).squeeze(-1)
+        return lam * r.lower_slope.unsqueeze(1), offset
+    up_s = r.upper_slope.unsqueeze(1)
+    pos = lam.clamp(min=0)
+    lam_in = torch.addcmul(lam * up_s, pos, r.lower_slope.unsqueeze(1) - up_s)
+    offset = torch.bmm(flat, r.upper_bias.reshape(b, -1, 1)) + torch.bmm(
+        pos.reshape(b, s, -1), (r.lower_bias - r.upper_bias).reshape(b, -1, 1))
+    return lam_in, offset.squeeze(-1)

@@ -55,6 +55,16 @@ class ArithmeticRule(AffineRule):
     def has_bias(self) -> bool:  # noqa: D401 - products and two-input sums have no constant
         return op_name(self.call) in ("add", "sub") and len(self.call.perturbed_positions) == 1
 
+    def linear(self, *xs: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``L(x)``; for ``x ± c`` / ``c - x`` that is ``±x`` (no full-size subtraction of ``f(0)``).
+        ``x`` itself may be returned (callers must not modify the result in place then)."""
+        if not self.has_bias:
+            return self.forward(*xs)
+        if tuple(self.call.in_shapes[0]) != tuple(self.call.out_shape):  # broadcasting constant
+            return super().linear(*xs, bias=bias)
+        negate = op_name(self.call) == "sub" and self.call.args[1] is PERTURBED
+        return -xs[0] if negate else xs[0]
+
     def abs_linear(self, *rads: Tensor) -> Tensor:
         op = op_name(self.call)
         if op in ("add", "sub"):

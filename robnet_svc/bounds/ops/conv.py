@@ -18,6 +18,11 @@ class ConvRule(AffineRule):
         m = self.call.module
         return m._conv_forward(rad, m.weight.abs(), None)
 
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``L(x)``: the convolution without its bias (one op, not ``f(x) - f(0)``)."""
+        m = self.call.module
+        return m._conv_forward(x, m.weight, None)
+
     def bias(self, like: Tensor) -> Tensor:
         m = self.call.module
         if m.bias is None:

@@ -15,6 +15,9 @@ class LinearRule(AffineRule):
     def abs_linear(self, rad: Tensor) -> Tensor:
         return F.linear(rad, self.call.module.weight.abs())
 
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(x, self.call.module.weight)
+
     def bias(self, like: Tensor) -> Tensor:
         b = self.call.module.bias
         shape = (1,) * len(self.call.out_shape) + (-1,)

@@ -36,6 +36,9 @@ class BatchNormRule(AffineRule):
         scale, shift = self._scale_shift(x.dim())
         return x * scale + shift
 
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return x * self._scale_shift(x.dim())[0]
+
     def abs_linear(self, rad: Tensor) -> Tensor:
         return rad * self._scale_shift(rad.dim())[0].abs()
 

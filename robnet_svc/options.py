@@ -1,0 +1,44 @@
+"""The options of ``harden`` and ``certify`` as one plain dataclass.
+
+Kept apart from ``pipeline`` (which needs torch) so that the command line can read the
+defaults without importing torch: ``robnet-svc --help`` starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Options:
+    """Every option of ``harden`` and ``certify`` (``certify`` ignores the training ones).
+    The command line's defaults are these."""
+
+    model: str = ""
+    dataset: str = "digits"
+    data_dir: str | None = None
+    dataset_options: dict[str, object] = field(default_factory=dict)  # passed to the dataset's constructor
+    image_shape: str | None = None
+    perturbation: str = "bias-field"
+    eps: float = 0.1
+    order: int | None = None       # perturbation options: None keeps the perturbation's default
+    mode: str | None = None
+    coef_scale: float | None = None
+    method: str = "rsip-ssip"
+    cert_method: str = "rsip-ssip"
+    epochs: int = 10
+    ramp_epochs: float | None = None
+    alpha: float = 1.0
+    lr: float = 5e-4
+    batch_size: int = 64           # the GLOBAL batch: shared by every process of a distributed run
+    cert_batch_size: int = 128     # per process
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_train: int | None = None
+    max_test: int | None = None
+    attack_steps: int = 10
+    attack_restarts: int = 8
+    out: str | None = None
+    force: bool = False
+    resume: bool = False
