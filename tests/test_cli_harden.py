@@ -117,3 +117,29 @@ def test_out_is_protected(model, tmp_path, capsys):
     assert r.code == 2 and "is a file" in r.err
     r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN)
     assert r.code == 2 and "--out" in r.err
+
+
+def test_dataset_options_reach_the_dataset(model, tmp_path, capsys):
+    """--dataset-option KEY=VALUE (and a TOML list) goes to the dataset's constructor; it converts the string."""
+    cheap = (*FAST, "--max-test", "1000", "--cert-method", "ibp", "--attack-steps", "0", "--attack-restarts", "0")
+    base = invoke(capsys, "certify", model, *cheap, "--json")
+    more = invoke(capsys, "certify", model, *cheap, "--dataset-option", "test_fraction=0.3", "--json")
+    assert base.code == 0 and more.code == 0, more.err
+    n = json.loads(base.out)["sections"]["model"]["num_samples"]
+    assert json.loads(more.out)["sections"]["model"]["num_samples"] > n
+    config = tmp_path / "run.toml"
+    config.write_text('dataset-option = ["test_fraction=0.3"]\n')
+    from_file = invoke(capsys, "certify", model, *cheap, "--config", config, "--json")
+    assert from_file.code == 0 and json.loads(from_file.out)["sections"] == json.loads(more.out)["sections"]
+    unknown = invoke(capsys, "certify", model, *FAST, "--dataset-option", "colour=red")
+    assert unknown.code == 2 and "unknown option(s) colour for dataset 'digits'; known: seed, test_fraction" in unknown.err
+    malformed = invoke(capsys, "certify", model, *FAST, "--dataset-option", "test_fraction")
+    assert malformed.code == 2 and "KEY=VALUE" in malformed.err
+
+
+def test_broken_plugins_are_warnings_on_stderr(model, capsys, monkeypatch):
+    monkeypatch.setenv("ROBNET_SVC_PLUGINS", "robnet-svc-no-such-plugin")
+    r = invoke(capsys, "certify", model, *FAST, "--max-test", "5", "--json")
+    assert r.code == 0, r.err
+    assert "robnet-svc: warning: ROBNET_SVC_PLUGINS names 'robnet-svc-no-such-plugin'" in r.err
+    json.loads(r.out)  # stdout stays the summary only

@@ -63,7 +63,7 @@ def test_rank_losses_average_to_the_one_process_gradient():
     labels[0] = (labels[0] + 1) % 3  # one misclassified sample: no robust loss for it
     compiled = compile_network(net, rules=registry.rules())
     method = registry.bound_method("rsip-ssip")()
-    pert = registry.perturbation("bias-field")(0.5, order=1)
+    pert = registry.perturbation("brightness")(0.5)  # some margins certified, some not
 
     def gradient(objective, x, y):
         net.zero_grad()
@@ -72,7 +72,7 @@ def test_rank_losses_average_to_the_one_process_gradient():
         return [p.grad.clone() for p in net.parameters()], stats
 
     full, stats = gradient(RobustObjective(net, compiled, method, pert, alpha=2.0), images, labels)
-    assert stats[1] > 0  # the robust term contributes
+    assert 0 < stats[3] < stats[2]  # the robust term contributes, for some correct samples
     for world in (2, 3, 6):  # 6 > 5 samples: one rank has an empty shard
         objective = RobustObjective(net, compiled, method, pert, alpha=2.0, world_size=world)
         parts = [gradient(objective, images[r::world], labels[r::world]) for r in range(world)]
@@ -207,6 +207,3 @@ def test_a_failing_rank_stops_the_job_quickly_with_its_error(tmp_path):
     assert time.monotonic() - began < 60
     assert "rank 0/2: error: --out" in r.stderr and "not empty; use --force" in r.stderr
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
-    bad = _torchrun("certify", model, "--dataset", "image-folder", "--data-dir", tmp_path / "nope",
-                    timeout=90)
-    assert bad.returncode != 0 and "is not a folder" in bad.stderr

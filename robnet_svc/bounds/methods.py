@@ -53,6 +53,13 @@ class BoundMethod(ABC):
     description: ClassVar[str] = ""
     #: True when the method needs ``AffineSet.dense()`` (forward symbolic): refused for linf.
     needs_dense: ClassVar[bool] = False
+    #: True: the bounds also satisfy the ordering guarantees of the module docstring
+    #: (``ssip >= ibp``, ``rsip-ssip >= rsip-ibp``), which costs extra passes. False (training):
+    #: any sound bound will do (every bound stays sound), so those passes are skipped.
+    ordered: bool = True
+
+    def __init__(self, *, ordered: bool = True):
+        self.ordered = ordered
 
     @abstractmethod
     def margin_lower(self, net, aset, labels: Tensor) -> Tensor:
@@ -94,9 +101,13 @@ class SSIP(BoundMethod):
                                                  symbolic_frontier)
 
         frame, lam = _setup(net, aset, labels)
+        out = frame.output
+        if not self.ordered:  # training: the symbolic pass's own intervals are already IBP ∩ SSIP
+            fwd = forward_pass(frame, aset, symbolic=True)
+            symbolic = back_substitute(frame, aset, out, lam, frontier=symbolic_frontier(fwd))
+            return torch.maximum(symbolic, back_substitute(frame, aset, out, lam, frontier=interval_frontier(fwd)))
         plain = forward_pass(frame, aset)
         fwd = forward_pass(frame, aset, symbolic=True, tighter=plain.pre)
-        out = frame.output
         symbolic = back_substitute(frame, aset, out, lam, frontier=symbolic_frontier(fwd))
         through_tight = back_substitute(frame, aset, out, lam, frontier=interval_frontier(fwd))
         ibp = back_substitute(frame, aset, out, lam, frontier=interval_frontier(plain))
@@ -117,17 +128,22 @@ class RSIP(BoundMethod):
         from robnet_svc.bounds.propagate import back_substitute, forward_pass
 
         frame, lam = _setup(net, aset, labels)
-        plain = forward_pass(frame, aset)
         out = frame.output
-        base = back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre))
+        if self.intermediate == "ssip" and not self.ordered:
+            # training: one SSIP pass (its own intervals make it IBP ∩ SSIP), one backward pass
+            pre = forward_pass(frame, aset, symbolic=True, pre_only=True).pre
+            return back_substitute(frame, aset, out, lam, relax=_relaxations(frame, pre))
+        plain = forward_pass(frame, aset)
         if self.intermediate == "ibp":
-            return base
+            return back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre))
         if self.intermediate == "ssip":
-            pre = forward_pass(frame, aset, symbolic=True, tighter=plain.pre).pre
+            pre = forward_pass(frame, aset, symbolic=True, tighter=plain.pre, pre_only=True).pre
         else:
             pre = self._backward_intermediate(frame, aset, plain.pre)
         tight = back_substitute(frame, aset, out, lam, relax=_relaxations(frame, pre))
-        return torch.maximum(base, tight)
+        if not self.ordered:
+            return tight
+        return torch.maximum(tight, back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre)))
 
     def _backward_intermediate(self, frame, aset, ibp_pre: dict) -> dict:
         """CROWN bounds of every activation input, layer by layer, each ∩ IBP. Λ starts as

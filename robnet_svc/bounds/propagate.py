@@ -40,15 +40,30 @@ def box_mid_rad(aset) -> tuple[Tensor, Tensor]:
 
 
 def concretize_equation(eq: Tensor, aset, upper: bool = False) -> Tensor:
-    """min (or max) over the box of the equations ``eq [B, k+1, *shape]`` -> ``[B, *shape]``:
-    ``const + mid·coef ∓ rad·|coef|``, two batched matrix products on the rows of ``eq``
-    (no copy of the coefficient rows; ``|coef|`` is the one full-size temporary)."""
+    """min (or max) over the box of the equations ``eq [B, k+1, *shape]`` -> ``[B, *shape]``."""
+    lower, up = concretize_pair(eq, eq, aset)
+    return up if upper else lower
+
+
+def concretize_pair(lo_eq: Tensor, up_eq: Tensor, aset) -> tuple[Tensor, Tensor]:
+    """``(min over the box of lo_eq, max over the box of up_eq)``, each ``[B, *shape]``, from
+    equations ``[B, k+1, *shape]``: ``mid·coef ∓ rad·|coef| + const`` as batched matrix products
+    over whole rows (the box centre is extended by 1 and the radius by 0 for the constant row,
+    so nothing is sliced and autograd copies nothing back). ``|eq|`` is the one full-size
+    temporary per equation, shared when ``lo_eq is up_eq`` (an exact equation)."""
     mid, rad = box_mid_rad(aset)
-    flat = eq.flatten(2)
-    coef = flat[:, :-1]
-    out = torch.baddbmm(flat[:, -1:], mid.unsqueeze(1), coef)
-    out = torch.baddbmm(out, rad.unsqueeze(1), coef.abs(), alpha=1.0 if upper else -1.0)
-    return out.reshape(eq.shape[0], *eq.shape[2:])
+    mid = torch.cat([mid, mid.new_ones(mid.shape[0], 1)], 1).unsqueeze(1)  # [B, 1, k+1]
+    rad = torch.cat([rad, rad.new_zeros(rad.shape[0], 1)], 1).unsqueeze(1)
+    b, shape = lo_eq.shape[0], lo_eq.shape[2:]
+    lo_flat = lo_eq.reshape(b, lo_eq.shape[1], -1)
+    if lo_eq is up_eq:
+        centre = torch.bmm(mid, lo_flat)
+        spread = torch.bmm(rad, lo_flat.abs())
+        return (centre - spread).reshape(b, *shape), (centre + spread).reshape(b, *shape)
+    up_flat = up_eq.reshape(b, up_eq.shape[1], -1)
+    lower = torch.baddbmm(torch.bmm(mid, lo_flat), rad, lo_flat.abs(), alpha=-1.0)
+    upper = torch.baddbmm(torch.bmm(mid, up_flat), rad, up_flat.abs())
+    return lower.reshape(b, *shape), upper.reshape(b, *shape)
 
 
 def forward_pass(frame: Frame, aset, symbolic: bool = False,
@@ -77,8 +92,8 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
             if symbolic:
                 sym = syms[node.inputs[0]]
                 lo_eq, up_eq = sym.lower, sym.upper  # formed once: concretised here, relaxed below
-                lower = torch.maximum(lower, concretize_equation(lo_eq, aset))
-                upper = torch.minimum(upper, concretize_equation(up_eq, aset, upper=True))
+                sym_lower, sym_upper = concretize_pair(lo_eq, up_eq, aset)
+                lower, upper = torch.maximum(lower, sym_lower), torch.minimum(upper, sym_upper)
             pre = PreActivationBounds(lower, upper)
             if tighter is not None and i in tighter:
                 pre = pre.intersect(tighter[i])
