@@ -124,7 +124,8 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
 
     Distributed: every rank checks everything (so a bad input fails on every rank, before
     any collective) except ``--out``, which only rank 0 writes and checks; the process group
-    is joined last. ``warn(line)``: where broken plugins are reported (rank 0).
+    is joined last. ``warn(line)``: where broken plugins are reported (rank 0), once every
+    check has passed.
     """
     from robnet_svc.onnx_io import load_model
     from robnet_svc.plugins import load_registry
@@ -132,9 +133,6 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     dist = dist or Dist()
     out = _check_out(options, training) if dist.is_main else (Path(options.out) if options.out else None)
     registry = load_registry()
-    if warn is not None and dist.is_main:
-        for line in registry.broken:
-            warn(line)
     perturbation = _perturbation(registry, options)
     cert_method = registry.bound_method(options.cert_method)()
     train_method = registry.bound_method(options.method)() if training else None
@@ -165,6 +163,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
         plan.data = _train_data(splits, options, device)
         if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
             read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
+    if warn is not None and dist.is_main:  # after the checks: a failed check stays one line (it names
+        for line in registry.broken:       # broken plugins itself when they matter)
+            warn(line)
     dist.start(device)  # the first collective of the run comes after every check
     return plan
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, digits_model
 from robnet_svc.bounds import compile_network
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
 from robnet_svc.cli import main

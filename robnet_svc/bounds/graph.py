@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from robnet_svc.bounds.alloc import keep_freed_memory
 from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule
 from robnet_svc.bounds.ops.relu import ReluRule
 from robnet_svc.errors import RobnetError
@@ -327,6 +328,8 @@ class BoundNetwork(nn.Module):
 
     def frame(self, aset) -> "Frame":
         """Everything one bound pass needs for this perturbation set."""
+        if aset.lower.device.type == "cpu":
+            keep_freed_memory()  # page faults would dominate the full-size ops (bounds/alloc.py)
         shapes = self.infer_shapes(tuple(aset.image_shape), aset.clip)
         return Frame(self.plan(aset.clip), shapes, self._constant_env())
 

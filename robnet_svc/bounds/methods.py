@@ -18,10 +18,14 @@ Ordering guarantees (lower margin bounds; tests check them):
   signs), so these methods also run the back-substitution with the IBP relaxations and return
   the elementwise max (both candidates are sound, so the max is). No violation was seen
   without the max on 1,280 sampled margins of random CNNs, but nothing guarantees it, and a
-  certificate must not depend on luck. Cost: one more backward pass from the spec (K-1 rows),
-  i.e. the backward part of ``rsip-ibp``; on DM-small, batch 64, order-3 field, 2 CPU threads
-  (shared, noisy machine): rsip-ibp 0.37 s, ssip 0.69 s, rsip-ssip 1.21 s per bound pass, so
-  the guarantee costs roughly a quarter of rsip-ssip.
+  certificate must not depend on luck. Cost: one more backward pass from the spec (K-1 rows)
+  plus the plain IBP pass, i.e. about one ``rsip-ibp``.
+
+Training does not need the ordering, only soundness: ``Method(ordered=False)`` (or setting
+``method.ordered = False``) skips those passes. ``rsip-ssip`` then runs one SSIP pass (its own
+interval bounds are IBP ∩ SSIP already, since interval arithmetic is monotone) that stops at
+the last activation's input, and one backward pass; ``ssip`` skips the plain IBP candidate.
+Every bound stays sound; certification keeps the default ``ordered=True``.
 
 All methods bound the bias-field transform network (``robnet_svc.bounds.graph``), are
 batched over samples and spec rows, differentiable, and run on the device of the inputs.

@@ -13,7 +13,8 @@ Two families exist:
 - ``AffineRule`` — ``f(x_1..x_n) = L(x_1..x_n) + b``. Needs ``forward`` (f; default: run the
   node), ``abs_linear`` (|L| applied to radii; op-specific) and ``transpose`` (Lᵀ; default:
   vector-Jacobian product of f, exact because f is affine). Interval, forward-symbolic and
-  backward-symbolic propagation are all built from these three.
+  backward-symbolic propagation are all built from these three (plus, optionally, a direct
+  ``linear`` = L, which saves the full-size ``f(x) - f(0)`` on the k+1 equation rows).
 - ``ActivationRule`` — elementwise non-linear ``σ``: ``interval(l, u)`` and
   ``relax(l, u) -> Relaxation``.
 
@@ -115,7 +116,8 @@ class AffineRule(OpRule):
         return self.forward(*zeros)
 
     def linear(self, *xs: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``L(x) = f(x) - f(0)``."""
+        """``L(x) = f(x) - f(0)`` (``bias``: ``f(0)`` when the caller has it). Override when ``L``
+        is one op; the result may be an input itself, so callers never modify it in place."""
         out = self.forward(*xs)
         if not self.has_bias:
             return out

@@ -1,0 +1,40 @@
+"""CPU allocator tuning for the bound passes (glibc only; process-wide; once).
+
+The symbolic passes allocate and free tensors of ``B·(k+1)`` rows (tens to hundreds of MB)
+every few microseconds. glibc serves such blocks with fresh ``mmap`` calls and returns them
+on ``free``, so every full-size op pays a page fault per 4 KiB page before it computes
+anything: on DM-small (batch 64, k = 16) that was more than half of an SSIP pass (an
+``abs`` of 4.4 M floats: 9 ms instead of 0.9 ms). Keeping freed memory in the heap
+(no ``mmap`` for large blocks, trim only above 1 GiB of free top memory) removes those
+faults; the cost is that the process keeps its peak heap instead of giving it back.
+
+Disable with ``ROBNET_SVC_MALLOC_TUNING=0`` (e.g. to measure without it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_state: dict[str, bool] = {}
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc ``malloc`` once per process (a no-op elsewhere); True when it is tuned."""
+    if "tuned" not in _state:
+        _state["tuned"] = _tune()
+    return _state["tuned"]
+
+
+def _tune() -> bool:
+    if os.environ.get("ROBNET_SVC_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_TOP_PAD, 64 << 20))
