@@ -22,6 +22,9 @@ from robnet_svc.errors import RobnetError
 #: effective config so that the certificate records the science, not the plumbing.
 NOT_RECORDED = frozenset({"config", "as_json", "force", "resume", "debug"})
 
+#: Commands that take ``--config``: the only table names a config file may have.
+COMMAND_TABLES = frozenset({"harden", "certify", "demo"})
+
 
 def read_config(path: str | Path, command: str, known: set[str]) -> dict[str, Any]:
     """The option values in TOML file ``path`` for ``command``, keyed by click parameter name.
@@ -42,6 +45,10 @@ def read_config(path: str | Path, command: str, known: set[str]) -> dict[str, An
 
     values: dict[str, Any] = {}
     sections = {key: val for key, val in doc.items() if isinstance(val, dict)}
+    stray = sorted(set(sections) - COMMAND_TABLES)
+    if stray:
+        raise RobnetError(f"config file {path}: unknown table [{stray[0]}]; tables are named after a command "
+                          f"({', '.join(sorted(COMMAND_TABLES))}); other keys go at the top level")
     for key, val in doc.items():
         if not isinstance(val, dict):
             values[_param_name(key)] = val

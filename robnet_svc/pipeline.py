@@ -136,6 +136,10 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     perturbation = _perturbation(registry, options)
     cert_method = registry.bound_method(options.cert_method)()
     train_method = registry.bound_method(options.method)() if training else None
+    if train_method is not None:
+        # Training needs sound bounds, not the cross-method ordering guarantees that cost
+        # extra passes (robnet_svc/bounds/methods.py); certification keeps them.
+        train_method.ordered = False
     dataset_cls = registry.dataset(options.dataset)
     if dataset_cls.needs_data_dir and not options.data_dir:
         raise RobnetError(f"dataset {options.dataset!r} needs --data-dir")

@@ -23,6 +23,7 @@ def test_read_config_merges_top_level_and_command_table(tmp_path):
 @pytest.mark.parametrize("text, needle", [
     ("epz = 0.1\n", "unknown option 'epz'"),
     ("eps = \n", "not valid TOML"),
+    ("[dataset_options]\ncache = false\n", r"unknown table \[dataset_options\]"),
 ])
 def test_read_config_errors_name_the_file(tmp_path, text, needle):
     path = tmp_path / "run.toml"
