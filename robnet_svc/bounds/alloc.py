@@ -1,6 +1,6 @@
 """CPU allocator tuning for the bound passes (glibc only; process-wide; once).
 
-The symbolic passes allocate and free tensors of ``B·(k+1)`` rows (tens to hundreds of MB)
+The symbolic passes allocate and free tensors of ``B·k`` rows (tens to hundreds of MB)
 every few microseconds. glibc serves such blocks with fresh ``mmap`` calls and returns them
 on ``free``, so every full-size op pays a page fault per 4 KiB page before it computes
 anything: on DM-small (batch 64, k = 16) that was more than half of an SSIP pass (an

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from robnet_svc.bounds.graph import Frame
-from robnet_svc.bounds.types import Interval, PreActivationBounds, Relaxation, SymbolicBounds
+from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Relaxation, SymbolicBounds
 
 
 @dataclass
@@ -39,31 +39,89 @@ def box_mid_rad(aset) -> tuple[Tensor, Tensor]:
     return (aset.lower + aset.upper) / 2, (aset.upper - aset.lower) / 2
 
 
-def concretize_equation(eq: Tensor, aset, upper: bool = False) -> Tensor:
-    """min (or max) over the box of the equations ``eq [B, k+1, *shape]`` -> ``[B, *shape]``."""
+def concretize_equation(eq: Equation, aset, upper: bool = False) -> Tensor:
+    """min (or max) over the box of the equations ``eq`` -> ``[B, *shape]``."""
     lower, up = concretize_pair(eq, eq, aset)
     return up if upper else lower
 
 
-def concretize_pair(lo_eq: Tensor, up_eq: Tensor, aset) -> tuple[Tensor, Tensor]:
-    """``(min over the box of lo_eq, max over the box of up_eq)``, each ``[B, *shape]``, from
-    equations ``[B, k+1, *shape]``: ``mid·coef ∓ rad·|coef| + const`` as batched matrix products
-    over whole rows (the box centre is extended by 1 and the radius by 0 for the constant row,
-    so nothing is sliced and autograd copies nothing back). ``|eq|`` is the one full-size
-    temporary per equation, shared when ``lo_eq is up_eq`` (an exact equation)."""
+def concretize_pair(lo_eq: Equation, up_eq: Equation, aset) -> tuple[Tensor, Tensor]:
+    """``(min over the box of lo_eq, max over the box of up_eq)``, each ``[B, *shape]``:
+    ``const + mid·coef ∓ rad·|coef|`` as batched matrix products over the ``k`` coefficient
+    rows (one pass when ``lo_eq is up_eq``, an exact equation). Differentiable in everything;
+    see ``_Concretize`` for why it has its own backward."""
     mid, rad = box_mid_rad(aset)
-    mid = torch.cat([mid, mid.new_ones(mid.shape[0], 1)], 1).unsqueeze(1)  # [B, 1, k+1]
-    rad = torch.cat([rad, rad.new_zeros(rad.shape[0], 1)], 1).unsqueeze(1)
-    b, shape = lo_eq.shape[0], lo_eq.shape[2:]
-    lo_flat = lo_eq.reshape(b, lo_eq.shape[1], -1)
+    b, shape = lo_eq.const.shape[0], lo_eq.const.shape[1:]
+
+    def flat(eq: Equation) -> tuple[Tensor, Tensor]:
+        return eq.coef.reshape(b, eq.coef.shape[1], -1), eq.const.reshape(b, -1)
+
     if lo_eq is up_eq:
-        centre = torch.bmm(mid, lo_flat)
-        spread = torch.bmm(rad, lo_flat.abs())
-        return (centre - spread).reshape(b, *shape), (centre + spread).reshape(b, *shape)
-    up_flat = up_eq.reshape(b, up_eq.shape[1], -1)
-    lower = torch.baddbmm(torch.bmm(mid, lo_flat), rad, lo_flat.abs(), alpha=-1.0)
-    upper = torch.baddbmm(torch.bmm(mid, up_flat), rad, up_flat.abs())
+        lower, upper = _Concretize.apply(*flat(lo_eq), None, None, mid, rad)
+    else:
+        lower, upper = _Concretize.apply(*flat(lo_eq), *flat(up_eq), mid, rad)
     return lower.reshape(b, *shape), upper.reshape(b, *shape)
+
+
+class _Concretize(torch.autograd.Function):
+    """``lower = lo_const + mid·lo_coef − rad·|lo_coef|``, ``upper = up_const + mid·up_coef +
+    rad·|up_coef|`` (``coef [B, k, N]``, ``const [B, N]``, ``mid``/``rad`` ``[B, k]``; ``up_*``
+    None: the same equation).
+
+    Hand-written backward (the hottest step of training with SSIP): autograd of the plain
+    expression stores ``|coef|`` next to ``coef`` and replays two outer products, ``sgn``, a
+    multiply and an accumulation at full size per equation. Here only ``coef`` is saved and
+    ``d lower/d coef = g ⊗ (mid − rad·sign(coef))`` is formed in place in one buffer
+    (``d|x|/dx = sign(x)``, 0 at 0, as autograd's ``abs``).
+    """
+
+    @staticmethod
+    def forward(ctx, lo_coef, lo_const, up_coef, up_const, mid, rad):
+        shared = up_coef is None
+        mid3, rad3 = mid.unsqueeze(1), rad.unsqueeze(1)  # [B, 1, k]
+        if shared:
+            centre = torch.baddbmm(lo_const.unsqueeze(1), mid3, lo_coef)
+            spread = torch.bmm(rad3, lo_coef.abs())
+            lower, upper = (centre - spread).squeeze(1), (centre + spread).squeeze(1)
+        else:
+            lower = torch.baddbmm(torch.baddbmm(lo_const.unsqueeze(1), mid3, lo_coef), rad3, lo_coef.abs(),
+                                  alpha=-1.0).squeeze(1)
+            upper = torch.baddbmm(torch.baddbmm(up_const.unsqueeze(1), mid3, up_coef), rad3,
+                                  up_coef.abs()).squeeze(1)
+        ctx.shared = shared
+        ctx.save_for_backward(lo_coef, up_coef, mid, rad)
+        return lower, upper
+
+    @staticmethod
+    def backward(ctx, g_lo, g_up):
+        lo_coef, up_coef, mid, rad = ctx.saved_tensors
+        g_lo = torch.zeros_like(lo_coef[:, 0]) if g_lo is None else g_lo
+        g_up = torch.zeros_like(lo_coef[:, 0]) if g_up is None else g_up
+        need = ctx.needs_input_grad
+        mid3, rad3 = mid.unsqueeze(-1), rad.unsqueeze(-1)  # [B, k, 1]
+        grads = [None] * 6
+        if ctx.shared:
+            if need[0]:  # (g_lo + g_up)⊗mid + (g_up − g_lo)⊗rad·sign
+                t = torch.sign(lo_coef).mul_(rad3).mul_((g_up - g_lo).unsqueeze(1))
+                grads[0] = t.addcmul_(mid3, (g_lo + g_up).unsqueeze(1))
+            grads[1] = g_lo + g_up if need[1] else None
+            if need[4]:
+                grads[4] = torch.bmm(lo_coef, (g_lo + g_up).unsqueeze(-1)).squeeze(-1)
+            if need[5]:
+                grads[5] = torch.bmm(lo_coef.abs(), (g_up - g_lo).unsqueeze(-1)).squeeze(-1)
+            return tuple(grads)
+        if need[0]:
+            grads[0] = torch.sign(lo_coef).mul_(-rad3).add_(mid3).mul_(g_lo.unsqueeze(1))
+        if need[2]:
+            grads[2] = torch.sign(up_coef).mul_(rad3).add_(mid3).mul_(g_up.unsqueeze(1))
+        grads[1] = g_lo if need[1] else None
+        grads[3] = g_up if need[3] else None
+        if need[4]:
+            grads[4] = (torch.bmm(lo_coef, g_lo.unsqueeze(-1)) + torch.bmm(up_coef, g_up.unsqueeze(-1))).squeeze(-1)
+        if need[5]:
+            grads[5] = (torch.bmm(up_coef.abs(), g_up.unsqueeze(-1))
+                        - torch.bmm(lo_coef.abs(), g_lo.unsqueeze(-1))).squeeze(-1)
+        return tuple(grads)
 
 
 def forward_pass(frame: Frame, aset, symbolic: bool = False,
@@ -81,7 +139,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
     intervals[0] = Interval(*aset.center_radius())
     if symbolic:
         weights, offset = aset.dense()
-        syms[0] = SymbolicBounds(torch.cat([weights, offset.unsqueeze(1)], 1), None)
+        syms[0] = SymbolicBounds(Equation(weights, offset), None)
     last_activation = max((i for i in range(1, n) if frame.is_activation(i)), default=0) if pre_only else n
     for i in range(1, n):
         node = frame.nodes[i]
@@ -113,71 +171,65 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
 
 
 def _affine_forward(rule, bias: Tensor | None, ins: list[SymbolicBounds]) -> SymbolicBounds:
-    """SSIP through an affine op: centre' = L(centre) (+ b on the constant row), radius' = |L|(radius);
-    the equation axis is folded into the batch axis."""
-    b, rows = ins[0].centre.shape[:2]
+    """SSIP through an affine op: centre' = L(centre coefficients), f(centre constant);
+    radius' = |L|(radius) (coefficients and constant); the coefficient axis is folded into
+    the batch axis."""
+    b, k = ins[0].centre.coef.shape[:2]
 
     def fold(t: Tensor) -> Tensor:
-        return t.reshape(b * rows, *t.shape[2:])
+        return t.reshape(b * k, *t.shape[2:])
 
-    centres = [fold(s.centre) for s in ins]
-    if bias is None:
-        centre = rule.forward(*centres)
-        centre = centre.reshape(b, rows, *centre.shape[1:])
-    else:
-        # L on every row (e.g. the conv without its bias), b on the constant row only.
-        centre = rule.linear(*centres, bias=bias)
-        centre = _add_to_constant_row(centre.reshape(b, rows, *centre.shape[1:]), bias, centres)
+    def unfold(t: Tensor) -> Tensor:
+        return t.reshape(b, k, *t.shape[1:])
+
+    coefs = [fold(s.centre.coef) for s in ins]
+    # L on the coefficient rows (e.g. the conv without its bias), f = L + b on the constant.
+    coef = rule.forward(*coefs) if bias is None else rule.linear(*coefs, bias=bias)
+    centre = Equation(unfold(coef), rule.forward(*(s.centre.const for s in ins)))
     if all(s.radius is None for s in ins):
         return SymbolicBounds(centre, None)
-    radii = [fold(s.radius) if s.radius is not None else torch.zeros_like(c) for s, c in zip(ins, centres)]
-    radius = rule.abs_linear(*radii)
-    return SymbolicBounds(centre, radius.reshape(b, rows, *radius.shape[1:]))
+    rad_coefs = [fold(s.radius.coef) if s.radius is not None else torch.zeros_like(c) for s, c in zip(ins, coefs)]
+    rad_consts = [s.radius.const if s.radius is not None else torch.zeros_like(s.centre.const) for s in ins]
+    radius = Equation(unfold(rule.abs_linear(*rad_coefs)), rule.abs_linear(*rad_consts))
+    return SymbolicBounds(centre, radius)
 
 
-def _add_to_constant_row(eq: Tensor, value: Tensor, inputs: list[Tensor]) -> Tensor:
-    """``eq [B, k+1, *shape]`` with ``value`` (``[1 or B, *shape]``) added to the constant row: in
-    place when ``eq`` is a fresh tensor, out of place when it shares memory with an input
-    (an op whose linear part is the identity, e.g. ``x + c``)."""
-    ptr = eq.untyped_storage().data_ptr()
-    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
-        return torch.cat([eq[:, :-1], (eq[:, -1] + value).unsqueeze(1)], 1)
-    eq[:, -1] += value
-    return eq
-
-
-def _relax_forward(relax: Relaxation, lo_eq: Tensor, up_eq: Tensor, exact_input: bool,
+def _relax_forward(relax: Relaxation, lo_eq: Equation, up_eq: Equation, exact_input: bool,
                    nonneg_slopes: bool) -> SymbolicBounds:
     """SSIP through an activation: Lo' = s_lo·Lo + b_lo, Up' = s_up·Up + b_up (slopes >= 0;
     negative slopes swap the roles of Lo and Up), returned in centre–radius form.
-    Equations ``[B, k+1, *shape]``; the biases go to the constant row.
+    The biases go to the (small) constant terms.
 
     Cost (the hot step of SSIP): three full-size ops when slopes are non-negative
     (``h = s_up/2·Up``, ``centre' = h + s_lo/2·Lo``, ``radius' = h − s_lo/2·Lo``), two while the
     input is exact (Lo = Up), one or none when every neuron is stable (exact relaxation).
     """
-    lo_s, up_s = relax.lower_slope.unsqueeze(1), relax.upper_slope.unsqueeze(1)
     if exact_input and _is_exact(relax):
         if _is_identity(relax):
             return SymbolicBounds(lo_eq, None)
-        centre = lo_s * lo_eq
-        centre[:, -1] += relax.lower_bias
-        return SymbolicBounds(centre, None)
+        return SymbolicBounds(_scale(relax.lower_slope, lo_eq, relax.lower_bias), None)
     # halves folded into the slopes: centre' = (Up' + Lo')/2, radius' = (Up' - Lo')/2
-    lo_s, up_s = lo_s * 0.5, up_s * 0.5
+    lo_s, up_s = relax.lower_slope * 0.5, relax.upper_slope * 0.5
+    mid_b, rad_b = (relax.upper_bias + relax.lower_bias) * 0.5, (relax.upper_bias - relax.lower_bias) * 0.5
     if nonneg_slopes and lo_eq is up_eq:
-        centre, radius = (up_s + lo_s) * lo_eq, (up_s - lo_s) * lo_eq
-    elif nonneg_slopes:
-        half_up = up_s * up_eq
-        centre = torch.addcmul(half_up, lo_s, lo_eq)
-        radius = torch.addcmul(half_up, lo_s, lo_eq, value=-1.0)
-    else:
-        half_lo = lo_s.clamp(min=0) * lo_eq + lo_s.clamp(max=0) * up_eq
-        half_up = up_s.clamp(min=0) * up_eq + up_s.clamp(max=0) * lo_eq
-        centre, radius = half_up + half_lo, half_up - half_lo
-    centre[:, -1] += (relax.upper_bias + relax.lower_bias) * 0.5
-    radius[:, -1] += (relax.upper_bias - relax.lower_bias) * 0.5
-    return SymbolicBounds(centre, radius)
+        return SymbolicBounds(_scale(up_s + lo_s, lo_eq, mid_b), _scale(up_s - lo_s, lo_eq, rad_b))
+    if nonneg_slopes:
+        half_up = _scale(up_s, up_eq)
+        centre = Equation(torch.addcmul(half_up.coef, lo_s.unsqueeze(1), lo_eq.coef),
+                          torch.addcmul(half_up.const, lo_s, lo_eq.const) + mid_b)
+        radius = Equation(torch.addcmul(half_up.coef, lo_s.unsqueeze(1), lo_eq.coef, value=-1.0),
+                          torch.addcmul(half_up.const, lo_s, lo_eq.const, value=-1.0) + rad_b)
+        return SymbolicBounds(centre, radius)
+    half_lo = _scale(lo_s.clamp(min=0), lo_eq) + _scale(lo_s.clamp(max=0), up_eq)
+    half_up = _scale(up_s.clamp(min=0), up_eq) + _scale(up_s.clamp(max=0), lo_eq)
+    centre, radius = half_up + half_lo, half_up - half_lo
+    return SymbolicBounds(Equation(centre.coef, centre.const + mid_b), Equation(radius.coef, radius.const + rad_b))
+
+
+def _scale(slope: Tensor, eq: Equation, bias: Tensor | None = None) -> Equation:
+    """``slope·eq (+ bias)`` elementwise per neuron; ``slope``, ``bias`` ``[B, *shape]``."""
+    const = slope * eq.const
+    return Equation(slope.unsqueeze(1) * eq.coef, const if bias is None else const + bias)
 
 
 def _is_exact(relax: Relaxation) -> bool:
@@ -211,10 +263,13 @@ def symbolic_frontier(fwd: ForwardResult) -> Frontier:
     def value(i: int, lam: Tensor) -> tuple[Tensor, Tensor]:
         sym = fwd.symbolic[i]
         flat = lam.flatten(2)
-        eq = torch.einsum("bsn,bkn->bsk", flat, sym.centre.flatten(2))
+        coef = torch.einsum("bsn,bkn->bsk", flat, sym.centre.coef.flatten(2))
+        const = torch.bmm(flat, sym.centre.const.flatten(1).unsqueeze(-1)).squeeze(-1)
         if sym.radius is not None:
-            eq = eq - torch.einsum("bsn,bkn->bsk", flat.abs(), sym.radius.flatten(2))
-        return eq[..., :-1], eq[..., -1]
+            mag = flat.abs()
+            coef = coef - torch.einsum("bsn,bkn->bsk", mag, sym.radius.coef.flatten(2))
+            const = const - torch.bmm(mag, sym.radius.const.flatten(1).unsqueeze(-1)).squeeze(-1)
+        return coef, const
 
     return value
 

@@ -9,9 +9,10 @@ Glossary (paper §2, Zhang et al. 2018 for CROWN/RSIP):
                       (IBP: ``W⁺l + W⁻u + b = W·mid − |W|·rad + b``).
   ``centre``/``radius`` of a ``SymbolicBounds``: forward symbolic (SSIP) bounds written as
                       equations in ``a``: ``Lo(a) = centre(a) − radius(a)`` and
-                      ``Up(a) = centre(a) + radius(a)``. An equation is stored as
-                      ``[B, k+1, *node_shape]``: rows ``0..k-1`` multiply ``a_0..a_{k-1}``,
-                      row ``k`` is the constant term.
+                      ``Up(a) = centre(a) + radius(a)``. An ``Equation`` is stored as its
+                      coefficient rows ``coef [B, k, *node_shape]`` (row ``j`` multiplies
+                      ``a_j``) and its constant term ``const [B, *node_shape]``, kept apart
+                      so that biases never update a full-size tensor in place.
   ``lam``             Λ of back-substitution (RSIP/CROWN): ``[B, S, *node_shape]``, one row per
                       specification row ``S`` (or per neuron when bounding a hidden layer).
   ``abs_linear``      ``|L|``: the linear part of an affine op with absolute-valued weights;
@@ -51,22 +52,38 @@ class Interval:
 
 
 @dataclass
+class Equation:
+    """Affine functions of the coefficients, one per neuron: ``coef·a + const`` with
+    ``coef [B, k, *node_shape]`` and ``const [B, *node_shape]``."""
+
+    coef: Tensor
+    const: Tensor
+
+    def __add__(self, other: "Equation") -> "Equation":
+        return Equation(self.coef + other.coef, self.const + other.const)
+
+    def __sub__(self, other: "Equation") -> "Equation":
+        return Equation(self.coef - other.coef, self.const - other.const)
+
+
+@dataclass
 class SymbolicBounds:
-    """Forward symbolic bounds of one node: equations ``[B, k+1, *node_shape]`` in ``a``.
+    """Forward symbolic bounds of one node: equations in ``a`` (``Lo = centre − radius``,
+    ``Up = centre + radius``).
 
     ``radius`` is None while it is exactly zero (the node is an affine function of ``a``),
     which skips half the work before the first unstable activation.
     """
 
-    centre: Tensor
-    radius: Tensor | None
+    centre: Equation
+    radius: Equation | None
 
     @property
-    def lower(self) -> Tensor:
+    def lower(self) -> Equation:
         return self.centre if self.radius is None else self.centre - self.radius
 
     @property
-    def upper(self) -> Tensor:
+    def upper(self) -> Equation:
         return self.centre if self.radius is None else self.centre + self.radius
 
 

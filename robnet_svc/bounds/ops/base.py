@@ -14,11 +14,11 @@ Two families exist:
   node), ``abs_linear`` (|L| applied to radii; op-specific) and ``transpose`` (Lᵀ; default:
   vector-Jacobian product of f, exact because f is affine). Interval, forward-symbolic and
   backward-symbolic propagation are all built from these three (plus, optionally, a direct
-  ``linear`` = L, which saves the full-size ``f(x) - f(0)`` on the k+1 equation rows).
+  ``linear`` = L, which saves the full-size ``f(x) - f(0)`` on the equations' k coefficient rows).
 - ``ActivationRule`` — elementwise non-linear ``σ``: ``interval(l, u)`` and
   ``relax(l, u) -> Relaxation``.
 
-All tensors carry a leading "rows" axis ``N`` (samples, samples × (k+1) equation rows, or
+All tensors carry a leading "rows" axis ``N`` (samples, samples × k equation coefficient rows, or
 samples × spec rows) followed by the node's per-sample shape.
 """
 
