@@ -280,17 +280,32 @@ def _print_summary(report, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"robnet-svc {report.kind}: {report.provenance.get('perturbation_json')}",
-                  title_justify="left")
+    console = Console()
+    console.print(f"robnet-svc {report.kind}: {_describe_perturbation(report.provenance)}", soft_wrap=True)
+    table = Table()
     for col in ("", "clean acc", "certified acc", "empirical robust acc", "n"):
         table.add_column(col, justify="right" if col else "left")
     for name, certs in report.sections.items():
         s = certs.summary()
         table.add_row(name, f"{100 * s['clean_accuracy']:.1f}%", f"{100 * s['certified_accuracy']:.1f}%",
                       f"{100 * s['empirical_robust_accuracy']:.1f}%", str(s["num_samples"]))
-    Console().print(table)
+    console.print(table)
     if report.provenance.get("output_model"):
         click.echo(f"wrote {report.provenance['output_model']} (sha256 {report.provenance['output_model_sha256']})")
+
+
+def _describe_perturbation(provenance: dict) -> str:
+    """``bias-field eps=0.3 (order=2, mode=mult)`` from the certificate's provenance."""
+    try:
+        spec = json.loads(provenance.get("perturbation_json") or "{}")
+    except ValueError:
+        return str(provenance.get("perturbation_json"))
+    name, eps = spec.pop("name", "?"), spec.pop("eps", "?")
+    spec.pop("clip", None)
+    options = ", ".join(f"{k}={v}" for k, v in spec.items() if v is not None)
+    methods = ", ".join(f"{k.replace('_', ' ')} {provenance[k]}" for k in ("train_method", "cert_method")
+                        if provenance.get(k))
+    return f"{name} eps={eps}" + (f" ({options})" if options else "") + (f"; {methods}" if methods else "")
 
 
 def main(argv: list[str] | None = None) -> None:
