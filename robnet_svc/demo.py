@@ -24,7 +24,7 @@ INPUT_MODEL = "model.onnx"
 
 
 def demo_options(out: Path, fast: bool, device: str) -> Options:
-    """The demo's harden settings (the full run: ~1-2 min on 2 CPU cores; ``fast``: a smoke test)."""
+    """The demo's harden settings (the full run: ~10 s on 2 CPU cores; ``fast``: a smoke test)."""
     return Options(
         model=str(out / INPUT_MODEL), dataset="digits", perturbation="bias-field", eps=0.3, order=2, mode="mult",
         method="rsip-ssip", cert_method="rsip-ssip", alpha=1.0, device=device, seed=0, val_fraction=0.1,
