@@ -10,6 +10,7 @@ the top level. Command-line flags win over both: the file only fills click's
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ def config_option(func):
         if value:
             known = {p.name for p in ctx.command.params if p.name}
             values = read_config(value, ctx.info_name or "", known)
+            for param in ctx.command.params:
+                # click would fail with "Value must be an iterable" on a bare string.
+                if param.multiple and param.name in values and not isinstance(values[param.name], list):
+                    key = param.name.replace("_", "-")
+                    raise RobnetError(f"config file {value}: {key} is repeatable and takes a list, "
+                                      f"e.g. {key} = [{json.dumps(str(values[param.name]))}]")
             ctx.default_map = {**(ctx.default_map or {}), **values}
         return value
 

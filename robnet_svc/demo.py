@@ -15,7 +15,7 @@ import torch
 
 from robnet_svc.errors import RobnetError
 from robnet_svc.models import export_onnx, tiny_cnn
-from robnet_svc.pipeline import Options, harden
+from robnet_svc.pipeline import Options, _device, harden
 from robnet_svc.report import Report
 from robnet_svc.training import train_standard
 
@@ -54,6 +54,7 @@ def run_demo(out: str | Path, *, fast: bool = False, force: bool = False, device
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise RobnetError(f"--out {out} exists and is not empty; use --force to overwrite or choose another --out")
+    _device(device)  # a bad --device is one line now, not after training the input model
     out.mkdir(parents=True, exist_ok=True)
     ui.log("training a small CNN normally on the embedded digits (scikit-learn)")
     train_input_model(out / INPUT_MODEL, epochs=3 if fast else 12)

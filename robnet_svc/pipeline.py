@@ -149,9 +149,11 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
 
     imported = load_model(options.model, image_shape=options.image_shape)
     probe = torch.zeros(1, *imported.image_shape)
-    for method in filter(None, (cert_method, train_method)):
+    for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
+        if method is None:
+            continue
         if getattr(method, "needs_dense", False) and not perturbation.affine_set(probe).supports_dense:
-            raise RobnetError(f"bound method {method.name!r} needs a small number of perturbation coefficients; "
+            raise RobnetError(f"{flag} {method.name!r} needs a small number of perturbation coefficients; "
                               f"perturbation {options.perturbation!r} has "
                               f"{perturbation.num_coeffs(imported.image_shape)}: use ibp, rsip-ibp or rsip")
     rules = registry.rules()
@@ -185,6 +187,9 @@ def _check_out(options: Options, training: bool) -> Path | None:
             raise RobnetError("give --out DIR: the folder for model.robust.onnx, certificate.h5 and summary.json")
         return None
     out = Path(options.out)
+    if options.resume and options.force:  # which one wins would be a guess: refuse it
+        raise RobnetError("--resume and --force exclude each other: --resume continues the run in --out, "
+                          "--force starts it over")
     if out.exists() and not out.is_dir():
         raise RobnetError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not options.force:

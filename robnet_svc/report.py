@@ -143,6 +143,8 @@ def read_report(path: str | Path) -> Report:
     """Read a certificate; RobnetError when ``path`` is missing, not HDF5, or not a certificate
     of a format version this robnet-svc reads."""
     path = Path(path)
+    if path.is_dir():
+        raise RobnetError(f"certificate {path} is a folder; give the certificate.h5 file in it")
     if not path.is_file():
         raise RobnetError(f"certificate {path} does not exist")
     try:

@@ -85,6 +85,7 @@ def _three_class_model(path):
     (("--perturbation", "fog"), "unknown perturbation 'fog'; known: bias-field, brightness"),
     (("--dataset", "imagenet"), "unknown dataset 'imagenet'; known: cifar10, digits"),
     (("--perturbation", "linf"), "use ibp, rsip-ibp or rsip"),
+    (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ssip"), "--method 'ssip' needs a small"),
     (("--perturbation", "brightness", "--order", "2"), "has no option 'order'"),
     (("--dataset", "mri"), "needs --data-dir"),
 ])

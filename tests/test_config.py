@@ -54,3 +54,11 @@ def test_flags_win_over_config_and_effective_config_is_stored(tmp_path, capsys):
     assert stored["eps"] == 0.02 and stored["cert_method"] == "rsip-ibp"
     # FAST gives --max-test 40 on the command line: it wins over the config's 24
     assert stored["max_test"] == 40 and summary["sections"]["model"]["num_samples"] == 40
+
+
+def test_repeatable_option_given_a_string_in_config_is_one_line_exit_2(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('dataset-option = "seed=1"\n')
+    r = invoke(capsys, "certify", tmp_path / "m.onnx", "--config", config)
+    assert r.code == 2
+    assert 'dataset-option = ["seed=1"]' in r.err and len(r.err.strip().splitlines()) == 1

@@ -18,3 +18,10 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path, capsys):
     assert after["certified_accuracy"] > before["certified_accuracy"]
     again = invoke(capsys, "demo", "--fast", "--out", out)
     assert again.code == 2 and "use --force" in again.err
+
+
+def test_demo_refuses_a_bad_device_before_training(tmp_path, capsys):
+    out = tmp_path / "demo"
+    r = invoke(capsys, "demo", "--fast", "--out", out, "--device", "gpu")
+    assert r.code == 2 and "--device 'gpu'" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -70,6 +70,8 @@ def test_reading_other_files_is_a_clear_error(tmp_path):
         f.attrs["format_version"] = "99"
     with pytest.raises(RobnetError, match="format 99"):
         read_report(path)
+    with pytest.raises(RobnetError, match="is a folder; give the certificate.h5 file in it"):
+        read_report(tmp_path)
 
 
 def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):
