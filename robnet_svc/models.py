@@ -7,13 +7,13 @@ every layer but the last, as in the CROWN-IBP model definitions the paper uses.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from robnet_svc.atomic import atomic_path
 
 
 def tiny_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 16, width: int = 8) -> nn.Sequential:
@@ -84,19 +84,12 @@ def export_onnx(model: nn.Module, image_shape: tuple[int, int, int], path: str |
     path = Path(path)
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(
-                model, torch.zeros(1, *image_shape), tmp, dynamo=False, opset_version=opset,
-                input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model, torch.zeros(1, *image_shape), str(tmp), dynamo=False, opset_version=opset,
+            input_names=[input_name], output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+        )
         model.train(was_training)
     return path

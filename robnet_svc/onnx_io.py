@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from onnx import external_data_helper, helper, numpy_helper, version_converter
 from torch import fx, nn
 
 from robnet_svc import __version__
+from robnet_svc.atomic import atomic_path
 from robnet_svc.errors import RobnetError
 from robnet_svc.graph import HEAD_KEY, BatchReshape, normalize_graph
 
@@ -536,38 +536,35 @@ def export_model(module: nn.Module, source: ImportedModel, out_path: str | Path,
     torch_dtype = _torch_dtype(source.input_dtype)
     example = torch.zeros(2, *source.input_shape, dtype=torch_dtype)
     opset = max(EXPORT_OPSET, source.opset)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
-        with warnings.catch_warnings():
-            # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
-            # export onnx2torch's Reshape modules; its warnings are expected here.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=[_EXPORT_INPUT], output_names=[_EXPORT_OUTPUT],
-                dynamic_axes={_EXPORT_INPUT: {0: "batch"}, _EXPORT_OUTPUT: {0: "batch"}},
-                do_constant_folding=True,
-            )
-        exported = onnx.load(str(tmp))
-        # TorchScript refuses names such as '12' (common in old exports): rename afterwards.
-        _rename_value(exported.graph, _EXPORT_INPUT, source.input_name)
-        _rename_value(exported.graph, _EXPORT_OUTPUT, source.output_name)
-        exported.producer_name, exported.producer_version = "robnet-svc", __version__
-        props = {"robnet_svc.version": __version__, "robnet_svc.source_sha256": source.sha256,
-                 "robnet_svc.source_file": source.path.name,
-                 LAYOUT_KEYS["layout"]: source.layout, LAYOUT_KEYS["image_shape"]: "x".join(map(str, source.image_shape)),
-                 **{str(k): str(v) for k, v in metadata.items()}}
-        helper.set_model_props(exported, props)
-        onnx.checker.check_model(exported)
-        onnx.save(exported, str(tmp))
-        _export_parity(tmp, wrapper, source)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            with warnings.catch_warnings():
+                # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
+                # export onnx2torch's Reshape modules; its warnings are expected here.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=[_EXPORT_INPUT], output_names=[_EXPORT_OUTPUT],
+                    dynamic_axes={_EXPORT_INPUT: {0: "batch"}, _EXPORT_OUTPUT: {0: "batch"}},
+                    do_constant_folding=True,
+                )
+            exported = onnx.load(str(tmp))
+            # TorchScript refuses names such as '12' (common in old exports): rename afterwards.
+            _rename_value(exported.graph, _EXPORT_INPUT, source.input_name)
+            _rename_value(exported.graph, _EXPORT_OUTPUT, source.output_name)
+            exported.producer_name, exported.producer_version = "robnet-svc", __version__
+            props = {"robnet_svc.version": __version__, "robnet_svc.source_sha256": source.sha256,
+                     "robnet_svc.source_file": source.path.name,
+                     LAYOUT_KEYS["layout"]: source.layout, LAYOUT_KEYS["image_shape"]: "x".join(map(str, source.image_shape)),
+                     **{str(k): str(v) for k, v in metadata.items()}}
+            helper.set_model_props(exported, props)
+            onnx.checker.check_model(exported)
+            onnx.save(exported, str(tmp))
+            _export_parity(tmp, wrapper, source)
     except RobnetError:
         raise
     except Exception as exc:
         raise _fail(out_path, f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _EXPORT_INPUT, _EXPORT_OUTPUT = "robnet_svc_input", "robnet_svc_output"

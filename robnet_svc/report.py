@@ -19,8 +19,6 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from robnet_svc.atomic import atomic_path
 from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
 
@@ -84,9 +83,7 @@ class Report:
 def write_report(path: str | Path, report: Report) -> Path:
     """Write ``report`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["kind"] = report.kind
@@ -109,10 +106,6 @@ def write_report(path: str | Path, report: Report) -> Path:
                 hist = f.create_group("history")
                 for key, values in report.history.items():
                     hist.create_dataset(key, data=np.asarray(values, dtype=np.float64))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -173,15 +166,9 @@ def read_report(path: str | Path) -> Report:
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, tmp.open("w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
     return path
 
 

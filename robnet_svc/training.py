@@ -37,7 +37,6 @@ forward (per rank) and dropout masks (drawn per rank).
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robnet_svc.atomic import atomic_path
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 
@@ -330,13 +330,8 @@ def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         "settings": asdict(settings),
         "fingerprint": fingerprint,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_checkpoint(path: Path, settings: TrainSettings, fingerprint: str) -> dict[str, Any]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from robnet_svc.atomic import atomic_path
 
 ENV_CACHE = "ROBNET_SVC_CACHE"
 
@@ -58,14 +59,8 @@ def save(key: str, images: np.ndarray) -> Path | None:
     target = folder / f"images-{key}.npz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".images-", suffix=".npz.tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, images=images)
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as temp, temp.open("wb") as out:
+            np.savez(out, images=images)
     except OSError:  # a read-only or full cache only costs speed
         return None
     return target
