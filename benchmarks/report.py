@@ -16,12 +16,12 @@ of ``cert_samples_per_s`` and named in the notes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.measure import STANDARD
+from robnet_svc.atomic import atomic_path
 
 GIB8_MB = 8 * 1024
 # Paper per-epoch ratios rsip-ssip / standard on an RTX 3090 (SPEC §10: 138/29, 273/30 upper ends).
@@ -165,11 +165,10 @@ def extra_tables(floor: dict, cert: dict) -> str:
 
 
 def write_json(path: Path, results: dict) -> None:
-    """Write atomically (temp name in the same directory, then ``os.replace``)."""
+    """Write atomically (temp name in the same directory, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def rewrite_docs(path: Path, section_key: str, body: str) -> None:
@@ -181,7 +180,6 @@ def rewrite_docs(path: Path, section_key: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
