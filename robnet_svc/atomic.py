@@ -22,3 +22,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``path``; rename it onto ``path`` when the block
+    completes, remove it when the block raises. An existing ``path`` is refused unless it is an
+    empty folder or ``replace``: then it is moved aside, the new folder renamed in, the old one
+    deleted (``path`` is never a half-written folder, only briefly absent)."""
+    import shutil
+
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            if not replace:
+                raise FileExistsError(f"{path} exists and is not empty")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        elif path.is_dir():
+            path.rmdir()
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -193,6 +193,87 @@ def report_show_cmd(file: str, as_json: bool) -> None:
     render(report, Console())
 
 
+@cli.command("export-vnnlib")
+@click.argument("certificate", type=click.Path(path_type=str))
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--out", required=True, help="Output folder (refused if it exists and is not empty).")
+@click.option("--dataset", default=None, help="Dataset plugin (default and only choice: the certificate's).")
+@click.option("--data-dir", default=None, help="Folder of the dataset (default: the certificate's).")
+@click.option("--samples", default="certified", show_default=True, metavar="certified|all|N",
+              help="Which samples of the certificate: the certified ones, all, or the first N.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Timeout column of instances.csv (seconds per instance for a verifier).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--device", default="cpu", show_default=True, help="Where the re-certification check runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print export.json on stdout.")
+def export_vnnlib_cmd(certificate: str, model: str, out: str, dataset: str | None, data_dir: str | None,
+                      samples: str, timeout: float, force: bool, device: str, as_json: bool) -> None:
+    """Export each certified sample as a VNN-COMP instance (ONNX on the coefficients + VNN-LIB), checked."""
+    from robnet_svc.vnnlib_export import export_vnnlib
+
+    with Ui() as ui:
+        summary = export_vnnlib(certificate, model, out, dataset=dataset, data_dir=data_dir, samples=samples,
+                                timeout=timeout, force=force, device=device, log=ui.log)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    checks = summary["checks"]
+    click.echo(f"wrote {summary['num_instances']} instance(s) ({summary['num_certified']} certified) to {out}; "
+               f"checks passed: onnxruntime = model at nominal and {checks['random_coefficients_per_sample']} "
+               f"random coefficient vectors per sample, {summary['method']} re-certifies every exported instance "
+               f"with the certificate's verdict (max margin difference {checks['max_margin_difference']:.2g})")
+
+
+@cli.command("verify-vnnlib")
+@click.argument("files", nargs=-1, type=click.Path(path_type=str))
+@click.option("--instances", default=None, type=click.Path(path_type=str),
+              help="A VNN-COMP instances.csv (onnx,vnnlib,timeout rows) instead of NET.onnx PROP.vnnlib.")
+@click.option("--method", "methods", multiple=True, default=("rsip-ssip",), show_default=True,
+              help="Bound method, repeatable; 'all' for every registered one.")
+@click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--attack-restarts", type=click.IntRange(min=0), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tuple[str, ...], attack_steps: int,
+                      attack_restarts: int, seed: int, device: str, as_json: bool) -> None:
+    """Bound VNN-COMP instances: verify-vnnlib NET.onnx PROP.vnnlib, or --instances instances.csv."""
+    from robnet_svc.certify import AttackSettings
+    from robnet_svc.errors import RobnetError
+    from robnet_svc.plugins import load_registry
+    from robnet_svc.vnnlib import read_instances
+    from robnet_svc.vnnlib_verify import verify_instance
+
+    if instances is not None and files:
+        raise RobnetError("give NET.onnx PROP.vnnlib or --instances CSV, not both")
+    if instances is None and len(files) != 2:
+        raise RobnetError("give NET.onnx PROP.vnnlib (two files) or --instances instances.csv")
+    pairs = [(i.onnx, i.vnnlib) for i in read_instances(instances)] if instances else [tuple(files)]
+    names = list(methods)
+    if "all" in names:
+        names = [row["name"] for row in load_registry().listing()["bound_methods"]]
+    settings = AttackSettings(steps=attack_steps, restarts=attack_restarts, seed=seed)
+    with Ui() as ui:
+        results = [verify_instance(net, prop, names, attack=settings, device=device, log=ui.log)
+                   for net, prop in pairs]
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("network", "property", "label", "method", "verdict", "margins > 0", "smallest margin bound",
+                "attack margin", "seconds"):
+        table.add_column(col)
+    for r in results:
+        for m in r.methods:
+            table.add_row(os.path.basename(r.onnx), os.path.basename(r.vnnlib), str(r.label), m.method, m.verdict,
+                          f"{sum(v > 0 for v in m.margin_lower)}/{len(m.margin_lower)}",
+                          f"{min(m.margin_lower):.4g}", f"{r.attack_margin:.4g}", f"{m.seconds:.1f}")
+    Console().print(table)
+
+
 @cli.command("demo")
 @click.option("--out", default="robnet-demo", show_default=True, help="Output folder.")
 @click.option("--fast", is_flag=True, help="Fewer samples and epochs (a smoke test, ~20 s).")
