@@ -251,7 +251,9 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
     pairs = [(i.onnx, i.vnnlib) for i in read_instances(instances)] if instances else [tuple(files)]
     names = list(methods)
     if "all" in names:
-        names = [row["name"] for row in load_registry().listing()["bound_methods"]]
+        order = ["ibp", "ssip", "rsip-ibp", "rsip-ssip", "rsip"]  # built-ins cheapest first, then plugins'
+        names = sorted((row["name"] for row in load_registry().listing()["bound_methods"]),
+                       key=lambda n: (order.index(n) if n in order else len(order), n))
     settings = AttackSettings(steps=attack_steps, restarts=attack_restarts, seed=seed)
     with Ui() as ui:
         results = [verify_instance(net, prop, names, attack=settings, device=device, log=ui.log)
@@ -259,19 +261,12 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    for col in ("network", "property", "label", "method", "verdict", "margins > 0", "smallest margin bound",
-                "attack margin", "seconds"):
-        table.add_column(col)
     for r in results:
+        click.echo(f"{r.vnnlib} on {r.onnx}: label {r.label}, attack margin {r.attack_margin:.4g}")
         for m in r.methods:
-            table.add_row(os.path.basename(r.onnx), os.path.basename(r.vnnlib), str(r.label), m.method, m.verdict,
-                          f"{sum(v > 0 for v in m.margin_lower)}/{len(m.margin_lower)}",
-                          f"{min(m.margin_lower):.4g}", f"{r.attack_margin:.4g}", f"{m.seconds:.1f}")
-    Console().print(table)
+            proven = sum(v > 0 for v in m.margin_lower)
+            click.echo(f"  {m.method:<10} {m.verdict:<20} {proven}/{len(m.margin_lower)} margins > 0, smallest "
+                       f"lower bound {min(m.margin_lower):.4g} ({m.seconds:.1f} s)")
 
 
 @cli.command("demo")
