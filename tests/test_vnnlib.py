@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from cli_support import FAST, digits_model, invoke
 from robnet_svc.atomic import atomic_folder
@@ -197,3 +198,38 @@ def test_public_benchmark_instances_are_read_and_bounded(shared_dir, index, labe
         assert (np.asarray(method.margin_lower) <= sampled.min(0) + 1e-3).all(), method.method
         if method.verdict == "verified":
             assert (sampled > 0).all()
+
+
+class _NHWC(torch.nn.Module):
+    """A CNN whose ONNX input is ``[N, H, W, C]`` (a Transpose to NCHW first, as tf2onnx writes)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                        torch.nn.Linear(4 * 6 * 6, 10))
+
+    def forward(self, x):
+        return self.body(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("name", ["softmax", "flat_mlp", "shape_flatten", "nhwc"])
+def test_export_of_other_input_layouts_and_heads(name, tmp_path, capsys):
+    """Softmax head (stripped: the outputs are logits), flat input, Shape-computed flatten, NHWC input."""
+    import onnx_factory
+
+    if name == "nhwc":
+        model = onnx_factory.export(_NHWC().eval(), tmp_path / "nhwc.onnx", (8, 8, 1))
+    else:
+        model = onnx_factory.build(name, tmp_path)
+    extra = ("--image-shape", "1x8x8") if name == "flat_mlp" else ()
+    result = invoke(capsys, "certify", model, *FAST, *extra, "--max-test", "3", "--out", tmp_path / "cert")
+    assert result.code == 0, result.err
+    result = invoke(capsys, "export-vnnlib", tmp_path / "cert" / "certificate.h5", model, "--out", tmp_path / "x",
+                    "--samples", "all", "--json")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["num_instances"] == 3 and summary["checks"]["verdicts_agree"]
+    graph = onnx.load(str(tmp_path / "x" / summary["instances"][0]["onnx"])).graph
+    assert "Softmax" not in {n.op_type for n in graph.node}
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [1, 10]
