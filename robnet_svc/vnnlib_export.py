@@ -52,6 +52,8 @@ from robnet_svc.vnnlib import property_text
 
 #: Coefficient vectors checked per sample besides the nominal one.
 RANDOM_CHECKS = 8
+#: Samples whose affine sets and reference outputs are built at once (bounds memory).
+CHUNK = 64
 #: onnxruntime agreement: |exported - model| <= ATOL + RTOL * |model| on every logit.
 ATOL, RTOL = 1e-4, 1e-4
 INPUT_NAME = "coefficients"
@@ -328,9 +330,6 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
                   force: bool = False, device: str = "cpu", log=None) -> dict:
     """Write the instances of the selected samples to folder ``out`` (see the module docstring);
     return the summary stored as ``export.json``."""
-    from robnet_svc.onnx_io import ort_session
-    from robnet_svc.vnnlib_verify import verify_instance
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RobnetError(f"--out {out} exists and is not a folder")
@@ -339,84 +338,30 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
     if not out.parent.is_dir():
         raise RobnetError(f"--out {out}: folder {out.parent} does not exist")
     src = load_sources(certificate, model, dataset=dataset, data_dir=data_dir, samples=samples)
-    report, certs = src.report, src.report.sections[src.section]
-    prov = report.provenance
-    class_names = report.class_names
-    reference = _Reference(src.imported, src.source)
-    aset = src.perturbation.affine_set(src.images)
-    weights, offset = _transform(aset, src.imported)
-    k = aset.num_coeffs
-    generator = torch.Generator().manual_seed(0)
-    coeffs = torch.cat([aset.nominal.unsqueeze(1), aset.sample(RANDOM_CHECKS, generator)], dim=1)  # [B, R, k]
-    with torch.no_grad():
-        clean = reference(src.images)
-        perturbed = aset.clipped(aset.images(coeffs))
-        expected = reference(perturbed.reshape(-1, *perturbed.shape[2:])).reshape(*coeffs.shape[:2], -1)
+    prov = src.report.provenance
     certificate_sha = _sha256(Path(certificate))
-    instances = []
+    reference = _Reference(src.imported, src.source)
     if log is not None:
-        log(f"exporting {len(src.rows)} sample(s) of section {src.section!r} ({src.cert_method}, "
-            f"{k} coefficients) to {out}")
+        log(f"exporting {len(src.rows)} sample(s) of section {src.section!r} ({src.cert_method}) to {out}")
+    instances: list[dict] = []
     with atomic_folder(out, replace=force) as tmp:
         (tmp / "onnx").mkdir()
         (tmp / "vnnlib").mkdir()
-        csv_rows = []
-        for b, row in enumerate(src.rows):
-            index, label = int(certs.index[row]), int(certs.label[row])
-            onnx_rel, vnnlib_rel = f"onnx/sample_{index}.onnx", f"vnnlib/prop_{index}.vnnlib"
-            network = coefficient_network(
-                src.source, src.imported, None if weights is None else weights[b], offset[b],
-                aset.clip, {"robnet_svc.certificate_sha256": certificate_sha, "robnet_svc.sample_index": str(index),
-                            "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.get("perturbation_json", "")})
-            data = network.SerializeToString()
-            (tmp / onnx_rel).write_bytes(data)
-            (tmp / vnnlib_rel).write_text(property_text(
-                aset.lower[b].double().numpy(), aset.upper[b].double().numpy(), label, src.imported.num_classes,
-                [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.get('dataset')}, label {label}"
-                 + (f" ({class_names[label]})" if label < len(class_names) else ""),
-                 f"certificate sha256 {certificate_sha}, section {src.section}, method {src.cert_method}",
-                 f"perturbation {prov.get('perturbation_json')}",
-                 f"inputs X_0..X_{k - 1}: coefficients {', '.join(json.loads(prov.get('coeff_names_json', '[]')))}"]))
-            csv_rows.append(f"{onnx_rel},{vnnlib_rel},{timeout:g}")
-
-            session = ort_session(data)
-            got = np.concatenate([session.run(None, {INPUT_NAME: c[None].numpy().astype(src.imported.input_dtype)})[0]
-                                  for c in coeffs[b]])
-            nominal_err, random_err = _agree(got[:1], clean[b:b + 1]), _agree(got[1:], expected[b, 1:])
-            if not (nominal_err <= 1 and random_err <= 1):
-                what = "the nominal coefficients vs the clean image" if nominal_err > 1 else \
-                    "random coefficients vs the perturbed, clipped image"
-                raise ExportCheckError(f"export check failed for test sample {index}: onnxruntime on the exported "
-                                       f"network disagrees with the model at {what} (worst difference "
-                                       f"{max(nominal_err, random_err):.3g} x tolerance); nothing written")
-            result = verify_instance(tmp / onnx_rel, tmp / vnnlib_rel, [src.cert_method],
-                                     attack=AttackSettings(steps=0, restarts=0), device=device)
-            recertified = result.methods[0]
-            was = bool(certs.certified[row])
-            if (recertified.verdict == "verified") != was:
-                raise ExportCheckError(
-                    f"export check failed for test sample {index}: the certificate says "
-                    f"{'certified' if was else 'not certified'} (smallest margin lower bound "
-                    f"{float(certs.margin_lower[row].min()):.6g}) but {src.cert_method} on the exported network "
-                    f"gives {recertified.verdict} (smallest {min(recertified.margin_lower):.6g}); nothing written")
-            instances.append({
-                "onnx": onnx_rel, "vnnlib": vnnlib_rel, "sample_index": index, "label": label,
-                "prediction": int(certs.prediction[row]), "certified": was,
-                "margin_lower": [float(v) for v in certs.margin_lower[row]],
-                "recertified": recertified.verdict, "recertified_margin_lower": recertified.margin_lower,
-                "max_margin_difference": float(np.max(np.abs(np.asarray(recertified.margin_lower)
-                                                             - certs.margin_lower[row].astype(np.float64)))),
-                "onnxruntime_nominal_error": nominal_err * ATOL, "onnxruntime_random_worst": random_err,
-            })
-            if log is not None and (b + 1) % 25 == 0:
-                log(f"  {b + 1}/{len(src.rows)} exported and checked")
-        (tmp / "instances.csv").write_text("\n".join(csv_rows) + "\n")
+        for start in range(0, len(src.rows), CHUNK):
+            part = slice(start, start + CHUNK)
+            entries, aset = _export_chunk(src, src.rows[part], src.images[part], reference, tmp, certificate_sha,
+                                          device)
+            instances += entries
+            if log is not None:
+                log(f"  {len(instances)}/{len(src.rows)} exported and checked")
+        (tmp / "instances.csv").write_text("".join(f"{i['onnx']},{i['vnnlib']},{timeout:g}\n" for i in instances))
         summary = {
             "certificate": str(certificate), "certificate_sha256": certificate_sha, "section": src.section,
             "model": str(model), "model_sha256": src.imported.sha256, "dataset": prov.get("dataset"),
             "perturbation": json.loads(prov.get("perturbation_json") or "{}"), "method": src.cert_method,
-            "num_coefficients": k, "coefficient_names": json.loads(prov.get("coeff_names_json") or "[]"),
-            "input_name": INPUT_NAME, "opset": max(MIN_OPSET, _opset(src.source)), "added_ops": _added_ops(weights is None, aset.clip is not None),
+            "num_coefficients": int(len(prov.get("coeff_lower", []))),
+            "coefficient_names": json.loads(prov.get("coeff_names_json") or "[]"),
+            "input_name": INPUT_NAME, "opset": _opset(src.source), "added_ops": _added_ops(aset),
             "timeout": timeout, "num_instances": len(instances),
             "num_certified": int(sum(i["certified"] for i in instances)),
             "checks": {"random_coefficients_per_sample": RANDOM_CHECKS, "atol": ATOL, "rtol": RTOL,
@@ -429,12 +374,88 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
     return summary
 
 
-def _added_ops(identity: bool, clipped: bool) -> list[str]:
+def _export_chunk(src: Sources, rows: np.ndarray, images: torch.Tensor, reference: _Reference, tmp: Path,
+                  certificate_sha: str, device: str) -> tuple[list[dict], object]:
+    """Write and check the instances of certificate ``rows`` (test images ``images``); return their
+    export.json entries and their affine set."""
+    from robnet_svc.onnx_io import ort_session
+    from robnet_svc.vnnlib_verify import verify_instance
+
+    certs, prov = src.report.sections[src.section], src.report.provenance
+    class_names = src.report.class_names
+    aset = src.perturbation.affine_set(images)
+    weights, offset = _transform(aset, src.imported)
+    k = aset.num_coeffs
+    generator = torch.Generator().manual_seed(int(certs.index[rows[0]]))
+    coeffs = torch.cat([aset.nominal.unsqueeze(1), aset.sample(RANDOM_CHECKS, generator)], dim=1)  # [B, R, k]
+    with torch.no_grad():
+        clean = reference(images)
+        perturbed = aset.clipped(aset.images(coeffs))
+        expected = reference(perturbed.reshape(-1, *perturbed.shape[2:])).reshape(*coeffs.shape[:2], -1)
+    entries = []
+    for b, row in enumerate(rows):
+        index, label = int(certs.index[row]), int(certs.label[row])
+        onnx_rel, vnnlib_rel = f"onnx/sample_{index}.onnx", f"vnnlib/prop_{index}.vnnlib"
+        network = coefficient_network(
+            src.source, src.imported, None if weights is None else weights[b], offset[b], aset.clip,
+            {"robnet_svc.certificate_sha256": certificate_sha, "robnet_svc.sample_index": str(index),
+             "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.get("perturbation_json", "")})
+        data = network.SerializeToString()
+        (tmp / onnx_rel).write_bytes(data)
+        name = f" ({class_names[label]})" if label < len(class_names) else ""
+        (tmp / vnnlib_rel).write_text(property_text(
+            aset.lower[b].double().numpy(), aset.upper[b].double().numpy(), label, src.imported.num_classes,
+            [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.get('dataset')}, label {label}{name}",
+             f"certificate sha256 {certificate_sha}, section {src.section}, method {src.cert_method}",
+             f"perturbation {prov.get('perturbation_json')}",
+             f"inputs X_0..X_{k - 1}: coefficients {_names(json.loads(prov.get('coeff_names_json', '[]')))}"]))
+
+        # checks 1 and 2: onnxruntime, exported network vs the model
+        session = ort_session(data)
+        dtype = src.imported.input_dtype
+        got = np.concatenate([session.run(None, {INPUT_NAME: c[None].numpy().astype(dtype)})[0] for c in coeffs[b]])
+        nominal_err, random_err = _agree(got[:1], clean[b:b + 1]), _agree(got[1:], expected[b, 1:])
+        if not (nominal_err <= 1 and random_err <= 1):
+            what = ("the nominal coefficients vs the clean image" if nominal_err > 1
+                    else "random coefficients vs the perturbed, clipped image")
+            raise ExportCheckError(f"export check failed for test sample {index}: onnxruntime on the exported "
+                                   f"network disagrees with the model at {what} (worst difference "
+                                   f"{max(nominal_err, random_err):.3g} x tolerance); nothing written")
+        # check 3: our engine on the written files reaches the certificate's verdict
+        recertified = verify_instance(tmp / onnx_rel, tmp / vnnlib_rel, [src.cert_method],
+                                      attack=AttackSettings(steps=0, restarts=0), device=device).methods[0]
+        was = bool(certs.certified[row])
+        if (recertified.verdict == "verified") != was:
+            raise ExportCheckError(
+                f"export check failed for test sample {index}: the certificate says "
+                f"{'certified' if was else 'not certified'} (smallest margin lower bound "
+                f"{float(certs.margin_lower[row].min()):.6g}) but {src.cert_method} on the exported network "
+                f"gives {recertified.verdict} (smallest {min(recertified.margin_lower):.6g}); nothing written")
+        difference = np.abs(np.asarray(recertified.margin_lower) - certs.margin_lower[row].astype(np.float64))
+        entries.append({
+            "onnx": onnx_rel, "vnnlib": vnnlib_rel, "sample_index": index, "label": label,
+            "prediction": int(certs.prediction[row]), "certified": was,
+            "margin_lower": [float(v) for v in certs.margin_lower[row]],
+            "recertified": recertified.verdict, "recertified_margin_lower": recertified.margin_lower,
+            "max_margin_difference": float(difference.max()),
+            "onnxruntime_nominal_vs_tolerance": nominal_err, "onnxruntime_random_vs_tolerance": random_err,
+        })
+    return entries, aset
+
+
+def _names(names: list[str], shown: int = 32) -> str:
+    """The coefficient names, the first ``shown`` of them when there are more (linf: one per pixel)."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def _added_ops(aset) -> list[str]:
     """The ops in front of the user's graph, in order."""
-    return ["Add" if identity else "Gemm", *(["Relu", "Sub", "Relu", "Sub"] if clipped else []), "Reshape"]
+    clip = ["Relu", "Sub", "Relu", "Sub"] if aset.clip is not None else []
+    return ["Gemm" if aset.supports_dense else "Add", *clip, "Reshape"]
 
 
 def _opset(model: onnx.ModelProto) -> int:
+    """The exported networks' opset: the model's, or 13 for models older than ``MIN_OPSET``."""
     from robnet_svc.onnx_io import default_opset
 
     return default_opset(model) if default_opset(model) >= MIN_OPSET else 13
@@ -449,7 +470,7 @@ perturbation `{json.dumps(summary['perturbation'])}`, certified with `{summary['
 
 {summary['num_instances']} instance(s) in `instances.csv` (`onnx,vnnlib,timeout`), {summary['num_certified']} of
 them certified by robnet-svc. Each network's input `{summary['input_name']}` [1, {summary['num_coefficients']}] is the
-coefficient vector of one test sample's perturbation (X_i in the order {', '.join(summary['coefficient_names'])});
+coefficient vector of one test sample's perturbation (X_i in the order {_names(summary['coefficient_names'])});
 its outputs are the model's logits. A property is the coefficient box and the unsafe disjunction
 "some other class >= the label": an independent verifier agrees with a robnet-svc certificate when
 it answers `unsat` (holds) on a certified instance. `export.json` lists every instance with

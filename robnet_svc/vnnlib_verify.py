@@ -128,14 +128,14 @@ class _Restricted(nn.Module):
 
 def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: list[str], *,
                     attack: AttackSettings = AttackSettings(), device: str | torch.device = "cpu",
-                    imported=None, log=None) -> InstanceResult:
-    """Bound the property with each method in ``methods`` and attack it once (see module docstring).
-    ``imported``: the network already loaded (skips ``load_network``)."""
+                    log=None) -> InstanceResult:
+    """Bound the property with each method in ``methods`` and attack it once (see module docstring);
+    ``log(line)`` gets one line per method."""
     from robnet_svc.bounds import compile_network
     from robnet_svc.plugins import load_registry
 
     prop = read_property(vnnlib_path)
-    imported = imported if imported is not None else load_network(onnx_path)
+    imported = load_network(onnx_path)
     registry = load_registry()
     bound_methods = [registry.bound_method(name)() for name in methods]
     aset = input_set(prop, imported)
