@@ -233,3 +233,31 @@ def test_export_of_other_input_layouts_and_heads(name, tmp_path, capsys):
     graph = onnx.load(str(tmp_path / "x" / summary["instances"][0]["onnx"])).graph
     assert "Softmax" not in {n.op_type for n in graph.node}
     assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [1, 10]
+
+
+def test_syntax_variants_and_a_subset_of_classes(tmp_path):
+    """A linear 2-input, 3-class network (bounds are exact): label 0 against class 2 only holds;
+    against classes 1 and 2 the attack falsifies it (class 1 overtakes). Inputs bounded in an
+    ``and``, numbers on either side, ``(<= Y_l Y_j)`` form."""
+    import onnx_factory
+
+    from robnet_svc.vnnlib_verify import verify_instance
+
+    linear = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.5]]))
+        linear.bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+    net = onnx_factory.export(linear.eval(), tmp_path / "linear.onnx", (2,))
+    head = "; variants\n(declare-const X_0 Real)\n(declare-const X_1 Real)\n" + "".join(
+        f"(declare-const Y_{i} Real)\n" for i in range(3))
+    inputs = "(assert (and (>= X_0 0.0) (<= X_0 1.0)))\n(assert (<= 0 X_1))\n(assert (>= 1e0 X_1))\n"
+    (tmp_path / "one.vnnlib").write_text(head + inputs + "(assert (<= Y_0 Y_2))\n")
+    (tmp_path / "two.vnnlib").write_text(head + inputs + "(assert (or (>= Y_1 Y_0) (and (<= Y_0 Y_2))))\n")
+    prop = read_property(tmp_path / "two.vnnlib")
+    assert (prop.lower.tolist(), prop.upper.tolist(), prop.label, prop.targets) == ([0, 0], [1, 1], 0, [1, 2])
+    one = verify_instance(net, tmp_path / "one.vnnlib", ["ibp", "rsip-ssip"])
+    assert [m.verdict for m in one.methods] == ["verified", "verified"] and one.attack_margin > 0
+    np.testing.assert_allclose(one.methods[0].margin_lower, [0.5], atol=1e-6)  # min of 1 - 0.5 x_1
+    two = verify_instance(net, tmp_path / "two.vnnlib", ["ibp"])
+    assert two.methods[0].verdict == "falsified-by-attack" and two.attack_margin < 0
+    np.testing.assert_allclose(two.methods[0].margin_lower, [-1.0, 0.5], atol=1e-6)
