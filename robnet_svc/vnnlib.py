@@ -148,7 +148,10 @@ def read_property(path: str | Path) -> Property:
                 continue
             atoms = _atoms(path, expr, "and")
             kinds = {_var(t)[0] for a in atoms for t in a.items[1:] if _var(t)}
-            if kinds == {"Y"} and len(atoms) == 1:
+            if "Y" in kinds:
+                if len(atoms) != 1:
+                    raise _fail(path, form.line, "a conjunction of output conditions (or one mixed with input "
+                                                 "bounds) is not supported")
                 outputs.append((form.line, [_output_atom(path, atoms[0])]))
                 continue
             for atom in atoms:

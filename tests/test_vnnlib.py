@@ -135,6 +135,8 @@ BAD = [
     (HEADER + BOX + "(assert (or (and (>= Y_1 Y_0) (<= X_0 0.5))))\n", 6, "several conditions"),
     (HEADER + BOX + "(declare-fun f () Real)\n(assert (>= Y_1 Y_0))\n", 6, "unsupported command"),
     (HEADER + "(assert (<= X_0 0.0))\n(assert (>= X_0 1.0))\n(assert (>= Y_1 Y_0))\n", 1, "empty"),
+    (HEADER + BOX + "(assert (and (>= Y_1 Y_0) (>= Y_1 Y_0)))\n", 6, "conjunction of output"),
+    (HEADER + BOX + "(assert (>= Y_1 Y_0))\n(assert (>= Y_1 Y_0))\n", 7, "one output assert"),
 ]
 
 
