@@ -265,8 +265,9 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
         click.echo(f"{r.vnnlib} on {r.onnx}: label {r.label}, attack margin {r.attack_margin:.4g}")
         for m in r.methods:
             proven = sum(v > 0 for v in m.margin_lower)
-            click.echo(f"  {m.method:<10} {m.verdict:<20} {proven}/{len(m.margin_lower)} margins > 0, smallest "
-                       f"lower bound {min(m.margin_lower):.4g} ({m.seconds:.1f} s)")
+            bounds = ", ".join(f"{j}: {v:.4g}" for j, v in zip(r.targets, m.margin_lower))
+            click.echo(f"  {m.method:<10} {m.verdict:<20} {proven}/{len(m.margin_lower)} margins > 0 "
+                       f"({m.seconds:.1f} s); lower bounds of Y_{r.label} - Y_j: {bounds}")
 
 
 @cli.command("demo")
