@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from robnet_svc import __version__
-from robnet_svc.certify import AttackSettings, Certificates, certify_model
+from robnet_svc.certify import BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, certify_model
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
@@ -353,6 +353,9 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "cert_method": o.cert_method,
         "attack_json": json.dumps(asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed))),
         "device": str(plan.device),
+        "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
+        "deployed_dtype": str(plan.imported.input_dtype),
+        "certified_rule": CERTIFIED_RULE,
     }
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}

@@ -20,7 +20,8 @@ def _certs(n: int = 6, k: int = 3) -> Certificates:
     margin = rng.normal(size=(n, k - 1)).astype(np.float32)
     return Certificates(index=np.arange(n) * 2, label=label, prediction=label.copy(),
                         certified=(margin > 0).all(1), margin_lower=margin,
-                        attack_success=np.zeros(n, bool), attack_margin=np.abs(margin).min(1) + 1)
+                        attack_success=np.zeros(n, bool), attack_margin=np.abs(margin).min(1) + 1,
+                        rounding_allowance=np.full((n, k - 1), 1e-6))
 
 
 def _report(**sections) -> Report:
