@@ -33,6 +33,7 @@ from robnet_svc.certify import BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Cert
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
+from robnet_svc.perturbations.base import check_field_range
 from robnet_svc.report import Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
@@ -148,6 +149,8 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     device = dist.device(_device(options.device))
 
     imported = load_model(options.model, image_shape=options.image_shape)
+    _check_float32(imported, options.model)
+    check_field_range(perturbation, imported.image_shape)
     probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
         if method is None:
@@ -174,6 +177,18 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
             warn(line)
     dist.start(device)  # the first collective of the run comes after every check
     return plan
+
+
+def _check_float32(imported, model: str) -> None:
+    """Only float32 models: training, the exported file and the rounding allowance of the
+    certificate (robnet_svc/rounding.py) are for a model that computes in float32."""
+    dtypes = {str(imported.input_dtype), str(imported.output_dtype)}
+    dtypes |= {str(p.dtype).removeprefix("torch.") for p in imported.module.parameters() if p.is_floating_point()}
+    other = sorted(dtypes - {"float32"})
+    if other:
+        raise RobnetError(f"model {model} computes in {', '.join(other)}; robnet-svc hardens and certifies float32 "
+                          "models (training, export and the certificate's rounding allowance assume float32): "
+                          "export it in float32")
 
 
 def _train_settings(options: Options) -> TrainSettings:

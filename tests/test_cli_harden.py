@@ -88,6 +88,9 @@ def _three_class_model(path):
     (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ssip"), "--method 'ssip' needs a small"),
     (("--perturbation", "brightness", "--order", "2"), "has no option 'order'"),
     (("--dataset", "mri"), "needs --data-dir"),
+    (("--eps", "1e8"), "reaches pixel values of 1e+08 before clipping to [0, 1]; the limit is 32768"),
+    (("--coef-scale", "1e-9"), "the limit is 32768 (2^15 clip-range widths"),
+    (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ibp", "--eps", "4e4"), "the limit is 32768"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, capsys, extra, needle):
     out = tmp_path / "out"
