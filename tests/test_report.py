@@ -75,6 +75,18 @@ def test_reading_other_files_is_a_clear_error(tmp_path):
         read_report(tmp_path)
 
 
+def test_format_1_certificates_are_still_read(tmp_path):
+    """Format 1 had no rounding allowance: it reads back as zeros (its rule was margin_lower > 0)."""
+    certs = _certs()
+    path = write_report(tmp_path / "c.h5", _report(model=certs))
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = "1"
+        del f["certificates/model/rounding_allowance"]
+    back = read_report(path).sections["model"]
+    np.testing.assert_array_equal(back.margin_lower, certs.margin_lower)
+    assert back.rounding_allowance.shape == certs.margin_lower.shape and not back.rounding_allowance.any()
+
+
 def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):
     model = digits_model(tmp_path / "m.onnx")
     out = tmp_path / "out"
