@@ -18,8 +18,9 @@ the set and ``e_j`` the error bound of the node's input:
 
 - the image: ``e_0 = u · m_0`` (the model receives the float image nearest to the exact one);
 - an affine node ``f = L(x) + b``: ``e_i = |L|(e_in) + γ_{n_i+2} (|L|(m_in) + |b|)``, ``n_i`` its
-  fan-in (``FAN_IN`` below; data movement such as reshape or pad is exact: ``n_i = 0``, no
-  rounding; an op this module does not know gets its whole input size, an upper bound);
+  fan-in (``fan_in`` below, or the rule's own ``fan_in()``; data movement such as reshape or
+  pad is exact: ``n_i = 0``; an op this module does not know gets its whole input size, an
+  upper bound);
 - ReLU: exact in floating point and 1-Lipschitz: ``e_i = e_in``; another activation with a
   ``lipschitz`` attribute ``L``: ``e_i = L e_in + 2u m_i``; without one, the width of its
   interval over ``[l − e, u + e]`` (sound, loose).
@@ -66,6 +67,9 @@ def fan_in(rule) -> int:
     from robnet_svc.bounds.ops.shape import IdentityRule, PermuteRule, ReshapeRule
 
     call = rule.call
+    declared = getattr(rule, "fan_in", None)  # a plugin rule may say (docs/plugins.md)
+    if callable(declared):
+        return int(declared())
     if isinstance(rule, (ReshapeRule, PermuteRule, IdentityRule, PadRule)):
         return 0
     if isinstance(rule, (ArithmeticRule, _ClipAffine)):
