@@ -150,6 +150,7 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
     kwargs = dict(batch_size=8, attack=AttackSettings(steps=3, restarts=2))
     cpu = certify_model(net, compile_network(net), _Recorder(), pert, images, labels, device=torch.device("cpu"),
                         **kwargs)
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     try:
@@ -158,11 +159,11 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
         gpu = certify_model(gpu_net, compile_network(gpu_net), _Recorder(), pert, images, labels,
                             device=torch.device("cuda"), **kwargs)
         assert _Recorder.seen and all(_Recorder.seen)
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's setting is back
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's settings are back
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
         np.testing.assert_array_equal(gpu.certified, cpu.certified)
         np.testing.assert_allclose(gpu.margin_lower, cpu.margin_lower, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(gpu.attack_margin, cpu.attack_margin, rtol=1e-4, atol=1e-4)
     finally:
-        torch.backends.cuda.matmul.fp32_precision = "none"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
         net.cpu()
