@@ -4,14 +4,22 @@ For each test sample ``x`` with label ``y`` and its perturbation set
 ``{clip(W_x a + c_x) : a in box}``:
 
 - ``margin_lower [K-1]``: the bound method's lower bounds of ``logit_y - logit_i``
-  (``i != y``, increasing ``i``) over the whole set;
-- ``certified``: the clean prediction is ``y`` and every margin lower bound is ``> 0``;
+  (``i != y``, increasing ``i``) over the whole set, computed in float64 (network and set
+  converted exactly from the model's float32) under ``full_precision()`` (no TF32);
+- ``rounding_allowance [K-1]``: how far the deployed model's floating-point margins may be
+  from the exact ones anywhere in the set (``robnet_svc.rounding``, from the magnitudes of
+  the values the network computes);
+- ``certified``: the clean prediction is ``y`` and every margin lower bound exceeds its
+  rounding allowance (``margin_lower > rounding_allowance``, strictly): the deployed model's
+  own margins are then ``> 0`` everywhere, so argmax is ``y`` whatever its tie-breaking;
 - ``attack_margin``: the smallest ``logit_y - max_{i != y} logit_i`` the attack found
   (projected sign-gradient steps on the coefficients from the nominal point, random
   starts and random corners, plus every box corner when ``k`` is small); the attack's
-  images go through the same clipping as the bounds;
-- ``attack_success``: ``attack_margin < 0`` (a perturbation that changes the prediction,
-  or a clean misclassification: the nominal point is always tried).
+  images go through the same clipping as the bounds and the model runs in its own precision;
+- ``attack_success``: some point the attack evaluated is predicted as another class than
+  ``y`` by argmax with the prediction's tie rule (the lowest index among equal logits), so a
+  tie with a lower class counts as a success although its margin is 0 (a clean
+  misclassification is one too: the nominal point is always tried).
 
 A sample that is certified and successfully attacked contradicts its own certificate:
 ``check_soundness`` raises ``SoundnessError`` naming it. Never reported, always raised.
@@ -25,6 +33,7 @@ the same flags up to floating-point noise otherwise.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +42,15 @@ import torch
 from torch import Tensor, nn
 
 from robnet_svc.errors import SoundnessError
+from robnet_svc.precision import full_precision
+from robnet_svc.rounding import margin_allowance
+
+#: The dtype of every bound pass of certification (the deployed model's float32 converts exactly).
+BOUND_DTYPE = torch.float64
+#: The decision rule, as recorded in the certificate's provenance.
+CERTIFIED_RULE = ("prediction == label and margin_lower > rounding_allowance for every other class "
+                  "(bounds in float64, no TF32; allowance: float forward error bound from the set's magnitudes, "
+                  "docs/method.md)")
 
 #: Every box corner is tried as an attack start when the perturbation has at most this many coefficients.
 MAX_CORNER_COEFFS = 6
@@ -52,8 +70,8 @@ class Certificates:
     """Per-sample results of one model on one test set (numpy arrays, N samples, K classes).
 
     index ``[N]`` int64 position in the test split; label, prediction ``[N]`` int64;
-    certified ``[N]`` bool; margin_lower ``[N, K-1]`` float32; attack_success ``[N]`` bool;
-    attack_margin ``[N]`` float32.
+    certified ``[N]`` bool; margin_lower ``[N, K-1]`` float64; rounding_allowance ``[N, K-1]``
+    float64; attack_success ``[N]`` bool; attack_margin ``[N]`` float32.
     """
 
     index: np.ndarray
@@ -63,8 +81,10 @@ class Certificates:
     margin_lower: np.ndarray
     attack_success: np.ndarray
     attack_margin: np.ndarray
+    rounding_allowance: np.ndarray
 
-    FIELDS = ("index", "label", "prediction", "certified", "margin_lower", "attack_success", "attack_margin")
+    FIELDS = ("index", "label", "prediction", "certified", "margin_lower", "attack_success", "attack_margin",
+              "rounding_allowance")
 
     @classmethod
     def concat(cls, parts: "list[Certificates]") -> "Certificates":
@@ -123,8 +143,10 @@ def random_starts(sample_ids: Tensor, restarts: int, k: int, seed: int, dtype: t
 
 
 def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSettings,
-                  sample_ids: Tensor) -> Tensor:
-    """Smallest margin the attack finds for each sample: ``[B]``.
+                  sample_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest margin the attack finds for each sample and whether it changed the prediction:
+    ``([B] margins, [B] bool)``. Success means that at some evaluated point ``argmax`` (ties to
+    the lowest index, as the prediction) is not the label: a tie with a lower class is one.
 
     ``aset``: the samples' ``AffineSet`` (``B`` samples, ``k`` coefficients); ``sample_ids``
     ``[B]`` int: the samples' ids, which seed their random starts (drawn on CPU, so results
@@ -142,22 +164,25 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
     lo, hi = lower.unsqueeze(1), upper.unsqueeze(1)
     step = (hi - lo) * (1.25 / max(settings.steps, 1))  # PGD step: 2.5 x half-width / steps
     best = torch.full((b,), float("inf"), dtype=lower.dtype, device=lower.device)
+    flipped = torch.zeros(b, dtype=torch.bool, device=lower.device)
 
-    def evaluate(c: Tensor) -> Tensor:
+    def evaluate(c: Tensor) -> tuple[Tensor, Tensor]:
         images = aset.clipped(aset.images(c))  # [B, R, C, H, W]
         logits = module(images.reshape(-1, *images.shape[2:])).reshape(b, c.shape[1], -1)
-        return margins(logits, labels.unsqueeze(1))  # [B, R]
+        changed = (logits.detach().argmax(-1) != labels.unsqueeze(1)).any(1)  # argmax: first maximal index
+        return margins(logits, labels.unsqueeze(1)), changed  # [B, R], [B]
 
     for _ in range(settings.steps):
         coeffs = coeffs.detach().requires_grad_(True)
         with torch.enable_grad():
-            found = evaluate(coeffs)
+            found, changed = evaluate(coeffs)
             (grad,) = torch.autograd.grad(found.sum(), coeffs)
         best = torch.minimum(best, found.detach().min(1).values)
+        flipped |= changed
         coeffs = torch.maximum(torch.minimum(coeffs.detach() - step * grad.sign(), hi), lo)
     with torch.no_grad():
-        best = torch.minimum(best, evaluate(coeffs).min(1).values)
-    return best
+        found, changed = evaluate(coeffs)
+    return torch.minimum(best, found.min(1).values), flipped | changed
 
 
 def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor, *,
@@ -168,45 +193,67 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
 
     ``sample_ids [N]`` int64: the samples' ids (seeds of their attacks; default ``0..N-1``),
     also the returned ``index``.
-    ``module``: the classifier (put in eval mode here); ``net``: its compiled form for the
-    bound ``method``; ``perturbation``: a ``Perturbation`` at the certification radius.
+    ``module``: the classifier (put in eval mode here; it and the images keep their dtype for
+    the prediction and the attack, the deployed precision); ``net``: its compiled form for
+    the bound ``method`` (bounded in a float64 copy); ``perturbation``: a ``Perturbation`` at
+    the certification radius. Everything runs under ``full_precision()`` (no TF32).
     ``on_batch(n)`` is called after each batch of ``n`` samples (progress bars).
     Raises SoundnessError when a certified sample is successfully attacked.
     """
     module.eval()
+    deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), images.dtype)
     ids = torch.arange(images.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
     out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS if f != "index"}
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
-        aset = perturbation.affine_set(x)
-        with torch.no_grad():
-            prediction = module(x).argmax(-1)
-            margin_lower = method.margin_lower(net, aset, y)
-        found = attack_margin(module, aset, y, attack, ids[start:start + batch_size])
-        out["label"].append(y)
-        out["prediction"].append(prediction)
-        out["certified"].append((prediction == y) & (margin_lower > 0).all(-1))
-        out["margin_lower"].append(margin_lower)
-        out["attack_success"].append(found < 0)
-        out["attack_margin"].append(found)
-        if on_batch is not None:
-            on_batch(x.shape[0])
+    with full_precision():
+        net64 = _bound_copy(net)
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            aset = perturbation.affine_set(x)
+            aset64 = perturbation.affine_set(x.to(BOUND_DTYPE))
+            with torch.no_grad():
+                prediction = module(x).argmax(-1)
+                margin_lower = method.margin_lower(net64, aset64, y)
+                allowance = margin_allowance(net64, aset64, y, deployed)
+            found, success = attack_margin(module, aset, y, attack, ids[start:start + batch_size])
+            out["label"].append(y)
+            out["prediction"].append(prediction)
+            out["certified"].append((prediction == y) & (margin_lower > allowance).all(-1))
+            out["margin_lower"].append(margin_lower)
+            out["rounding_allowance"].append(allowance)
+            out["attack_success"].append(success)
+            out["attack_margin"].append(found)
+            if on_batch is not None:
+                on_batch(x.shape[0])
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
-                            np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(0, np.float32))
+                            np.zeros((0, 0), np.float64), np.zeros(0, bool), np.zeros(0, np.float32),
+                            np.zeros((0, 0), np.float64))
     arrays = {f: torch.cat(v).detach().cpu().numpy() for f, v in out.items()}
     certs = Certificates(
         index=ids.numpy().astype(np.int64),
         label=arrays["label"].astype(np.int64),
         prediction=arrays["prediction"].astype(np.int64),
         certified=arrays["certified"].astype(bool),
-        margin_lower=arrays["margin_lower"].astype(np.float32).reshape(images.shape[0], -1),
+        margin_lower=arrays["margin_lower"].astype(np.float64).reshape(images.shape[0], -1),
         attack_success=arrays["attack_success"].astype(bool),
         attack_margin=arrays["attack_margin"].astype(np.float32),
+        rounding_allowance=arrays["rounding_allowance"].astype(np.float64).reshape(images.shape[0], -1),
     )
     check_soundness(certs, method_name=getattr(method, "name", "?"))
     return certs
+
+
+def _bound_copy(net):
+    """A float64 copy of the compiled network ``net`` for the bound passes (the model itself is
+    left as it is: its prediction and the attack run in the deployed precision)."""
+    from robnet_svc.bounds.graph import compile_network
+    from robnet_svc.bounds.ops.base import PERTURBED
+
+    copy_ = copy.deepcopy(compile_network(net), memo={id(PERTURBED): PERTURBED})  # a sentinel, not copied
+    copy_.module.to(BOUND_DTYPE)
+    copy_.gm.to(BOUND_DTYPE)
+    return copy_
 
 
 def check_soundness(certs: Certificates, method_name: str) -> None:
@@ -216,7 +263,8 @@ def check_soundness(certs: Certificates, method_name: str) -> None:
         i = int(broken[0])
         raise SoundnessError(
             f"sample {int(certs.index[i])} (label {int(certs.label[i])}) is certified by {method_name} "
-            f"(smallest margin lower bound {float(certs.margin_lower[i].min()):.6g}) but the attack found a "
-            f"perturbation with margin {float(certs.attack_margin[i]):.6g} ({broken.size} such sample(s)): "
+            f"(smallest margin lower bound {float(certs.margin_lower[i].min()):.6g}, rounding allowance "
+            f"{float(certs.rounding_allowance[i].max()):.3g}) but the attack found a perturbation that changes "
+            f"its prediction (margin {float(certs.attack_margin[i]):.6g}; {broken.size} such sample(s)): "
             "the bound method is unsound; please report this as a bug"
         )

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from robnet_svc import __version__
-from robnet_svc.certify import AttackSettings, Certificates, certify_model
+from robnet_svc.certify import BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, certify_model
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
+from robnet_svc.perturbations.base import check_field_range
 from robnet_svc.report import Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
@@ -148,6 +149,8 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     device = dist.device(_device(options.device))
 
     imported = load_model(options.model, image_shape=options.image_shape)
+    _check_float32(imported, options.model)
+    check_field_range(perturbation, imported.image_shape)
     probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
         if method is None:
@@ -174,6 +177,18 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
             warn(line)
     dist.start(device)  # the first collective of the run comes after every check
     return plan
+
+
+def _check_float32(imported, model: str) -> None:
+    """Only float32 models: training, the exported file and the rounding allowance of the
+    certificate (robnet_svc/rounding.py) are for a model that computes in float32."""
+    dtypes = {str(imported.input_dtype), str(imported.output_dtype)}
+    dtypes |= {str(p.dtype).removeprefix("torch.") for p in imported.module.parameters() if p.is_floating_point()}
+    other = sorted(dtypes - {"float32"})
+    if other:
+        raise RobnetError(f"model {model} computes in {', '.join(other)}; robnet-svc hardens and certifies float32 "
+                          "models (training, export and the certificate's rounding allowance assume float32): "
+                          "export it in float32")
 
 
 def _train_settings(options: Options) -> TrainSettings:
@@ -353,6 +368,9 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "cert_method": o.cert_method,
         "attack_json": json.dumps(asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed))),
         "device": str(plan.device),
+        "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
+        "deployed_dtype": str(plan.imported.input_dtype),
+        "certified_rule": CERTIFIED_RULE,
     }
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}

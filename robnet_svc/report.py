@@ -8,11 +8,12 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   input_model, input_model_sha256, output_model, output_model_sha256,
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
-                                  train_method, cert_method, device
+                                  train_method, cert_method, device, bound_dtype, deployed_dtype,
+                                  certified_rule
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
-                                     attack_success, attack_margin
+                                     attack_success, attack_margin, rounding_allowance [N, K-1]
     /history               datasets, one value per epoch (harden only): see HISTORY_FIELDS
 """
 
@@ -30,7 +31,9 @@ from robnet_svc.atomic import atomic_path
 from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Versions ``read_report`` accepts; format 1 had no rounding allowance (read back as zeros).
+READABLE_VERSIONS = ("1", "2")
 METRICS = ("num_samples", "clean_accuracy", "certified_accuracy", "empirical_robust_accuracy")
 HISTORY_FIELDS = ("epoch", "eps", "lr", "loss", "ce_loss", "robust_loss", "train_clean_accuracy",
                   "train_certified_accuracy", "val_clean_accuracy", "val_certified_accuracy", "seconds")
@@ -148,7 +151,7 @@ def read_report(path: str | Path) -> Report:
         version = _plain(f.attrs.get("format_version"))
         if version is None or "certificates" not in f:
             raise RobnetError(f"{path} is an HDF5 file but not a robnet-svc certificate (no format_version)")
-        if str(version) != FORMAT_VERSION:
+        if str(version) not in READABLE_VERSIONS:
             raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads format "
                               f"{FORMAT_VERSION}: upgrade robnet-svc")
         provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
@@ -156,7 +159,9 @@ def read_report(path: str | Path) -> Report:
         sections, section_attrs = {}, {}
         for name in order:
             group = f["certificates"][name]
-            sections[name] = Certificates(**{fname: group[fname][()] for fname in Certificates.FIELDS})
+            fields = {fname: group[fname][()] for fname in Certificates.FIELDS if fname in group}
+            fields.setdefault("rounding_allowance", np.zeros_like(fields["margin_lower"], dtype=np.float64))
+            sections[name] = Certificates(**fields)
             section_attrs[name] = {k: _plain(v) for k, v in group.attrs.items()}
         history = {k: v[()] for k, v in f["history"].items()} if "history" in f else {}
         return Report(kind=_plain(f.attrs["kind"]), provenance=provenance, sections=sections,

@@ -73,16 +73,47 @@ def test_attack_finds_the_known_worst_case_of_a_linear_model():
         net[1].bias.copy_(torch.tensor([-0.5, 0.0]))
     images = torch.tensor([0.6, 0.9]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
     pert = load_registry().perturbation("brightness")(0.3)
-    found = attack_margin(net, pert.affine_set(images), torch.tensor([0, 0]), AttackSettings(steps=3, restarts=1),
-                          torch.arange(2))
+    found, success = attack_margin(net, pert.affine_set(images), torch.tensor([0, 0]),
+                                   AttackSettings(steps=3, restarts=1), torch.arange(2))
     assert found.tolist() == pytest.approx([0.6 - 0.3 - 0.5, 0.9 - 0.3 - 0.5], abs=1e-6)
+    assert success.tolist() == [True, False]
+
+
+def _tie_model() -> nn.Module:
+    """logit_0 = 0.25, logit_1 = pixel: a flat 0.5 image under brightness 0.25 reaches an exact tie
+    (0.25 = 0.25, every value a short binary fraction, so no rounding) at the box corner a = -0.25."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[0.0], [1.0]]))
+        net[1].bias.copy_(torch.tensor([0.25, 0.0]))
+    return net.eval()
+
+
+def test_a_tie_with_a_lower_class_is_a_successful_attack():
+    """argmax breaks ties towards the lower index, so at the tie the prediction is class 0, not
+    the label 1: the attack succeeded although its margin is exactly 0 (issue 13, case 3)."""
+    net = _tie_model()
+    images = torch.full((1, 1, 1, 1), 0.5)
+    pert = load_registry().perturbation("brightness")(0.25)
+    found, success = attack_margin(net, pert.affine_set(images), torch.tensor([1]),
+                                   AttackSettings(steps=2, restarts=1), torch.arange(1))
+    assert found.item() == 0.0 and success.item()
+    with torch.no_grad():  # the tie point really is predicted as class 0
+        assert net(torch.full((1, 1, 1, 1), 0.25)).argmax(-1).item() == 0
+    # and certification agrees: not certified (margin lower bound 0 is not > its allowance), attack success
+    certs = certify_model(net, compile_network(net), load_registry().bound_method("ibp")(), pert, images,
+                          torch.tensor([1]), batch_size=1, attack=AttackSettings(steps=2, restarts=1),
+                          device=torch.device("cpu"))
+    assert certs.prediction.tolist() == [1] and certs.attack_success.tolist() == [True]
+    assert certs.certified.tolist() == [False] and certs.margin_lower[0, 0] == 0.0
 
 
 def test_certified_and_attacked_is_a_soundness_error_naming_the_sample():
     certs = Certificates(index=np.array([10, 11, 12]), label=np.array([0, 1, 2]), prediction=np.array([0, 1, 2]),
                          certified=np.array([True, True, False]), margin_lower=np.full((3, 2), 0.1, np.float32),
                          attack_success=np.array([False, True, True]),
-                         attack_margin=np.array([0.5, -0.2, -0.1], np.float32))
+                         attack_margin=np.array([0.5, -0.2, -0.1], np.float32),
+                         rounding_allowance=np.full((3, 2), 1e-6))
     with pytest.raises(SoundnessError, match="sample 11 .*certified by rsip-ssip"):
         check_soundness(certs, "rsip-ssip")
     certs.attack_success[1] = False

@@ -88,6 +88,9 @@ def _three_class_model(path):
     (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ssip"), "--method 'ssip' needs a small"),
     (("--perturbation", "brightness", "--order", "2"), "has no option 'order'"),
     (("--dataset", "mri"), "needs --data-dir"),
+    (("--eps", "1e8"), "reaches pixel values of 2e+08 before clipping to [0, 1]; the limit is 32768"),
+    (("--coef-scale", "1e-9"), "the limit is 32768 (2^15 clip-range widths"),
+    (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ibp", "--eps", "4e4"), "the limit is 32768"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, capsys, extra, needle):
     out = tmp_path / "out"
@@ -144,3 +147,23 @@ def test_broken_plugins_are_warnings_on_stderr(model, capsys, monkeypatch):
     assert r.code == 0, r.err
     assert "robnet-svc: warning: ROBNET_SVC_PLUGINS names 'robnet-svc-no-such-plugin'" in r.err
     json.loads(r.out)  # stdout stays the summary only
+
+
+def test_a_float64_model_is_refused_with_exit_2(tmp_path, capsys):
+    """A float64 ONNX model used to end in an internal error (exit 3, the code of soundness
+    failures); robnet-svc hardens and certifies float32 models and says so."""
+    import warnings
+
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10)).double().eval()
+    path = tmp_path / "f64.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, 1, 8, 8, dtype=torch.float64),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    r = invoke(capsys, "certify", path, *FAST)
+    assert r.code == 2, r.err
+    assert "computes in float64; robnet-svc hardens and certifies float32 models" in r.err
+    assert len(r.err.strip().splitlines()) == 1

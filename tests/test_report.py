@@ -20,7 +20,8 @@ def _certs(n: int = 6, k: int = 3) -> Certificates:
     margin = rng.normal(size=(n, k - 1)).astype(np.float32)
     return Certificates(index=np.arange(n) * 2, label=label, prediction=label.copy(),
                         certified=(margin > 0).all(1), margin_lower=margin,
-                        attack_success=np.zeros(n, bool), attack_margin=np.abs(margin).min(1) + 1)
+                        attack_success=np.zeros(n, bool), attack_margin=np.abs(margin).min(1) + 1,
+                        rounding_allowance=np.full((n, k - 1), 1e-6))
 
 
 def _report(**sections) -> Report:
@@ -72,6 +73,18 @@ def test_reading_other_files_is_a_clear_error(tmp_path):
         read_report(path)
     with pytest.raises(RobnetError, match="is a folder; give the certificate.h5 file in it"):
         read_report(tmp_path)
+
+
+def test_format_1_certificates_are_still_read(tmp_path):
+    """Format 1 had no rounding allowance: it reads back as zeros (its rule was margin_lower > 0)."""
+    certs = _certs()
+    path = write_report(tmp_path / "c.h5", _report(model=certs))
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = "1"
+        del f["certificates/model/rounding_allowance"]
+    back = read_report(path).sections["model"]
+    np.testing.assert_array_equal(back.margin_lower, certs.margin_lower)
+    assert back.rounding_allowance.shape == certs.margin_lower.shape and not back.rounding_allowance.any()
 
 
 def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):

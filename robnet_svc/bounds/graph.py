@@ -73,6 +73,13 @@ class _ClipAffine(AffineRule):
     def transpose(self, lam: Tensor) -> tuple[Tensor]:
         return (self.linear(lam),)
 
+    def interval_bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """The output bounds straight from the input bounds (one rounding each), not through
+        centre ± radius: at a huge radius that would lose the clip range (issue 13)."""
+        scale, shift = self.call.args[1:]
+        lo, hi = (self.linear(lower), self.linear(upper)) if scale >= 0 else (self.linear(upper), self.linear(lower))
+        return (lo + shift, hi + shift) if shift != 0 else (lo, hi)
+
 
 def _clip_nodes(clip: tuple[float, float] | None) -> list[PlanNode]:
     """The clipping layer ``-(ReLU(-ReLU(x - lo) + (hi-lo)) - (hi-lo)) + lo`` as plan nodes

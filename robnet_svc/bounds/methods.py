@@ -20,6 +20,12 @@ Ordering guarantees (lower margin bounds; tests check them):
   without the max on 1,280 sampled margins of random CNNs, but nothing guarantees it, and a
   certificate must not depend on luck. Cost: one more backward pass from the spec (K-1 rows)
   plus the plain IBP pass, i.e. about one ``rsip-ibp``.
+- Every method ``>= ibp`` and ``rsip-ssip >= ssip``: a sound bound may always be replaced by a
+  tighter sound one, so the backward methods also take the elementwise max with the bounds
+  they hold anyway: the IBP bound through the plain interval pass, and (``rsip-ssip``) the SSIP
+  bounds of its forward symbolic pass, which then runs to the output instead of stopping at
+  the last activation's input. Cost: the tail of that pass (the layers after the last
+  activation) and three spec folds through the affine tail.
 
 Training does not need the ordering, only soundness: ``Method(ordered=False)`` (or setting
 ``method.ordered = False``) skips those passes. ``rsip-ssip`` then runs one SSIP pass (its own
@@ -129,7 +135,8 @@ class RSIP(BoundMethod):
     chunk_elements: ClassVar[int] = 1 << 25
 
     def margin_lower(self, net, aset, labels: Tensor) -> Tensor:
-        from robnet_svc.bounds.propagate import back_substitute, forward_pass
+        from robnet_svc.bounds.propagate import (back_substitute, forward_pass, interval_frontier,
+                                                 symbolic_frontier)
 
         frame, lam = _setup(net, aset, labels)
         out = frame.output
@@ -139,15 +146,26 @@ class RSIP(BoundMethod):
             return back_substitute(frame, aset, out, lam, relax=_relaxations(frame, pre))
         plain = forward_pass(frame, aset)
         if self.intermediate == "ibp":
-            return back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre))
-        if self.intermediate == "ssip":
-            pre = forward_pass(frame, aset, symbolic=True, tighter=plain.pre, pre_only=True).pre
+            crown = back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre))
+            if not self.ordered:
+                return crown
+            return torch.maximum(crown, back_substitute(frame, aset, out, lam, frontier=interval_frontier(plain)))
+        held = []  # sound bounds this method computes on the way
+        if self.intermediate == "ssip":  # ordered here: the whole pass, so SSIP's own bounds are held too
+            fwd = forward_pass(frame, aset, symbolic=True, tighter=plain.pre)
+            pre = fwd.pre
+            held += [back_substitute(frame, aset, out, lam, frontier=symbolic_frontier(fwd)),
+                     back_substitute(frame, aset, out, lam, frontier=interval_frontier(fwd))]
         else:
             pre = self._backward_intermediate(frame, aset, plain.pre)
         tight = back_substitute(frame, aset, out, lam, relax=_relaxations(frame, pre))
         if not self.ordered:
             return tight
-        return torch.maximum(tight, back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre)))
+        held += [back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre)),
+                 back_substitute(frame, aset, out, lam, frontier=interval_frontier(plain))]
+        for bound in held:
+            tight = torch.maximum(tight, bound)
+        return tight
 
     def _backward_intermediate(self, frame, aset, ibp_pre: dict) -> dict:
         """CROWN bounds of every activation input, layer by layer, each ∩ IBP. Λ starts as

@@ -164,7 +164,11 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
                                          getattr(rule, "nonneg_slopes", False))
             continue
         bias = frame.bias(i, ins[0].mid) if symbolic else None
-        intervals[i] = Interval(rule.forward(*(iv.mid for iv in ins)), rule.abs_linear(*(iv.rad for iv in ins)))
+        exact = getattr(rule, "interval_bounds", None)  # ops whose bounds map to bounds without mid ± rad
+        if exact is not None:
+            intervals[i] = Interval.from_bounds(*exact(*(iv.lower for iv in ins), *(iv.upper for iv in ins)))
+        else:
+            intervals[i] = Interval(rule.forward(*(iv.mid for iv in ins)), rule.abs_linear(*(iv.rad for iv in ins)))
         if symbolic:
             syms[i] = _affine_forward(rule, bias, [syms[j] for j in node.inputs])
     return result

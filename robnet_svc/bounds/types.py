@@ -33,22 +33,29 @@ from torch import Tensor
 
 @dataclass
 class Interval:
-    """Concrete bounds of one node as centre and radius, each ``[B, *node_shape]``."""
+    """Concrete bounds of one node as centre and radius, each ``[B, *node_shape]``.
+
+    ``bounds``: the ``(lower, upper)`` the interval was built from, when it was (activations,
+    the clipping layer): kept as they are, because ``mid ± rad`` rounds at the scale of the
+    radius and would lose every detail below it (with a field range of 1e7 in float32, the
+    whole ``[0, 1]`` clip range).
+    """
 
     mid: Tensor
     rad: Tensor
+    bounds: tuple[Tensor, Tensor] | None = None
 
     @property
     def lower(self) -> Tensor:
-        return self.mid - self.rad
+        return self.mid - self.rad if self.bounds is None else self.bounds[0]
 
     @property
     def upper(self) -> Tensor:
-        return self.mid + self.rad
+        return self.mid + self.rad if self.bounds is None else self.bounds[1]
 
     @staticmethod
     def from_bounds(lower: Tensor, upper: Tensor) -> "Interval":
-        return Interval((upper + lower) / 2, (upper - lower) / 2)
+        return Interval((upper + lower) / 2, (upper - lower) / 2, (lower, upper))
 
 
 @dataclass

@@ -180,6 +180,33 @@ class IdentityAffineSet(AffineSet):
         return flat, (flat * self.offset.reshape(b, 1, -1)).sum(-1)
 
 
+#: The largest pixel magnitude a perturbed image may reach before clipping, in widths of the
+#: clip range. float32 (the deployed model's precision) spaces numbers of magnitude M about
+#: M·2^-23 apart; at M = 2^15 widths that spacing is 1/256 of the range, an 8-bit grey level:
+#: beyond it the perturbed images, computed in float32 before clipping, no longer resolve
+#: pixel values and the set is not represented meaningfully.
+MAX_FIELD_RANGE = 2.0 ** 15
+
+
+def check_field_range(perturbation: "Perturbation", image_shape: tuple[int, ...]) -> None:
+    """RobnetError when ``perturbation`` takes images of ``image_shape`` beyond ``MAX_FIELD_RANGE``
+    (probed with flat images at both ends of the clip range, in float64; no clip: no limit)."""
+    if perturbation.clip is None:
+        return
+    lo, hi = perturbation.clip
+    probes = torch.stack([torch.full(tuple(image_shape), v, dtype=torch.float64) for v in (lo, hi)])
+    centre, radius = perturbation.affine_set(probes).center_radius()
+    reach = float((centre.abs() + radius).max())
+    limit = MAX_FIELD_RANGE * (hi - lo)
+    if not reach <= limit:
+        raise RobnetError(
+            f"perturbation {perturbation.name!r} at --eps {perturbation.eps:g}"
+            + (f" with coef_scale {perturbation.coef_scale:g}" if getattr(perturbation, "coef_scale", None) else "")
+            + f" reaches pixel values of {reach:.3g} before clipping to [{lo:g}, {hi:g}]; the limit is "
+            f"{limit:g} (2^15 clip-range widths: beyond it float32, the model's precision, cannot resolve "
+            "an 8-bit grey level of the perturbed image); use a smaller --eps or a larger --coef-scale")
+
+
 def _checked_clip(clip, name: str) -> tuple[float, float] | None:
     """``clip`` as a ``(lo, hi)`` float pair (or None); RobnetError unless ``lo < hi``."""
     if clip is None:

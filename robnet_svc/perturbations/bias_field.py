@@ -91,10 +91,22 @@ class BiasField(Perturbation):
         prefixes = {"mult": ("m",), "add": ("a",), "both": ("m", "a")}[self.mode]
         return [f"{p}_{term}" for p in prefixes for term in terms]
 
+    @property
+    def effective_coef_scale(self) -> float:
+        """``s`` as bounded: the option, or its default (number of terms − 1, at least 1)."""
+        return float(self.coef_scale) if self.coef_scale is not None else float(max(self.num_terms - 1, 1))
+
+    def describe(self) -> dict:
+        """As the base class, with the ``coef_scale`` actually used (its default resolved), so the
+        declared set is the box that was bounded."""
+        described = super().describe()
+        if "coef_scale" in self.options:
+            described["coef_scale"] = self.effective_coef_scale
+        return described
+
     def _field_box(self, eps: float, constant: float, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Box and nominal ``[T]`` of one field whose constant term is centred on ``constant``."""
-        scale = self.coef_scale if self.coef_scale is not None else max(self.num_terms - 1, 1)
-        half = torch.full((self.num_terms,), eps / scale, device=ref.device, dtype=ref.dtype)
+        half = torch.full((self.num_terms,), eps / self.effective_coef_scale, device=ref.device, dtype=ref.dtype)
         half[0] = eps
         nominal = torch.zeros(self.num_terms, device=ref.device, dtype=ref.dtype)
         nominal[0] = constant

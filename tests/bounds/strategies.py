@@ -249,8 +249,11 @@ def check_sound(bounds: dict[str, Tensor], true: Tensor, context: str) -> None:
 
 
 def check_order(bounds: dict[str, Tensor], context: str) -> None:
-    """``ssip >= ibp``, ``rsip-ssip >= rsip-ibp``, ``rsip >= rsip-ibp`` (lower margin bounds)."""
-    for tight, loose in (("ssip", "ibp"), ("rsip-ssip", "rsip-ibp"), ("rsip", "rsip-ibp")):
+    """``ssip >= ibp``, ``rsip-ssip >= rsip-ibp``, ``rsip >= rsip-ibp``, ``rsip-ssip >= ssip``,
+    ``rsip-ibp >= ibp``, ``rsip >= ibp`` (lower margin bounds)."""
+    pairs = (("ssip", "ibp"), ("rsip-ssip", "rsip-ibp"), ("rsip", "rsip-ibp"), ("rsip-ssip", "ssip"),
+             ("rsip-ibp", "ibp"), ("rsip", "ibp"))
+    for tight, loose in pairs:
         if tight in bounds and loose in bounds:
             tol = ORDER_TOL * max(1.0, bounds[loose].abs().max().item())
             gap = (bounds[loose] - bounds[tight]).max().item()
