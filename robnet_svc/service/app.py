@@ -187,8 +187,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 params = jobspec.parse_settings(command, values)
                 data_dir = jobspec.resolve_data_dir(params, config.data_roots)
                 jobspec.check_job(command, params, upload, job_dir / jobspec.OUT_DIR, data_dir)
-            except RobnetError as exc:
-                raise HTTPException(400, " ".join(str(exc).split())) from None
+            except RobnetError as exc:  # the CLI's line, with the server's paths left out
+                line = str(exc).replace(str(upload), "the uploaded model").replace(str(job_dir), "the job")
+                raise HTTPException(400, " ".join(line.split())) from None
             job_dir.mkdir(parents=True)
             os.replace(upload, job_dir / jobspec.INPUT_FILE)
             store.add(who, command, params, digest.hexdigest(), job_id=job_id)
