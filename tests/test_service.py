@@ -165,6 +165,14 @@ def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, m
     assert http.get("/v1/jobs").json() == []
     assert not any((server.state_dir / "jobs").glob("*")) and not any((server.state_dir / "uploads").glob("*"))
 
+    # cancel: a job cancelled at once (queued, or its worker stopped) ends cancelled, with nothing to download
+    job_id = _submit(http, model_file, {**FAST_SETTINGS, "epochs": 50}).raise_for_status().json()["id"]
+    cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] in ("cancelled", "running")
+    job = _wait(http, job_id)
+    assert job["state"] == "cancelled" and job["exit_code"] == 130 and job["artifacts"] == []
+    assert http.get(f"/v1/jobs/{job_id}/artifacts/summary.json").status_code == 409
+
     plugins = http.get("/v1/plugins").json()
     served = {row["name"]: row["served"] for row in plugins["datasets"]}
     assert served["digits"] is True and served["mri"] is False
@@ -193,15 +201,15 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN_A + "\n")
     argv = [sys.executable, "-c", wrapper, "submit", str(model_file), "--server", server.url, "--token-file",
-            str(token_file), *FAST, "--max-test", "16", "--epochs", "4", "--max-train", "128",
+            str(token_file), *FAST, "--max-test", "16", "--epochs", "6", "--max-train", "128",
             "--batch-size", "32", "--wait", "--fail-under", "0.5", "--download", str(download), "--json"]
-    client = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
     http = server.client()
+    before = {j["id"] for j in http.get("/v1/jobs").json()}
+    client = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + DEADLINE
-    while not http.get("/v1/jobs").json() and time.monotonic() < deadline:
+    while not {j["id"] for j in http.get("/v1/jobs").json()} - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    job_id = http.get("/v1/jobs").json()[0]["id"]
+    (job_id,) = {j["id"] for j in http.get("/v1/jobs").json()} - before
     seen, polled = [], []
 
     def poll_once(_i):
@@ -224,7 +232,7 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
     train = [p for p in seen if p.get("phase") == "train" and "loss" in p]
     assert train, seen
     assert {"epoch", "epochs", "step", "steps", "loss", "certified_accuracy", "eps"} <= set(train[-1])
-    assert train[-1]["epochs"] == 4
+    assert train[-1]["epochs"] == 6
     assert any(p.get("eta_seconds") is not None and p["eta_seconds"] > 0 for p in train)
 
     job = http.get(f"/v1/jobs/{job_id}").json()

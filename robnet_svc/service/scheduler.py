@@ -107,7 +107,10 @@ class Scheduler:
                 claimed = self.store.claim_next()
                 if claimed is None:
                     break
-                self._spawn(slot, *claimed)
+                try:
+                    self._spawn(slot, *claimed)
+                except OSError as exc:  # e.g. its folder was removed: the job fails, the server goes on
+                    self.store.worker_gone(*claimed, f"internal error: cannot start the job's worker: {exc}")
 
     def _spawn(self, slot: Slot, job_id: str, attempt: int) -> None:
         job_dir = self.state_dir / "jobs" / job_id
