@@ -172,6 +172,9 @@ def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, m
     job = _wait(http, job_id)
     assert job["state"] == "cancelled" and job["exit_code"] == 130 and job["artifacts"] == []
     assert http.get(f"/v1/jobs/{job_id}/artifacts/summary.json").status_code == 409
+    assert server.client(AUTH_B).delete(f"/v1/jobs/{job_id}").status_code == 404
+    assert http.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert http.get(f"/v1/jobs/{job_id}").status_code == 404 and not (server.state_dir / "jobs" / job_id).exists()
 
     plugins = http.get("/v1/plugins").json()
     served = {row["name"]: row["served"] for row in plugins["datasets"]}

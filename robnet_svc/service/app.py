@@ -4,7 +4,7 @@
 (multipart: ``model`` the ONNX file, ``command`` harden|certify, ``settings`` a JSON object
 of options), ``GET /v1/jobs``, ``GET /v1/jobs/ID`` (state, live progress, summary,
 artifacts with sha256), ``POST /v1/jobs/ID/cancel``, ``GET /v1/jobs/ID/artifacts/NAME``,
-``GET /v1/plugins``. A token sees only its own jobs: another token's job is 404, as is an
+``DELETE /v1/jobs/ID`` (a finished job and its files), ``GET /v1/plugins``. A token sees only its own jobs: another token's job is 404, as is an
 unknown one. Errors are ``{"detail": "one line"}`` (the CLI's line for bad settings).
 
 State folder: ``jobs.sqlite`` (the store), ``jobs/ID/`` (``input.onnx``, ``out/``,
@@ -219,6 +219,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
             store.request_cancel(job["id"])
             scheduler.wake()
         return _job_out(store.get(job["id"]))
+
+    @app.delete("/v1/jobs/{job_id}", status_code=204)
+    def delete(job: dict[str, Any] = Depends(own_job)) -> None:
+        """Forget a finished job and delete its files (409 while it is queued or running: cancel it first)."""
+        if not store.delete(job["id"]):
+            raise HTTPException(409, f"job {job['id']} is {job['state']}: cancel it first")
+        shutil.rmtree(jobs_dir / job["id"], ignore_errors=True)  # a crash here: removed at the next start
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}", response_class=FileResponse,
              responses={200: {"content": {"application/octet-stream": {}},

@@ -143,6 +143,13 @@ class JobStore:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return state
 
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job (the caller removes its folder); False if it is not finished."""
+        with self._transaction() as db:
+            cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')",
+                             (job_id,))
+            return cur.rowcount == 1
+
     # ------------------------------------------------------------------ the scheduler's side
 
     def requeue_running(self) -> list[str]:
