@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -158,7 +157,8 @@ def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, m
         "[1": "settings are not JSON",
     }
     for settings, line in cases.items():
-        answer = http.post("/v1/jobs", data={"settings": settings}, files={"model": ("m.onnx", model_file.read_bytes())})
+        answer = http.post("/v1/jobs", data={"settings": settings},
+                           files={"model": ("m.onnx", model_file.read_bytes())})
         assert answer.status_code == 400, (settings, answer.text)
         assert line in answer.json()["detail"], (settings, answer.json())
     assert http.post("/v1/jobs", data={"settings": "{}"}).status_code == 422  # no model part

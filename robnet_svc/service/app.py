@@ -4,8 +4,9 @@
 (multipart: ``model`` the ONNX file, ``command`` harden|certify, ``settings`` a JSON object
 of options), ``GET /v1/jobs``, ``GET /v1/jobs/ID`` (state, live progress, summary,
 artifacts with sha256), ``POST /v1/jobs/ID/cancel``, ``GET /v1/jobs/ID/artifacts/NAME``,
-``DELETE /v1/jobs/ID`` (a finished job and its files), ``GET /v1/plugins``. A token sees only its own jobs: another token's job is 404, as is an
-unknown one. Errors are ``{"detail": "one line"}`` (the CLI's line for bad settings).
+``DELETE /v1/jobs/ID`` (a finished job and its files), ``GET /v1/plugins``. A token sees
+only its own jobs: another token's job is 404, as is an unknown one. Errors are
+``{"detail": "one line"}`` (the CLI's line for bad settings).
 
 State folder: ``jobs.sqlite`` (the store), ``jobs/ID/`` (``input.onnx``, ``out/``,
 ``worker.log``), ``uploads/`` (uploads being checked), ``server.lock``.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ class Client:
                             handle.write(chunk)
                 except httpx.HTTPError as exc:
                     raise RobnetError(f"downloading {artifact['url']} failed: {exc}") from None
+                tmp.chmod(0o666 & ~_umask())  # an ordinary file, not the temporary file's 0600
                 if digest.hexdigest() != artifact["sha256"]:
                     raise RobnetError(f"{name}: downloaded sha256 {digest.hexdigest()} differs from the server's "
                                       f"{artifact['sha256']}; download again")
@@ -123,7 +125,8 @@ class Client:
                 if show:  # new log lines (the server keeps the last few)
                     count, lines = progress.get("log_count", 0), progress.get("log", [])
                     for line in lines[max(0, len(lines) - (count - printed)):]:
-                        console.print(f"robnet-svc: [job {job_id[:8]}] {line}", markup=False, highlight=False, soft_wrap=True)
+                        console.print(f"robnet-svc: [job {job_id[:8]}] {line}", markup=False, highlight=False,
+                                      soft_wrap=True)
                     printed = count
                 description, completed, total = _bar_state(job, progress)
                 bar.update(task, description=description, completed=completed, total=total,
@@ -136,6 +139,12 @@ class Client:
         if job["state"] == "failed":
             raise JobFailed(job.get("error") or "error: the job failed", job.get("exit_code") or 3)
         return job
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _bar_state(job: dict[str, Any], progress: dict[str, Any]) -> tuple[str, float, float | None]:
