@@ -2,10 +2,11 @@
 
 Slots: one per GPU when GPUs are present (``CUDA_VISIBLE_DEVICES`` set to the slot's GPU,
 so a job's ``cuda`` is its own GPU), else ``--workers`` on the CPU; with ``--workers`` and
-GPUs, slots take the GPUs in turn. The queue is the job store; this thread only claims
-queued jobs for free slots, stops the workers of cancelled jobs, and records a worker
-that died without a result. Jobs left running by a dead server are queued again on start
-(and resume from their checkpoint).
+GPUs, slots take the GPUs in turn. CPU slots share the cores (``OMP_NUM_THREADS``, unless
+set). The queue is the job store; this thread only claims queued jobs for free slots,
+stops the workers of cancelled jobs, and records a worker that died without a result.
+Jobs left running by a dead server are queued again on start (and resume from their
+checkpoint).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def make_slots(workers: int | None) -> list[Slot]:
     ``workers`` (default 1) CPU slots."""
     gpus = _visible_gpus()
     if not gpus:
-        return [Slot(f"cpu-{i}", {"CUDA_VISIBLE_DEVICES": ""}) for i in range(workers or 1)]
+        env = {"CUDA_VISIBLE_DEVICES": ""}
+        if "OMP_NUM_THREADS" not in os.environ:  # the cores shared by the jobs that run at once
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (workers or 1)))
+        return [Slot(f"cpu-{i}", dict(env)) for i in range(workers or 1)]
     count = workers or len(gpus)
     return [Slot(f"gpu-{gpus[i % len(gpus)]}", {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}) for i in range(count)]
 
