@@ -315,3 +315,36 @@ def test_kill9_mid_training_then_restart_resumes_bit_identically(tmp_path, model
         if key != "seconds":
             np.testing.assert_array_equal(reports[0].history[key], reports[1].history[key])
     assert not (tmp_path / "state" / "jobs" / first / "out" / "checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------- no server needed
+
+
+def test_settings_resolve_exactly_as_the_command_line_does():
+    from robnet_svc.cli import harden_cmd
+    from robnet_svc.service.jobs import parse_settings
+
+    flags = ["--eps", "0.05", "--order", "1", "--epochs", "3", "--dataset-option", "seed=1", "--mode", "add"]
+    with harden_cmd.make_context("harden", [*flags, "input.onnx"]) as ctx:
+        expected = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items()}
+    settings = {"eps": 0.05, "order": "1", "epochs": 3, "dataset_option": ["seed=1"], "--mode": "add"}
+    assert parse_settings("harden", settings) == expected
+
+
+def test_store_refuses_a_newer_schema(tmp_path):
+    import sqlite3
+
+    from robnet_svc.errors import RobnetError
+    from robnet_svc.service.store import SCHEMA_VERSION, STORE_FILE, JobStore
+
+    store = JobStore(tmp_path)
+    job_id = store.add("owner", "harden", {"eps": 0.1}, "0" * 64)
+    assert store.claim_next() == (job_id, 1) and store.claim_next() is None
+    assert store.requeue_running() == [job_id] and store.claim_next() == (job_id, 2)
+    assert not store.finish(job_id, 1, "succeeded")  # a stale attempt's result is ignored
+    assert store.finish(job_id, 2, "failed", error="error: x", exit_code=2)
+    assert store.get(job_id)["state"] == "failed" and store.get(job_id, owner="other") is None
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(RobnetError, match="schema version"):
+        JobStore(tmp_path)
