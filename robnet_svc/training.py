@@ -251,9 +251,10 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                 sums[key] += value
             if task is not None:
                 seen = sums["seen"]
+                # the numbers also go as task fields: the service's job progress reads them
                 running = {"loss": sums["loss"] / (i + 1), "train_accuracy": sums["correct"] / seen,
-                           "certified_accuracy": sums["certified"] / seen, "eps": eps}  # also as fields: the
-                progress.update(task, advance=1, **running, stats=(  # service reports them (robnet_svc/service)
+                           "certified_accuracy": sums["certified"] / seen, "eps": eps}
+                progress.update(task, advance=1, **running, stats=(
                     f"loss {running['loss']:.3f}  acc {running['train_accuracy']:.3f}  "
                     f"cert {running['certified_accuracy']:.3f}  eps {eps:.3g}"))
         val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
