@@ -285,6 +285,59 @@ def demo_cmd(out: str, fast: bool, force: bool, device: str, as_json: bool) -> N
     _print_summary(report, as_json)
 
 
+# --------------------------------------------------------------------------- the service
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (other than loopback only with --tokens).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--state-dir", default="robnet-state", show_default=True,
+              help="Folder of the job store (jobs.sqlite) and the jobs' files.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Jobs run at once (default: one per GPU, else 1).")
+@click.option("--data-root", "data_roots", multiple=True, metavar="NAME=PATH",
+              help="Serve dataset NAME from folder PATH, repeatable (digits needs none).")
+@click.option("--tokens", default=None, type=click.Path(dir_okay=False),
+              help="File of bearer tokens, one a line (default: no authentication, loopback only).")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="Largest model upload accepted.")
+def serve_cmd(host, port, state_dir, workers, data_roots, tokens, max_upload_mb) -> None:
+    """Run the HTTP job API (docs/service.md): harden and certify jobs for pipelines and teams."""
+    try:
+        from robnet_svc.service.app import serve
+    except ImportError as exc:
+        raise RobnetError(f"robnet-svc serve needs the service extra ({exc.name} is missing): "
+                          "pip install 'robnet-svc[service]'") from None
+    serve(host, port, state_dir, workers, data_roots, tokens, max_upload_mb)
+
+
+@cli.command("submit")
+@click.option("--server", required=True, envvar="ROBNET_SERVER", help="URL of robnet-svc serve (env ROBNET_SERVER).")
+@click.option("--token-file", default=None, envvar="ROBNET_TOKEN_FILE", type=click.Path(dir_okay=False),
+              help="File whose first line is the bearer token (env ROBNET_TOKEN_FILE).")
+@click.option("--certify", "certify_only", is_flag=True, help="Submit a certify job (no training) instead.")
+@click.option("--wait", is_flag=True, help="Wait for the job, showing its progress (implied by --fail-under, "
+                                           "--download).")
+@click.option("--download", default=None, metavar="DIR", help="Download the artifacts into DIR (sha256-checked).")
+@click.pass_context
+def submit_cmd(ctx: click.Context, server, token_file, certify_only, wait, download, **params) -> None:
+    """Send MODEL (ONNX) to a robnet-svc server as a harden (or certify) job; with --wait, exit like harden."""
+    from robnet_svc.service.client import run_submit
+
+    command = "certify" if certify_only else "harden"
+    client_side = {"model", "fail_under", "as_json", "config"}
+    settings = {name: list(value) if isinstance(value, tuple) else value for name, value in params.items()
+                if name not in client_side
+                and ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    sys.exit(run_submit(params["model"], server, token_file, command, settings, wait=wait,
+                        fail_under=params["fail_under"], download=download, as_json=params["as_json"]))
+
+
+#: harden's options that name server paths (the server owns them): not options of ``submit``.
+_SERVER_SIDE = {"data_dir", "out", "force", "resume"}
+submit_cmd.params.extend(p for p in harden_cmd.params if p.name not in _SERVER_SIDE)
+
+
 class Ui:
     """Progress bars, log lines and warnings on stderr (stdout stays free for ``--json``).
     ``quiet``: none of them (the ranks other than 0 of a distributed run)."""

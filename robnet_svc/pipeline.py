@@ -120,8 +120,12 @@ def certify(options: Options, config: dict[str, Any], command_line: str, ui, dis
 # --------------------------------------------------------------------------- validation
 
 
-def prepare(options: Options, training: bool, dist: Dist | None = None, warn=None) -> Plan:
+def prepare(options: Options, training: bool, dist: Dist | None = None, warn=None,
+            check_only: bool = False) -> Plan | None:
     """Check every input and load model and data; RobnetError (one line) before anything is written.
+
+    ``check_only``: stop (returning None) after every check that needs no data: the service's
+    check of a submitted job (robnet_svc/service), the very checks of the command line.
 
     Distributed: every rank checks everything (so a bad input fails on every rank, before
     any collective) except ``--out``, which only rank 0 writes and checks; the process group
@@ -163,6 +167,8 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     _compile(imported.module, rules)  # unsupported operations are reported now, not after training
 
     dataset = dataset_cls(options.data_dir, **options.dataset_options)
+    if check_only:
+        return None
     splits = dataset.load(imported.image_shape, progress=dist.is_main)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)

@@ -235,8 +235,8 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                         for i in range(steps_per_epoch)]
         batches = epoch_batches(data.images.shape[0], settings.batch_size, settings.seed, epoch,
                                 dist.rank, dist.world_size)
-        task = progress.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches),
-                                 stats="") if progress is not None else None
+        task = progress.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches), stats="",
+                                 epoch=epoch + 1, epochs=settings.epochs) if progress is not None else None
         sums = {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0, "certified": 0, "seen": 0}
         for i, (idx, global_size) in enumerate(zip(batches, global_sizes)):
             step = epoch * steps_per_epoch + i
@@ -251,9 +251,12 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                 sums[key] += value
             if task is not None:
                 seen = sums["seen"]
-                progress.update(task, advance=1, stats=(
-                    f"loss {sums['loss'] / (i + 1):.3f}  acc {sums['correct'] / seen:.3f}  "
-                    f"cert {sums['certified'] / seen:.3f}  eps {eps:.3g}"))
+                # the numbers also go as task fields: the service's job progress reads them
+                running = {"loss": sums["loss"] / (i + 1), "train_accuracy": sums["correct"] / seen,
+                           "certified_accuracy": sums["certified"] / seen, "eps": eps}
+                progress.update(task, advance=1, **running, stats=(
+                    f"loss {running['loss']:.3f}  acc {running['train_accuracy']:.3f}  "
+                    f"cert {running['certified_accuracy']:.3f}  eps {eps:.3g}"))
         val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
                                        settings.batch_size, dist)
         n = max(len(batches), 1)
