@@ -11,9 +11,12 @@ order).
 Per method the verdict is
 
 - ``verified``: every margin lower bound ``Y_label - Y_j`` (``j`` in the property's
-  disjunction) is ``> 0`` over the whole box (the unsafe region is empty: VNN-COMP "unsat");
+  disjunction) exceeds its rounding allowance over the whole box (the unsafe region is empty:
+  VNN-COMP "unsat"). The bounds are computed exactly as certification computes them: in float64
+  under ``full_precision()``, with the allowance of ``robnet_svc.rounding`` for a network run in
+  its own (float32) precision, so a verdict here and a certificate's flag follow one rule;
 - ``falsified-by-attack``: the attack (``robnet_svc.certify.attack_margin``, restricted to the
-  property's classes) found a point of the box where some ``Y_j > Y_label`` ("sat");
+  property's classes) found a point of the box where some ``Y_j >= Y_label`` ("sat");
 - ``unknown``: neither.
 
 A property both verified and falsified is a bug: SoundnessError.
@@ -29,9 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robnet_svc.certify import AttackSettings, attack_margin
+from robnet_svc.certify import BOUND_DTYPE, AttackSettings, _bound_copy, attack_margin
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.perturbations.base import AffineSet, DenseAffineSet, IdentityAffineSet
+from robnet_svc.precision import full_precision
+from robnet_svc.rounding import margin_allowance
 from robnet_svc.vnnlib import Property, read_property
 
 #: Inputs up to this many get a dense identity map (all methods, ssip included); more: IdentityAffineSet.
@@ -153,15 +158,19 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
     labels = torch.tensor([prop.label], device=device)
     others = [i for i in range(prop.num_outputs) if i != prop.label]
     columns = [others.index(j) for j in prop.targets]
-    found = attack_margin(_Restricted(module, prop.label, prop.targets, prop.num_outputs).to(device), aset,
-                          labels, attack, torch.zeros(1, dtype=torch.int64))
+    found, _flipped = attack_margin(_Restricted(module, prop.label, prop.targets, prop.num_outputs).to(device),
+                                    aset, labels, attack, torch.zeros(1, dtype=torch.int64))
     result = InstanceResult(str(onnx_path), str(vnnlib_path), prop.label, prop.targets, float(found[0]))
+    deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), aset.lower.dtype)
+    aset64 = _to(aset, device, BOUND_DTYPE)
     for method in bound_methods:
         start = time.perf_counter()
-        with torch.no_grad():
-            lower = method.margin_lower(net, aset, labels)[0, columns].double().cpu().numpy()
-        verified = bool((lower > 0).all())
-        falsified = result.attack_margin < 0
+        with torch.no_grad(), full_precision():
+            net64 = _bound_copy(net)
+            lower = method.margin_lower(net64, aset64, labels)[0, columns].cpu().numpy()
+            allowance = margin_allowance(net64, aset64, labels, deployed)[0, columns].cpu().numpy()
+        verified = bool((lower > allowance).all())
+        falsified = result.attack_margin <= 0
         if verified and falsified:
             raise SoundnessError(f"{vnnlib_path} on {onnx_path}: {method.name} proves every margin > 0 "
                                  f"(smallest {lower.min():.6g}) but the attack found margin "
@@ -175,10 +184,14 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
     return result
 
 
-def _to(aset: AffineSet, device: torch.device) -> AffineSet:
+def _to(aset: AffineSet, device: torch.device, dtype: torch.dtype | None = None) -> AffineSet:
+    """``aset`` on ``device`` (and in ``dtype``: exact, since the box is widened to float64)."""
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype or t.dtype)
+
     if isinstance(aset, DenseAffineSet):
-        return DenseAffineSet(aset.weights.to(device), aset.offset.to(device), aset.lower.to(device),
-                              aset.upper.to(device), aset.nominal.to(device), clip=aset.clip)
-    moved = IdentityAffineSet(aset.offset.to(device), aset.lower.to(device), aset.upper.to(device), clip=aset.clip)
-    moved.nominal = aset.nominal.to(device)
+        return DenseAffineSet(move(aset.weights), move(aset.offset), move(aset.lower), move(aset.upper),
+                              move(aset.nominal), clip=aset.clip)
+    moved = IdentityAffineSet(move(aset.offset), move(aset.lower), move(aset.upper), clip=aset.clip)
+    moved.nominal = move(aset.nominal)
     return moved
