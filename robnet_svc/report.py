@@ -8,11 +8,13 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   input_model, input_model_sha256, output_model, output_model_sha256,
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
-                                  train_method, cert_method, device
+                                  train_method, cert_method, device, radius_json
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
-                                     attack_success, attack_margin
+                                     attack_success, attack_margin, attack_coeffs [N, k];
+                                     radius, attack_radius (with --radius); attrs radius_eps,
+                                     radius_certified_accuracy, radius_empirical_robust_accuracy
     /history               datasets, one value per epoch (harden only): see HISTORY_FIELDS
 """
 
@@ -30,7 +32,12 @@ from robnet_svc.atomic import atomic_path
 from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Versions this reader understands: 1 lacks the optional per-sample datasets
+#: (``Certificates.OPTIONAL_FIELDS``) and the radius provenance.
+READABLE_VERSIONS = ("1", "2")
+#: Points of the certified-accuracy-vs-ε summary: this many equal steps from 0 to the radius maximum.
+RADIUS_SUMMARY_STEPS = 10
 METRICS = ("num_samples", "clean_accuracy", "certified_accuracy", "empirical_robust_accuracy")
 HISTORY_FIELDS = ("epoch", "eps", "lr", "loss", "ce_loss", "robust_loss", "train_clean_accuracy",
                   "train_certified_accuracy", "val_clean_accuracy", "val_certified_accuracy", "seconds")
@@ -51,6 +58,20 @@ class Report:
     def class_names(self) -> list[str]:
         return json.loads(self.provenance.get("class_names_json", "[]"))
 
+    @property
+    def radius_settings(self) -> dict[str, float] | None:
+        """``{"max", "precision"}`` of the radius search, or None (no ``--radius``, or format 1)."""
+        text = self.provenance.get("radius_json") or ""
+        return json.loads(text) if text else None
+
+    def radius_curve(self, section: str) -> dict[str, list[float]] | None:
+        """Certified and empirical robust accuracy at ``RADIUS_SUMMARY_STEPS + 1`` equally spaced ε
+        from 0 to the radius maximum (``Certificates.accuracy_at``), or None without radii."""
+        certs, settings = self.sections[section], self.radius_settings
+        if certs.radius is None or settings is None:
+            return None
+        return certs.accuracy_at(np.linspace(0.0, settings["max"], RADIUS_SUMMARY_STEPS + 1))
+
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what ``summary.json`` and ``--json`` contain)."""
         prov = self.provenance
@@ -65,7 +86,8 @@ class Report:
             "perturbation": json.loads(prov.get("perturbation_json", "{}")),
             "train_method": prov.get("train_method") or None,
             "cert_method": prov.get("cert_method"),
-            "sections": {name: certs.summary() for name, certs in self.sections.items()},
+            "sections": {name: {**certs.summary(), **({"radius": curve} if curve else {})}
+                         for name, certs in self.sections.items() for curve in [self.radius_curve(name)]},
         }
 
     def per_class(self) -> dict[str, list[dict[str, Any]]]:
@@ -100,8 +122,11 @@ def write_report(path: str | Path, report: Report) -> Path:
                     group.attrs[key] = _attr(value)
                 for key, value in metrics.items():
                     summary.attrs[f"{name}.{key}"] = value
-                for fname in Certificates.FIELDS:
-                    group.create_dataset(fname, data=getattr(certs, fname), compression="gzip", shuffle=True)
+                for key, values in (report.radius_curve(name) or {}).items():
+                    group.attrs[f"radius_{key}"] = np.asarray(values, dtype=np.float64)
+                for fname in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS:
+                    if getattr(certs, fname) is not None:
+                        group.create_dataset(fname, data=getattr(certs, fname), compression="gzip", shuffle=True)
             if report.history:
                 hist = f.create_group("history")
                 for key, values in report.history.items():
@@ -148,15 +173,16 @@ def read_report(path: str | Path) -> Report:
         version = _plain(f.attrs.get("format_version"))
         if version is None or "certificates" not in f:
             raise RobnetError(f"{path} is an HDF5 file but not a robnet-svc certificate (no format_version)")
-        if str(version) != FORMAT_VERSION:
-            raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads format "
-                              f"{FORMAT_VERSION}: upgrade robnet-svc")
+        if str(version) not in READABLE_VERSIONS:
+            raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads formats "
+                              f"{', '.join(READABLE_VERSIONS)}: upgrade robnet-svc")
         provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
         order = json.loads(_plain(f["summary"].attrs["sections_json"]))
         sections, section_attrs = {}, {}
         for name in order:
             group = f["certificates"][name]
-            sections[name] = Certificates(**{fname: group[fname][()] for fname in Certificates.FIELDS})
+            sections[name] = Certificates(**{fname: group[fname][()] for fname in
+                                             Certificates.FIELDS + Certificates.OPTIONAL_FIELDS if fname in group})
             section_attrs[name] = {k: _plain(v) for k, v in group.attrs.items()}
         history = {k: v[()] for k, v in f["history"].items()} if "history" in f else {}
         return Report(kind=_plain(f.attrs["kind"]), provenance=provenance, sections=sections,
