@@ -231,6 +231,7 @@ def report_plot_cmd(file: str, out: str, samples: str | None, num_samples: int, 
     from robnet_svc import report_plot
 
     source = None
+    report_plot.choose_samples(report, chosen, num_samples)  # a bad --samples fails before any loading
     if not no_samples and (chosen or num_samples):
         source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir)
     page = report_plot.write_page(report, out, source=source, samples=chosen, num_worst=num_samples,
