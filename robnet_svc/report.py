@@ -70,7 +70,7 @@ class Report:
         certs, settings = self.sections[section], self.radius_settings
         if certs.radius is None or settings is None:
             return None
-        return certs.accuracy_at(np.linspace(0.0, settings["max"], RADIUS_SUMMARY_STEPS + 1))
+        return certs.accuracy_at(eps_grid(settings["max"], RADIUS_SUMMARY_STEPS))
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what ``summary.json`` and ``--json`` contain)."""
@@ -100,6 +100,12 @@ class Report:
                 row["class"] = names[row["label"]]
             out[section] = rows
         return out
+
+
+def eps_grid(top: float, steps: int) -> np.ndarray:
+    """``steps + 1`` equally spaced ε from 0 to ``top``, as ``i * top / steps`` (so 0.3 is 0.3 exactly,
+    not linspace's 0.30000000000000004, and a sample certified at ε = 0.3 counts there)."""
+    return np.arange(steps + 1) * float(top) / steps
 
 
 def write_report(path: str | Path, report: Report) -> Path:

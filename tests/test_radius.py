@@ -103,17 +103,19 @@ def test_radius_needs_a_box_linear_in_eps():
 def test_certify_radius_is_stored_and_summarised(tmp_path, capsys):
     model = digits_model(tmp_path / "m.onnx")
     out = tmp_path / "out"
-    run = invoke(capsys, "certify", model, *FAST, "--radius", "--radius-max", "0.4", "--radius-precision", "0.05",
+    run = invoke(capsys, "certify", model, *FAST, "--radius", "--radius-max", "0.5", "--radius-precision", "0.05",
                  "--out", out)
     assert run.code == 0, run.err
     report = read_report(out / "certificate.h5")
-    assert report.format_version == "2" and report.radius_settings == {"max": 0.4, "precision": 0.05}
+    assert report.format_version == "2" and report.radius_settings == {"max": 0.5, "precision": 0.05}
     certs = report.sections["model"]
     assert certs.radius.dtype == np.float64 and certs.attack_coeffs.shape == (40, 4)
     summary = json.loads((out / "summary.json").read_text())["sections"]["model"]
-    assert summary["radius"]["eps"] == pytest.approx(np.linspace(0, 0.4, 11))
+    assert summary["radius"]["eps"] == pytest.approx(np.linspace(0, 0.5, 11))
+    assert summary["radius"]["eps"][1] == 0.05  # exactly the certificate's eps: its flags count there
+    assert summary["radius"]["certified_accuracy"][1] >= summary["certified_accuracy"] > 0
     assert summary["radius"]["certified_accuracy"] == pytest.approx(
-        certs.accuracy_at(np.linspace(0, 0.4, 11))["certified_accuracy"])
+        certs.accuracy_at(np.arange(11) * 0.5 / 10)["certified_accuracy"])
     with h5py.File(out / "certificate.h5") as f:
         np.testing.assert_allclose(f["certificates/model"].attrs["radius_certified_accuracy"],
                                    summary["radius"]["certified_accuracy"])
