@@ -217,10 +217,23 @@ def render(report: Report, console) -> None:
         s = certs.summary()
         summary.add_row(name, str(s["num_samples"]), *(f"{100 * s[m]:.1f}%" for m in METRICS[1:]))
     console.print(summary)
+    curves = {name: report.radius_curve(name) for name in report.sections}
+    if any(curves.values()):
+        settings = report.radius_settings
+        curves = {name: curve for name, curve in curves.items() if curve}
+        radius = Table(title=f"certified / empirical robust accuracy at eps (radii to {settings['precision']:g})",
+                       title_justify="left")
+        radius.add_column("eps", justify="right")
+        for name in curves:
+            radius.add_column(name, justify="right")
+        for i, eps in enumerate(next(iter(curves.values()))["eps"]):
+            radius.add_row(f"{eps:.4g}", *(f"{100 * c['certified_accuracy'][i]:.1f}% / "
+                                           f"{100 * c['empirical_robust_accuracy'][i]:.1f}%" for c in curves.values()))
+        console.print(radius)
 
     shown = ("created_utc", "tool_version", "command_line", "input_model", "input_model_sha256", "output_model",
              "output_model_sha256", "dataset", "dataset_source", "image_shape", "perturbation_json",
-             "train_method", "cert_method", "device")
+             "train_method", "cert_method", "radius_json", "device")
     table = Table(title="provenance", title_justify="left", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
