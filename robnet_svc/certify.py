@@ -16,6 +16,12 @@ For each test sample ``x`` with label ``y`` and its perturbation set
 A sample that is certified and successfully attacked contradicts its own certificate:
 ``check_soundness`` raises ``SoundnessError`` naming it. Never reported, always raised.
 
+Also stored: ``attack_coeffs``, the coefficients of the attack's best point (pictures).
+With ``RadiusSettings`` (``--radius``), per sample: ``radius``, the largest ε up to a
+maximum at which the sample is certified, and ``attack_radius``, the smallest ε at which
+the attack broke it, both by batched bisection over ε (``radii``); an attack radius at or
+below the certified radius is a ``SoundnessError`` too (``check_radius_soundness``).
+
 Determinism: the network is in eval mode and the attack's random starts of a sample come
 from a generator seeded with ``(seed, sample id)`` (its position in the test split), so a
 sample gets the same attack however the test set is batched or sharded across processes;
@@ -204,6 +210,11 @@ def is_certified(prediction: Tensor, labels: Tensor, margin_lower: Tensor) -> Te
     return (prediction == labels) & (margin_lower > 0).all(-1)
 
 
+def is_broken(found: Tensor) -> Tensor:
+    """The attack's success decision ``[B]`` from its smallest margin ``found``: a negative margin."""
+    return found < 0
+
+
 # --------------------------------------------------------------------------- certified radius
 
 
@@ -252,12 +263,13 @@ def check_radius_support(perturbation, probe: Tensor, settings: RadiusSettings) 
                               "so per-sample radii cannot be searched in one batch; certify at fixed --eps values")
 
 
-def certified_radius(net, method, aset, labels: Tensor, correct: Tensor, known: Tensor,
+def certified_radius(net, method, aset, labels: Tensor, prediction: Tensor, known: Tensor,
                      settings: RadiusSettings) -> Tensor:
     """Largest ε ≤ ``settings.max`` at which each sample is certified, to ``settings.precision``: ``[B]`` float64.
 
-    ``aset``: the samples' set at ε = ``settings.max``; ``correct [B]``: the clean prediction is
-    the label (else the radius is 0); ``known [B]``: an ε already certified (0 if none).
+    ``aset``: the samples' set at ε = ``settings.max``; ``prediction [B]``: the clean prediction
+    (the radius of a misclassified sample is 0); ``known [B]``: an ε already certified (0 if none).
+    Each round takes the certified decision of fixed-ε certification (``is_certified``).
     Bisection, batched: the set at ``max`` first, then ``settings.rounds`` rounds, each one
     bound pass over the whole batch at per-sample ε (``scaled_set``). The result is always an
     ε at which the sample was certified (or ``known``, or 0); the sets are nested, so the
@@ -266,11 +278,12 @@ def certified_radius(net, method, aset, labels: Tensor, correct: Tensor, known: 
     above the bracket it was not certified in.
     """
     top = torch.full_like(known, settings.max)
+    correct = prediction == labels
 
     def certified_at(eps: Tensor) -> Tensor:
         with torch.no_grad():
             margin = method.margin_lower(net, scaled_set(aset, eps / settings.max), labels)
-        return correct & (margin > 0).all(-1)
+        return is_certified(prediction, labels, margin)
 
     at_max = certified_at(top)
     lo, hi = torch.where(at_max, top, known), top
@@ -294,7 +307,7 @@ def attack_radius(module: nn.Module, aset, labels: Tensor, known: Tensor, settin
     top = torch.full_like(known, settings.max)
 
     def succeeded_at(eps: Tensor) -> Tensor:
-        return attack_margin(module, scaled_set(aset, eps / settings.max), labels, attack, sample_ids) < 0
+        return is_broken(attack_margin(module, scaled_set(aset, eps / settings.max), labels, attack, sample_ids))
 
     broken = torch.isfinite(known)
     hi = torch.where(broken, known, top)
@@ -311,15 +324,15 @@ def radii(module: nn.Module, net, method, perturbation, x: Tensor, y: Tensor, pr
           margin_lower: Tensor, found: Tensor, settings: RadiusSettings, attack: AttackSettings,
           sample_ids: Tensor) -> tuple[Tensor, Tensor]:
     """``(certified_radius, attack_radius)`` ``[B]`` of one batch, seeded with what certification at
-    the fixed ε (``perturbation.eps``) found: certified there -> radius ≥ min(ε, max); attacked there
-    (``found < 0``) and ε ≤ max -> attack radius ≤ ε."""
+    the fixed ε (``perturbation.eps``) found: certified there -> radius ≥ min(ε, max); broken there
+    and ε ≤ max -> attack radius ≤ ε."""
     eps = float(perturbation.eps)
     aset = perturbation.affine_set(x, eps=settings.max)
     correct = prediction == y
     zeros = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     known_cert = torch.where(is_certified(prediction, y, margin_lower), zeros + min(eps, settings.max), zeros)
-    known_attack = torch.where((found < 0) & (eps <= settings.max), zeros + eps, zeros + float("inf"))
-    radius = certified_radius(net, method, aset, y, correct, known_cert, settings)
+    known_attack = torch.where(is_broken(found) & (eps <= settings.max), zeros + eps, zeros + float("inf"))
+    radius = certified_radius(net, method, aset, y, prediction, known_cert, settings)
     upper = attack_radius(module, aset, y, torch.where(correct, known_attack, zeros), settings, attack, sample_ids)
     return radius, upper
 
@@ -362,7 +375,7 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
         out["prediction"].append(prediction)
         out["certified"].append(is_certified(prediction, y, margin_lower))
         out["margin_lower"].append(margin_lower)
-        out["attack_success"].append(found < 0)
+        out["attack_success"].append(is_broken(found))
         out["attack_margin"].append(found)
         if on_batch is not None:
             on_batch(x.shape[0])

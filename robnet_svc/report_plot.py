@@ -232,15 +232,18 @@ def accuracy_figure(report):
                     linestyle="--", label=f"{name}: empirical (attack)")
             ax.plot([eps0], [100 * s["certified_accuracy"]], "o", color=colour, markersize=4)  # fixed-ε flags
         else:
-            ax.plot([0, eps0], [100 * s["clean_accuracy"], 100 * s["certified_accuracy"]], "o-", color=colour,
+            # two measured points only (ε = 0 is the clean accuracy): no line suggests values in between
+            ax.plot([0, eps0], [100 * s["clean_accuracy"], 100 * s["certified_accuracy"]], "o", color=colour,
                     label=f"{name}: certified")
-            ax.plot([0, eps0], [100 * s["clean_accuracy"], 100 * s["empirical_robust_accuracy"]], "s--",
-                    color=colour, label=f"{name}: empirical (attack)")
+            ax.plot([0, eps0], [100 * s["clean_accuracy"], 100 * s["empirical_robust_accuracy"]], "s",
+                    color=colour, markerfacecolor="none", markersize=9, label=f"{name}: empirical (attack)")
+            ax.set_xlim(-0.05 * eps0, 1.15 * eps0)
     ax.axvline(eps0, color="black", linestyle=":", linewidth=1, label=f"certified ε = {eps0:g}")
     ax.set_xlabel(_eps_label(report))
     ax.set_ylabel("accuracy on the test samples (%)")
     ax.set_ylim(-2, 102)
-    ax.set_xlim(left=0)
+    if settings is not None:
+        ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(f"Certified ({report.provenance.get('cert_method', '?')}) and empirical robust accuracy vs ε")
