@@ -237,12 +237,17 @@ def scaled_set(aset, scale: Tensor):
 
     For a perturbation whose box grows linearly with ε about its nominal point and whose
     transform does not depend on ε (every built-in one; ``check_radius_support`` checks it),
-    this is the perturbation's own set at ``ε_b = scale_b * ε`` of ``aset``, up to float rounding.
+    this is the perturbation's own set at ``ε_b = scale_b * ε`` of ``aset``, widened by a few
+    ulps so that float rounding cannot make it the smaller one.
     """
     out = copy.copy(aset)
     s = scale.to(aset.lower.dtype).unsqueeze(1)
-    out.lower = aset.nominal + (aset.lower - aset.nominal) * s
-    out.upper = aset.nominal + (aset.upper - aset.nominal) * s
+    low, high = (aset.lower - aset.nominal) * s, (aset.upper - aset.nominal) * s
+    # Scaling rounds differently from the perturbation's own arithmetic at that ε (a few ulps):
+    # widen by a few ulps so the searched box contains the perturbation's own one.
+    slack = 4 * torch.finfo(aset.lower.dtype).eps * (aset.nominal.abs() + torch.maximum(low.abs(), high.abs()))
+    out.lower = aset.nominal + low - slack
+    out.upper = aset.nominal + high + slack
     return out
 
 

@@ -98,8 +98,8 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
             raise RobnetError(f"dataset {name!r} needs --data-dir (the certificate records none)")
         if folder and not Path(folder).is_dir():
             raise RobnetError(f"--data-dir {folder} is not a folder")
-        splits = dataset_cls(folder, **dataset_options(config.get("dataset_option") or ())).load(
-            image_shape, progress=False)
+        given = config.get("dataset_options") or dataset_options(config.get("dataset_option") or ())  # demo: a dict
+        splits = dataset_cls(folder, **given).load(image_shape, progress=False)
         origin = f"dataset {name!r}" + (f" in {folder}" if folder else "")
     else:
         origin = "the run's own test split"

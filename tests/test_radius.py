@@ -164,3 +164,16 @@ def test_format_1_certificates_still_read(tmp_path, capsys):
     drawn = invoke(capsys, "report", "plot", old, "--out", tmp_path / "pictures")
     assert drawn.code == 0, drawn.err
     assert "no attack points" in (tmp_path / "pictures" / "report.html").read_text()
+
+
+def test_scaled_boxes_contain_the_perturbations_own():
+    from robnet_svc.certify import scaled_set
+
+    pert = BiasField(0.1, order=3)
+    images = torch.rand(3, 1, 8, 8)
+    reference = pert.affine_set(images, eps=0.7)
+    for eps in (0.013, 0.1, 0.33, 0.7):
+        own = pert.affine_set(images, eps=eps)
+        mine = scaled_set(reference, torch.full((3,), eps / 0.7, dtype=torch.float64))
+        assert (mine.lower <= own.lower).all() and (mine.upper >= own.upper).all()
+        torch.testing.assert_close(mine.lower, own.lower, rtol=0, atol=1e-6)
