@@ -24,6 +24,12 @@ For each test sample ``x`` with label ``y`` and its perturbation set
 A sample that is certified and successfully attacked contradicts its own certificate:
 ``check_soundness`` raises ``SoundnessError`` naming it. Never reported, always raised.
 
+Also stored: ``attack_coeffs``, the coefficients of the attack's best point (pictures).
+With ``RadiusSettings`` (``--radius``), per sample: ``radius``, the largest ε up to a
+maximum at which the sample is certified, and ``attack_radius``, the smallest ε at which
+the attack broke it, both by batched bisection over ε (``radii``); an attack radius at or
+below the certified radius is a ``SoundnessError`` too (``check_radius_soundness``).
+
 Determinism: the network is in eval mode and the attack's random starts of a sample come
 from a generator seeded with ``(seed, sample id)`` (its position in the test split), so a
 sample gets the same attack however the test set is batched or sharded across processes;
@@ -34,6 +40,7 @@ the same flags up to floating-point noise otherwise.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robnet_svc.errors import SoundnessError
+from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.precision import full_precision
 from robnet_svc.rounding import margin_allowance
 
@@ -82,16 +89,31 @@ class Certificates:
     attack_success: np.ndarray
     attack_margin: np.ndarray
     rounding_allowance: np.ndarray
+    attack_coeffs: np.ndarray | None = None
+    radius: np.ndarray | None = None
+    attack_radius: np.ndarray | None = None
 
     FIELDS = ("index", "label", "prediction", "certified", "margin_lower", "attack_success", "attack_margin",
               "rounding_allowance")
+    #: Fields that may be missing (None): ``attack_coeffs [N, k]`` float32, the coefficients of
+    #: the attack's best point; ``radius [N]`` and ``attack_radius [N]`` float64 (exactly the ε used), see
+    #: ``certified_radius`` and ``attack_radius`` (only with ``--radius``). Files of format 1
+    #: have none of them.
+    OPTIONAL_FIELDS = ("attack_coeffs", "radius", "attack_radius")
 
     @classmethod
     def concat(cls, parts: "list[Certificates]") -> "Certificates":
         """The parts one after the other (e.g. the shards of every rank, in rank order); empty parts
         are skipped (an empty shard does not know the number of classes)."""
         parts = [p for p in parts if p.num_samples] or parts[:1]
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+        optional = {f: np.concatenate([getattr(p, f) for p in parts])
+                    for f in cls.OPTIONAL_FIELDS if all(getattr(p, f) is not None for p in parts)}
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS), **optional)
+
+    def subset(self, mask: np.ndarray) -> "Certificates":
+        """The samples selected by ``mask`` (bool ``[N]`` or positions)."""
+        optional = {f: getattr(self, f)[mask] for f in self.OPTIONAL_FIELDS if getattr(self, f) is not None}
+        return Certificates(*(getattr(self, f)[mask] for f in self.FIELDS), **optional)
 
     @property
     def num_samples(self) -> int:
@@ -108,12 +130,23 @@ class Certificates:
             "empirical_robust_accuracy": float((correct & ~self.attack_success).sum() / n),
         }
 
+    def accuracy_at(self, eps_values) -> dict[str, list[float]]:
+        """Certified and empirical robust accuracy at each ε of ``eps_values`` (needs ``radius``):
+        certified = the certified radius is ≥ ε; empirical = correct and the attack's smallest
+        successful radius is > ε (an upper estimate of the true robust accuracy)."""
+        eps = np.asarray(eps_values, dtype=np.float64)
+        n = max(self.num_samples, 1)
+        correct = self.prediction == self.label
+        certified = (correct[None, :] & (self.radius[None, :] >= eps[:, None])).sum(1) / n
+        empirical = (correct[None, :] & (self.attack_radius[None, :] > eps[:, None])).sum(1) / n
+        return {"eps": eps.tolist(), "certified_accuracy": certified.tolist(),
+                "empirical_robust_accuracy": empirical.tolist()}
+
     def per_class(self, num_classes: int) -> list[dict[str, float | int]]:
         """``summary()`` restricted to each label ``0..num_classes-1``."""
         rows = []
         for cls in range(num_classes):
-            mask = self.label == cls
-            part = Certificates(*(getattr(self, f)[mask] for f in self.FIELDS))
+            part = self.subset(self.label == cls)
             rows.append({"label": cls, **part.summary()})
         return rows
 
@@ -143,10 +176,12 @@ def random_starts(sample_ids: Tensor, restarts: int, k: int, seed: int, dtype: t
 
 
 def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSettings,
-                  sample_ids: Tensor) -> tuple[Tensor, Tensor]:
+                  sample_ids: Tensor, return_point: bool = False) -> tuple[Tensor, ...]:
     """Smallest margin the attack finds for each sample and whether it changed the prediction:
-    ``([B] margins, [B] bool)``. Success means that at some evaluated point ``argmax`` (ties to
-    the lowest index, as the prediction) is not the label: a tie with a lower class is one.
+    ``([B] margins, [B] bool)``; with ``return_point`` also the coefficients ``[B, k]`` of the
+    point where it found the smallest margin. Success means that at some evaluated point
+    ``argmax`` (ties to the lowest index, as the prediction) is not the label: a tie with a
+    lower class is one.
 
     ``aset``: the samples' ``AffineSet`` (``B`` samples, ``k`` coefficients); ``sample_ids``
     ``[B]`` int: the samples' ids, which seed their random starts (drawn on CPU, so results
@@ -165,6 +200,16 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
     step = (hi - lo) * (1.25 / max(settings.steps, 1))  # PGD step: 2.5 x half-width / steps
     best = torch.full((b,), float("inf"), dtype=lower.dtype, device=lower.device)
     flipped = torch.zeros(b, dtype=torch.bool, device=lower.device)
+    best_point = aset.nominal.detach().clone()
+    rows = torch.arange(b, device=lower.device)
+
+    def keep(found: Tensor, points: Tensor) -> Tensor:
+        """``best`` lowered by the margins ``found [B, R]`` of ``points [B, R, k]``; ``best_point`` follows."""
+        nonlocal best_point
+        low, where = found.min(1)
+        better = low < best
+        best_point = torch.where(better.unsqueeze(1), points[rows, where], best_point)
+        return torch.where(better, low, best)
 
     def evaluate(c: Tensor) -> tuple[Tensor, Tensor]:
         images = aset.clipped(aset.images(c))  # [B, R, C, H, W]
@@ -177,17 +222,157 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
         with torch.enable_grad():
             found, changed = evaluate(coeffs)
             (grad,) = torch.autograd.grad(found.sum(), coeffs)
-        best = torch.minimum(best, found.detach().min(1).values)
+        best = keep(found.detach(), coeffs.detach())
         flipped |= changed
         coeffs = torch.maximum(torch.minimum(coeffs.detach() - step * grad.sign(), hi), lo)
     with torch.no_grad():
         found, changed = evaluate(coeffs)
-    return torch.minimum(best, found.min(1).values), flipped | changed
+        best = keep(found, coeffs)
+    flipped |= changed
+    return (best, flipped, best_point) if return_point else (best, flipped)
+
+
+def is_certified(prediction: Tensor, labels: Tensor, margin_lower: Tensor, allowance: Tensor) -> Tensor:
+    """The certified decision ``[B]`` (``CERTIFIED_RULE``): the clean prediction is the label and
+    every margin lower bound exceeds its rounding allowance."""
+    return (prediction == labels) & (margin_lower > allowance).all(-1)
+
+
+# --------------------------------------------------------------------------- certified radius
+
+
+@dataclass(frozen=True)
+class RadiusSettings:
+    """Per-sample radius search on ``[0, max]`` by bisection to ``precision`` (absolute, in ε)."""
+
+    max: float
+    precision: float
+
+    @property
+    def rounds(self) -> int:
+        """Bisection rounds that shrink an interval of width ``max`` to ``precision`` or less."""
+        return max(0, math.ceil(math.log2(self.max / self.precision)))
+
+
+def scaled_set(aset, scale: Tensor):
+    """The same set with each sample's coefficient box scaled about its nominal point by
+    ``scale [B]``: ``nominal + scale_b * (box_b - nominal)``; the transform is shared.
+
+    For a perturbation whose box grows linearly with ε about its nominal point and whose
+    transform does not depend on ε (every built-in one; ``check_radius_support`` checks it),
+    this is the perturbation's own set at ``ε_b = scale_b * ε`` of ``aset``, widened by a few
+    ulps so that float rounding cannot make it the smaller one.
+    """
+    out = copy.copy(aset)
+    s = scale.to(aset.lower.dtype).unsqueeze(1)
+    low, high = (aset.lower - aset.nominal) * s, (aset.upper - aset.nominal) * s
+    # Scaling rounds differently from the perturbation's own arithmetic at that ε (a few ulps):
+    # widen by a few ulps so the searched box contains the perturbation's own one.
+    slack = 4 * torch.finfo(aset.lower.dtype).eps * (aset.nominal.abs() + torch.maximum(low.abs(), high.abs()))
+    out.lower = aset.nominal + low - slack
+    out.upper = aset.nominal + high + slack
+    return out
+
+
+def check_radius_support(perturbation, probe: Tensor, settings: RadiusSettings) -> None:
+    """RobnetError unless ``scaled_set`` reproduces ``perturbation``'s own sets on ``probe``
+    ``[B, C, H, W]`` at a few ε in ``(0, max)``: the per-sample radius search relies on it."""
+    reference = perturbation.affine_set(probe, eps=settings.max)
+    points = reference.sample(4, generator=torch.Generator().manual_seed(0)).to(probe.device)
+    for fraction in (0.125, 0.5, 0.75):
+        own = perturbation.affine_set(probe, eps=settings.max * fraction)
+        mine = scaled_set(reference, torch.full((probe.shape[0],), fraction, dtype=torch.float64))
+        same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in (
+            (own.lower, mine.lower), (own.upper, mine.upper), (own.nominal, mine.nominal),
+            (own.images(points), reference.images(points))))
+        if not same:
+            raise RobnetError(f"--radius: the box of perturbation {getattr(perturbation, 'name', '?')!r} does not "
+                              "grow linearly with eps about its nominal point (or its transform depends on eps), "
+                              "so per-sample radii cannot be searched in one batch; certify at fixed --eps values")
+
+
+def certified_radius(net, method, aset, labels: Tensor, prediction: Tensor, known: Tensor,
+                     settings: RadiusSettings, deployed: torch.dtype) -> Tensor:
+    """Largest ε ≤ ``settings.max`` at which each sample is certified, to ``settings.precision``: ``[B]`` float64.
+
+    ``net``/``aset``: the compiled network and the samples' set at ε = ``settings.max``, in the
+    bound dtype (``deployed``: the model's own dtype, for the rounding allowance); ``prediction [B]``: the clean prediction
+    (the radius of a misclassified sample is 0); ``known [B]``: an ε already certified (0 if none).
+    Each round takes the certified decision of fixed-ε certification (``is_certified``).
+    Bisection, batched: the set at ``max`` first, then ``settings.rounds`` rounds, each one
+    bound pass over the whole batch at per-sample ε (``scaled_set``). The result is always an
+    ε at which the sample was certified (or ``known``, or 0); the sets are nested, so the
+    sample is certified robust for every ε up to it. The bound methods are not all monotone
+    in ε (CROWN's relaxations change with the box), so a sample may in rare cases certify
+    above the bracket it was not certified in.
+    """
+    top = torch.full_like(known, settings.max)
+    correct = prediction == labels
+
+    def certified_at(eps: Tensor) -> Tensor:
+        scaled = scaled_set(aset, eps / settings.max)
+        with torch.no_grad():
+            margin = method.margin_lower(net, scaled, labels)
+            allowance = margin_allowance(net, scaled, labels, deployed)
+        return is_certified(prediction, labels, margin, allowance)
+
+    at_max = certified_at(top)
+    lo, hi = torch.where(at_max, top, known), top
+    for _ in range(settings.rounds):
+        mid = (lo + hi) / 2
+        ok = certified_at(mid) | at_max
+        lo, hi = torch.where(ok, torch.maximum(lo, mid), lo), torch.where(ok, hi, mid)
+    return torch.where(correct, lo, torch.zeros_like(lo))
+
+
+def attack_radius(module: nn.Module, aset, labels: Tensor, known: Tensor, settings: RadiusSettings,
+                  attack: AttackSettings, sample_ids: Tensor) -> Tensor:
+    """Smallest ε ≤ ``settings.max`` at which the attack changed each sample's prediction: ``[B]``
+    float64, ``inf`` where it succeeded nowhere up to ``max``; 0 for a clean misclassification.
+
+    An empirical upper estimate of the true robust radius (the sets are nested, so the
+    perturbation found at that ε breaks every larger one). ``known [B]``: an ε ≤ ``max``
+    where the attack already succeeded (``inf`` if none). Bisection like ``certified_radius``,
+    one attack over the whole batch per round.
+    """
+    top = torch.full_like(known, settings.max)
+
+    def succeeded_at(eps: Tensor) -> Tensor:
+        return attack_margin(module, scaled_set(aset, eps / settings.max), labels, attack, sample_ids)[1]
+
+    broken = torch.isfinite(known)
+    hi = torch.where(broken, known, top)
+    broken = broken | succeeded_at(top)
+    lo = torch.zeros_like(known)
+    for _ in range(settings.rounds):
+        mid = (lo + hi) / 2
+        ok = succeeded_at(mid) & broken
+        lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
+    return torch.where(broken, hi, torch.full_like(hi, float("inf")))
+
+
+def radii(module: nn.Module, net, method, perturbation, x: Tensor, y: Tensor, prediction: Tensor,
+          certified: Tensor, broken: Tensor, settings: RadiusSettings, attack: AttackSettings,
+          sample_ids: Tensor, deployed: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(certified_radius, attack_radius)`` ``[B]`` of one batch, seeded with what certification at
+    the fixed ε (``perturbation.eps``) found (``certified``, ``broken`` [B] bool): certified there ->
+    radius ≥ min(ε, max); broken there and ε ≤ max -> attack radius ≤ ε. ``net``: the compiled
+    network in the bound dtype (the set is built in its dtype); ``module``: the model as deployed."""
+    eps = float(perturbation.eps)
+    aset = perturbation.affine_set(x, eps=settings.max)
+    aset_bound = perturbation.affine_set(x.to(BOUND_DTYPE), eps=settings.max)
+    correct = prediction == y
+    zeros = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    known_cert = torch.where(certified, zeros + min(eps, settings.max), zeros)
+    known_attack = torch.where(broken & (eps <= settings.max), zeros + eps, zeros + float("inf"))
+    radius = certified_radius(net, method, aset_bound, y, prediction, known_cert, settings, deployed)
+    upper = attack_radius(module, aset, y, torch.where(correct, known_attack, zeros), settings, attack, sample_ids)
+    return radius, upper
 
 
 def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor, *,
                   batch_size: int, attack: AttackSettings, device: torch.device,
-                  sample_ids: Tensor | None = None,
+                  sample_ids: Tensor | None = None, radius: "RadiusSettings | None" = None,
                   on_batch: Callable[[int], None] | None = None) -> Certificates:
     """Certify ``images [N, C, H, W]`` with labels ``[N]`` and attack them.
 
@@ -197,39 +382,51 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
     the prediction and the attack, the deployed precision); ``net``: its compiled form for
     the bound ``method`` (bounded in a float64 copy); ``perturbation``: a ``Perturbation`` at
     the certification radius. Everything runs under ``full_precision()`` (no TF32).
+    ``radius``: also compute each sample's certified radius and the attack's smallest
+    successful radius (``radii``; about ``2 + radius.rounds`` times the work of one radius).
     ``on_batch(n)`` is called after each batch of ``n`` samples (progress bars).
-    Raises SoundnessError when a certified sample is successfully attacked.
+    Raises SoundnessError when a certified sample is successfully attacked (at the fixed
+    radius, or at a radius below its certified radius).
     """
     module.eval()
     deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), images.dtype)
     ids = torch.arange(images.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
-    out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS if f != "index"}
+    out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS
+                                    if f != "index"}
     with full_precision():
         net64 = _bound_copy(net)
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
+            batch_ids = ids[start:start + batch_size]
             aset = perturbation.affine_set(x)
             aset64 = perturbation.affine_set(x.to(BOUND_DTYPE))
             with torch.no_grad():
                 prediction = module(x).argmax(-1)
                 margin_lower = method.margin_lower(net64, aset64, y)
                 allowance = margin_allowance(net64, aset64, y, deployed)
-            found, success = attack_margin(module, aset, y, attack, ids[start:start + batch_size])
+            found, success, point = attack_margin(module, aset, y, attack, batch_ids, return_point=True)
+            certified = is_certified(prediction, y, margin_lower, allowance)
+            if radius is not None:
+                r, a = radii(module, net64, method, perturbation, x, y, prediction, certified, success, radius,
+                             attack, batch_ids, deployed)
+                out["radius"].append(r)
+                out["attack_radius"].append(a)
             out["label"].append(y)
             out["prediction"].append(prediction)
-            out["certified"].append((prediction == y) & (margin_lower > allowance).all(-1))
+            out["certified"].append(certified)
             out["margin_lower"].append(margin_lower)
             out["rounding_allowance"].append(allowance)
             out["attack_success"].append(success)
             out["attack_margin"].append(found)
+            out["attack_coeffs"].append(point)
             if on_batch is not None:
                 on_batch(x.shape[0])
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros((0, 0), np.float64), np.zeros(0, bool), np.zeros(0, np.float32),
                             np.zeros((0, 0), np.float64))
-    arrays = {f: torch.cat(v).detach().cpu().numpy() for f, v in out.items()}
+    arrays = {f: torch.cat(v).detach().cpu().numpy() for f, v in out.items() if v}
     certs = Certificates(
         index=ids.numpy().astype(np.int64),
         label=arrays["label"].astype(np.int64),
@@ -239,8 +436,12 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
         attack_success=arrays["attack_success"].astype(bool),
         attack_margin=arrays["attack_margin"].astype(np.float32),
         rounding_allowance=arrays["rounding_allowance"].astype(np.float64).reshape(images.shape[0], -1),
+        attack_coeffs=arrays["attack_coeffs"].astype(np.float32),
+        radius=arrays["radius"].astype(np.float64) if radius is not None else None,
+        attack_radius=arrays["attack_radius"].astype(np.float64) if radius is not None else None,
     )
     check_soundness(certs, method_name=getattr(method, "name", "?"))
+    check_radius_soundness(certs, method_name=getattr(method, "name", "?"))
     return certs
 
 
@@ -267,4 +468,19 @@ def check_soundness(certs: Certificates, method_name: str) -> None:
             f"{float(certs.rounding_allowance[i].max()):.3g}) but the attack found a perturbation that changes "
             f"its prediction (margin {float(certs.attack_margin[i]):.6g}; {broken.size} such sample(s)): "
             "the bound method is unsound; please report this as a bug"
+        )
+
+
+def check_radius_soundness(certs: Certificates, method_name: str) -> None:
+    """Raise SoundnessError if the attack broke a sample at or below its certified radius."""
+    if certs.radius is None or certs.attack_radius is None:
+        return
+    broken = np.flatnonzero((certs.radius > 0) & (certs.attack_radius <= certs.radius))
+    if broken.size:
+        i = int(broken[0])
+        raise SoundnessError(
+            f"sample {int(certs.index[i])} (label {int(certs.label[i])}) is certified by {method_name} up to "
+            f"radius {float(certs.radius[i]):.6g} but the attack changed its prediction at radius "
+            f"{float(certs.attack_radius[i]):.6g} ({broken.size} such sample(s)): the bound method is unsound; "
+            "please report this as a bug"
         )

@@ -105,6 +105,14 @@ def _shared_options(func):
                      help="Projected-gradient steps of the coefficient attack."),
         click.option("--attack-restarts", type=click.IntRange(min=0), default=d.attack_restarts, show_default=True,
                      help="Random starts per sample of the attack (besides the clean point)."),
+        click.option("--radius", is_flag=True,
+                     help="Also find each sample's certified radius (largest certified eps, by bisection) and "
+                          "the attack's smallest successful eps; costs about 2 + log2(max/precision) "
+                          "certifications and attacks."),
+        click.option("--radius-max", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Largest eps the radius search tries (default: 2 x --eps)."),
+        click.option("--radius-precision", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Precision of the radii, in eps (default: --radius-max / 50)."),
         click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
         click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
         click.option("--fail-under", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
@@ -149,6 +157,8 @@ def dataset_options(values) -> dict[str, str]:
 @click.option("--out", default=None, help="Output folder (refused if it exists and is not empty).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out.")
+@click.option("--report-page/--no-report-page", "report_page", default=True, show_default=True,
+              help="Write the figures and report.html (robnet-svc report plot) into --out/report.")
 @click.pass_context
 def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
@@ -268,6 +278,71 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
             bounds = ", ".join(f"{j}: {v:.4g}" for j, v in zip(r.targets, m.margin_lower))
             click.echo(f"  {m.method:<10} {m.verdict:<20} {proven}/{len(m.margin_lower)} margins > 0 "
                        f"({m.seconds:.1f} s); lower bounds of Y_{r.label} - Y_j: {bounds}")
+
+@report_group.command("plot")
+@click.argument("file", type=click.Path(path_type=str))
+@click.option("--out", required=True, help="Folder for the PNG figures and report.html (created; files replaced).")
+@click.option("--samples", default=None, metavar="I,J,...",
+              help="Test samples to draw (positions in the test split, as in the certificate's index); "
+                   "default: the worst ones.")
+@click.option("--num-samples", type=click.IntRange(min=0), default=6, show_default=True,
+              help="How many worst samples to draw when --samples is not given (0: none).")
+@click.option("--model", "models", multiple=True, metavar="[SECTION=]PATH",
+              help="The ONNX model of a section (before, after, model) when it is no longer where the "
+                   "certificate says; must be the same file (sha256). Repeatable.")
+@click.option("--dataset", default=None, help="Dataset plugin (default: the certificate's).")
+@click.option("--data-dir", default=None, help="Dataset folder (default: the certificate's).")
+@click.option("--no-samples", is_flag=True, help="Skip the sample pictures (no model or dataset needed).")
+def report_plot_cmd(file: str, out: str, samples: str | None, num_samples: int, models: tuple[str, ...],
+                    dataset: str | None, data_dir: str | None, no_samples: bool) -> None:
+    """Draw a certificate.h5: PNG figures and one self-contained report.html in --out.
+
+    The sample pictures re-compute the attack's worst images: they need the test split and each
+    section's model, read from the settings recorded in the certificate unless given here."""
+    from robnet_svc.report import read_report
+
+    report = read_report(file)
+    chosen = _sample_list(samples)
+    model_paths = _model_paths(models, list(report.sections))
+    from robnet_svc import report_plot
+
+    source = None
+    report_plot.choose_samples(report, chosen, num_samples)  # a bad --samples fails before any loading
+    if not no_samples and (chosen or num_samples):
+        source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir)
+    page = report_plot.write_page(report, out, source=source, samples=chosen, num_worst=num_samples,
+                                  note="Sample pictures skipped (--no-samples)." if no_samples else "")
+    click.echo(f"wrote {page}")
+
+
+def _sample_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of sample positions",
+                                 param_hint="--samples") from None
+    if not values or min(values) < 0:
+        raise click.BadParameter(f"{text!r}: give sample positions >= 0", param_hint="--samples")
+    return values
+
+
+def _model_paths(values: tuple[str, ...], sections: list[str]) -> dict[str, str]:
+    """``--model [SECTION=]PATH`` values -> {section: path}; a bare PATH needs a one-section certificate."""
+    out = {}
+    for value in values:
+        section, sep, path = value.partition("=")
+        if not sep:
+            if len(sections) != 1:
+                raise click.BadParameter(f"this certificate has sections {', '.join(sections)}: "
+                                         "write --model SECTION=PATH", param_hint="--model")
+            section, path = sections[0], value
+        if section not in sections:
+            raise click.BadParameter(f"no section {section!r} (the certificate has {', '.join(sections)})",
+                                     param_hint="--model")
+        out[section] = path
+    return out
 
 
 @cli.command("demo")

@@ -39,6 +39,10 @@ class Options:
     max_test: int | None = None
     attack_steps: int = 10
     attack_restarts: int = 8
+    radius: bool = False           # per-sample certified radius by bisection (costly: see docs/cli.md)
+    radius_max: float | None = None        # None: 2 x eps
+    radius_precision: float | None = None  # None: radius_max / 50
     out: str | None = None
     force: bool = False
     resume: bool = False
+    report_page: bool = True       # harden: figures and report.html in --out/report

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from robnet_svc import __version__
-from robnet_svc.certify import BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, certify_model
+from robnet_svc.certify import (BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, RadiusSettings,
+                                certify_model)
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
@@ -41,6 +42,7 @@ MODEL_FILE = "model.robust.onnx"
 CERTIFICATE_FILE = "certificate.h5"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+REPORT_FOLDER = "report"
 
 
 @dataclass
@@ -101,7 +103,26 @@ def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist
                      config, command_line, history)
     if plan.dist.is_main:
         _write_outputs(plan.out, report)
+        if options.report_page:
+            _write_page(plan, report, ui)
     return report
+
+
+def _write_page(plan: Plan, report: Report, ui) -> None:
+    """Figures and report.html in ``--out/report`` (``robnet-svc report plot``). The model and the
+    certificate are written already: a failure here is a warning, not a failed run."""
+    from robnet_svc import report_plot
+
+    folder = plan.out / REPORT_FOLDER
+    try:
+        source = report_plot.load_source(report, splits=plan.splits)
+        page = report_plot.write_page(report, folder, source=source)
+    except Exception as exc:  # noqa: BLE001 - the run's outputs stand; say how to draw them later
+        (getattr(ui, "warn", None) or ui.log)(
+            f"report page not written ({type(exc).__name__}: {exc}); "
+            f"draw it with: robnet-svc report plot {plan.out / CERTIFICATE_FILE} --out {folder}")
+        return
+    ui.log(f"wrote {page}")
 
 
 def certify(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
@@ -165,6 +186,11 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
                               f"{perturbation.num_coeffs(imported.image_shape)}: use ibp, rsip-ibp or rsip")
     rules = registry.rules()
     _compile(imported.module, rules)  # unsupported operations are reported now, not after training
+    radius = radius_settings(options)
+    if radius is not None:
+        from robnet_svc.certify import check_radius_support
+
+        check_radius_support(perturbation, torch.rand(2, *imported.image_shape), radius)
 
     dataset = dataset_cls(options.data_dir, **options.dataset_options)
     if check_only:
@@ -195,6 +221,19 @@ def _check_float32(imported, model: str) -> None:
         raise RobnetError(f"model {model} computes in {', '.join(other)}; robnet-svc hardens and certifies float32 "
                           "models (training, export and the certificate's rounding allowance assume float32): "
                           "export it in float32")
+
+def radius_settings(options: Options) -> RadiusSettings | None:
+    """The radius search of ``--radius`` (None without it): ``[0, --radius-max]`` (default 2 x eps)
+    to ``--radius-precision`` (default a fiftieth of the maximum)."""
+    if not options.radius:
+        return None
+    top = options.radius_max if options.radius_max is not None else 2 * options.eps
+    precision = options.radius_precision if options.radius_precision is not None else top / 50
+    if not (top > 0 and precision > 0):
+        raise RobnetError(f"--radius-max ({top}) and --radius-precision ({precision}) must be > 0")
+    if precision > top:
+        raise RobnetError(f"--radius-precision {precision} is larger than --radius-max {top}")
+    return RadiusSettings(max=float(top), precision=float(precision))
 
 
 def _train_settings(options: Options) -> TrainSettings:
@@ -313,7 +352,7 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
     task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
     certs = certify_model(
         module, net, plan.cert_method, plan.perturbation, images, labels,
-        batch_size=o.cert_batch_size, device=plan.device, sample_ids=index,
+        batch_size=o.cert_batch_size, device=plan.device, sample_ids=index, radius=radius_settings(o),
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
         on_batch=(lambda n: ui.progress.update(task, advance=n)) if task is not None else None,
     )
@@ -323,6 +362,9 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
     s = certs.summary()
     ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
+    if certs.radius is not None and certs.num_samples:
+        ui.log(f"{label}: median certified radius {float(np.median(certs.radius)):.4g} (of correct samples: "
+               f"{float(np.median(certs.radius[certs.prediction == certs.label])) if s['clean_accuracy'] else 0:.4g})")
     return certs
 
 
@@ -377,6 +419,8 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
         "deployed_dtype": str(plan.imported.input_dtype),
         "certified_rule": CERTIFIED_RULE,
+
+        "radius_json": json.dumps(asdict(radius_settings(o))) if o.radius else "",
     }
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}

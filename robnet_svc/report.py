@@ -9,11 +9,14 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
                                   train_method, cert_method, device, bound_dtype, deployed_dtype,
-                                  certified_rule
+                                  certified_rule, radius_json
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
-                                     attack_success, attack_margin, rounding_allowance [N, K-1]
+                                     attack_success, attack_margin, rounding_allowance [N, K-1],
+                                     attack_coeffs [N, k];
+                                     radius, attack_radius (with --radius); attrs radius_eps,
+                                     radius_certified_accuracy, radius_empirical_robust_accuracy
     /history               datasets, one value per epoch (harden only): see HISTORY_FIELDS
 """
 
@@ -32,8 +35,11 @@ from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
 
 FORMAT_VERSION = "2"
-#: Versions ``read_report`` accepts; format 1 had no rounding allowance (read back as zeros).
+#: Versions ``read_report`` accepts; format 1 had no rounding allowance (read back as zeros), no
+#: optional per-sample datasets (``Certificates.OPTIONAL_FIELDS``) and no radius provenance.
 READABLE_VERSIONS = ("1", "2")
+#: Points of the certified-accuracy-vs-ε summary: this many equal steps from 0 to the radius maximum.
+RADIUS_SUMMARY_STEPS = 10
 METRICS = ("num_samples", "clean_accuracy", "certified_accuracy", "empirical_robust_accuracy")
 HISTORY_FIELDS = ("epoch", "eps", "lr", "loss", "ce_loss", "robust_loss", "train_clean_accuracy",
                   "train_certified_accuracy", "val_clean_accuracy", "val_certified_accuracy", "seconds")
@@ -54,6 +60,20 @@ class Report:
     def class_names(self) -> list[str]:
         return json.loads(self.provenance.get("class_names_json", "[]"))
 
+    @property
+    def radius_settings(self) -> dict[str, float] | None:
+        """``{"max", "precision"}`` of the radius search, or None (no ``--radius``, or format 1)."""
+        text = self.provenance.get("radius_json") or ""
+        return json.loads(text) if text else None
+
+    def radius_curve(self, section: str) -> dict[str, list[float]] | None:
+        """Certified and empirical robust accuracy at ``RADIUS_SUMMARY_STEPS + 1`` equally spaced ε
+        from 0 to the radius maximum (``Certificates.accuracy_at``), or None without radii."""
+        certs, settings = self.sections[section], self.radius_settings
+        if certs.radius is None or settings is None:
+            return None
+        return certs.accuracy_at(eps_grid(settings["max"], RADIUS_SUMMARY_STEPS))
+
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what ``summary.json`` and ``--json`` contain)."""
         prov = self.provenance
@@ -68,7 +88,8 @@ class Report:
             "perturbation": json.loads(prov.get("perturbation_json", "{}")),
             "train_method": prov.get("train_method") or None,
             "cert_method": prov.get("cert_method"),
-            "sections": {name: certs.summary() for name, certs in self.sections.items()},
+            "sections": {name: {**certs.summary(), **({"radius": curve} if curve else {})}
+                         for name, certs in self.sections.items() for curve in [self.radius_curve(name)]},
         }
 
     def per_class(self) -> dict[str, list[dict[str, Any]]]:
@@ -81,6 +102,12 @@ class Report:
                 row["class"] = names[row["label"]]
             out[section] = rows
         return out
+
+
+def eps_grid(top: float, steps: int) -> np.ndarray:
+    """``steps + 1`` equally spaced ε from 0 to ``top``, as ``i * top / steps`` (so 0.3 is 0.3 exactly,
+    not linspace's 0.30000000000000004, and a sample certified at ε = 0.3 counts there)."""
+    return np.arange(steps + 1) * float(top) / steps
 
 
 def write_report(path: str | Path, report: Report) -> Path:
@@ -103,8 +130,11 @@ def write_report(path: str | Path, report: Report) -> Path:
                     group.attrs[key] = _attr(value)
                 for key, value in metrics.items():
                     summary.attrs[f"{name}.{key}"] = value
-                for fname in Certificates.FIELDS:
-                    group.create_dataset(fname, data=getattr(certs, fname), compression="gzip", shuffle=True)
+                for key, values in (report.radius_curve(name) or {}).items():
+                    group.attrs[f"radius_{key}"] = np.asarray(values, dtype=np.float64)
+                for fname in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS:
+                    if getattr(certs, fname) is not None:
+                        group.create_dataset(fname, data=getattr(certs, fname), compression="gzip", shuffle=True)
             if report.history:
                 hist = f.create_group("history")
                 for key, values in report.history.items():
@@ -152,14 +182,15 @@ def read_report(path: str | Path) -> Report:
         if version is None or "certificates" not in f:
             raise RobnetError(f"{path} is an HDF5 file but not a robnet-svc certificate (no format_version)")
         if str(version) not in READABLE_VERSIONS:
-            raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads format "
-                              f"{FORMAT_VERSION}: upgrade robnet-svc")
+            raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads formats "
+                              f"{', '.join(READABLE_VERSIONS)}: upgrade robnet-svc")
         provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
         order = json.loads(_plain(f["summary"].attrs["sections_json"]))
         sections, section_attrs = {}, {}
         for name in order:
             group = f["certificates"][name]
-            fields = {fname: group[fname][()] for fname in Certificates.FIELDS if fname in group}
+            fields = {fname: group[fname][()] for fname in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS
+                      if fname in group}
             fields.setdefault("rounding_allowance", np.zeros_like(fields["margin_lower"], dtype=np.float64))
             sections[name] = Certificates(**fields)
             section_attrs[name] = {k: _plain(v) for k, v in group.attrs.items()}
@@ -190,10 +221,23 @@ def render(report: Report, console) -> None:
         s = certs.summary()
         summary.add_row(name, str(s["num_samples"]), *(f"{100 * s[m]:.1f}%" for m in METRICS[1:]))
     console.print(summary)
+    curves = {name: report.radius_curve(name) for name in report.sections}
+    if any(curves.values()):
+        settings = report.radius_settings
+        curves = {name: curve for name, curve in curves.items() if curve}
+        radius = Table(title=f"certified / empirical robust accuracy at eps (radii to {settings['precision']:g})",
+                       title_justify="left")
+        radius.add_column("eps", justify="right")
+        for name in curves:
+            radius.add_column(name, justify="right")
+        for i, eps in enumerate(next(iter(curves.values()))["eps"]):
+            radius.add_row(f"{eps:.4g}", *(f"{100 * c['certified_accuracy'][i]:.1f}% / "
+                                           f"{100 * c['empirical_robust_accuracy'][i]:.1f}%" for c in curves.values()))
+        console.print(radius)
 
     shown = ("created_utc", "tool_version", "command_line", "input_model", "input_model_sha256", "output_model",
              "output_model_sha256", "dataset", "dataset_source", "image_shape", "perturbation_json",
-             "train_method", "cert_method", "device")
+             "train_method", "cert_method", "radius_json", "device")
     table = Table(title="provenance", title_justify="left", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")

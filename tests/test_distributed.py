@@ -167,8 +167,8 @@ class _KillAfterFirstEpoch:
 @pytest.mark.parametrize("run", ["two", "resumed"])
 def test_two_processes_certify_the_same_samples_as_one(runs, run):
     (one, one_out), (other, other_out) = runs["one"], runs[run]
-    assert {"model.robust.onnx", "certificate.h5", "summary.json", CHECKPOINT_FILE} == {p.name for p in
-                                                                                        other.iterdir()}
+    assert {"model.robust.onnx", "certificate.h5", "summary.json", CHECKPOINT_FILE, "report"} == {
+        p.name for p in other.iterdir()}
     a, b = torch.load(one / CHECKPOINT_FILE, weights_only=True), torch.load(other / CHECKPOINT_FILE, weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
