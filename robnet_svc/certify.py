@@ -170,7 +170,8 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
     also the returned ``index``.
     ``module``: the classifier (put in eval mode here); ``net``: its compiled form for the
     bound ``method``; ``perturbation``: a ``Perturbation`` at the certification radius.
-    ``on_batch(n)`` is called after each batch of ``n`` samples (progress bars).
+    ``on_batch(n, certified)`` is called after each batch of ``n`` samples, ``certified`` of them
+    certified (progress).
     Raises SoundnessError when a certified sample is successfully attacked.
     """
     module.eval()
@@ -191,7 +192,7 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
         out["attack_success"].append(found < 0)
         out["attack_margin"].append(found)
         if on_batch is not None:
-            on_batch(x.shape[0])
+            on_batch(x.shape[0], int(out["certified"][-1].sum()))
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(0, np.float32))

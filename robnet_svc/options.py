@@ -39,6 +39,8 @@ class Options:
     max_test: int | None = None
     attack_steps: int = 10
     attack_restarts: int = 8
+    threads: int | None = None     # None: robnet_svc.threads.default_threads()
+    checkpoint_every: float = 60.0  # seconds between checkpoints within an epoch
     out: str | None = None
     force: bool = False
     resume: bool = False

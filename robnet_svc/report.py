@@ -8,7 +8,7 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   input_model, input_model_sha256, output_model, output_model_sha256,
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
-                                  train_method, cert_method, device
+                                  train_method, cert_method, device, peak_rss_mib, peak_gpu_mib
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
@@ -66,6 +66,8 @@ class Report:
             "train_method": prov.get("train_method") or None,
             "cert_method": prov.get("cert_method"),
             "sections": {name: certs.summary() for name, certs in self.sections.items()},
+            "peak_rss_mib": prov.get("peak_rss_mib") or None,  # None in older certificates
+            "peak_gpu_mib": prov.get("peak_gpu_mib") or None,
         }
 
     def per_class(self) -> dict[str, list[dict[str, Any]]]:
@@ -188,7 +190,7 @@ def render(report: Report, console) -> None:
 
     shown = ("created_utc", "tool_version", "command_line", "input_model", "input_model_sha256", "output_model",
              "output_model_sha256", "dataset", "dataset_source", "image_shape", "perturbation_json",
-             "train_method", "cert_method", "device")
+             "train_method", "cert_method", "device", "peak_rss_mib", "peak_gpu_mib")
     table = Table(title="provenance", title_justify="left", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
