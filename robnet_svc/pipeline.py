@@ -182,9 +182,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
 
     imported = load_model(options.model, image_shape=options.image_shape)
     if training and not any(p.requires_grad and p.numel() for p in imported.module.parameters()):
-        raise RobnetError(f"model {options.model} has no trainable weights (none of its weights is an "
-                          "initializer that training can change): there is nothing to fine-tune; "
-                          "certify it with `robnet-svc certify`")
+        raise RobnetError(f"model {options.model} has no weights robnet-svc can fine-tune (it trains the "
+                          "weights of Gemm, Conv and BatchNormalization nodes; this model has none): nothing "
+                          "to harden; `robnet-svc certify` still certifies it")
     probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
         if method is None:
@@ -299,7 +299,11 @@ def _train_data(splits, options: Options, device: torch.device) -> TrainData:
         raise RobnetError(f"--val-fraction {options.val_fraction} leaves no training samples")
     val, tr = order[:num_val], order[num_val:]
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
-    return TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)])
+    data = TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)])
+    # TrainData holds its own copy: drop the split's, so the run holds the training images once
+    # (at 3x224x224 that is gigabytes, more than any bound computation of a batch).
+    splits.train_images = splits.train_images[:0]
+    return data
 
 
 def _fingerprint(plan: Plan) -> str:
@@ -324,7 +328,11 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
     o = plan.options
     mine = plan.test_index[plan.dist.shard(len(plan.test_index))]
     index = torch.from_numpy(mine)
-    images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
+    if mine.size and np.array_equal(mine, np.arange(mine[0], mine[0] + mine.size)):  # a view, not a copy
+        images, labels = (t[int(mine[0]):int(mine[0]) + mine.size] for t in (plan.splits.test_images,
+                                                                               plan.splits.test_labels))
+    else:
+        images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
     net = _compile(module, plan.rules)
     task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
     done = {"samples": 0, "certified": 0}
@@ -446,7 +454,8 @@ def _resolved_config(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the values the run used where the command line left a default to be
     decided (``None``): perturbation options, ramp, sample counts, threads, device."""
     o = plan.options
-    used = {**{k: v for k, v in plan.perturbation.describe().items() if k in ("order", "mode", "coef_scale")},
+    used = {**{k: v for k, v in plan.perturbation.describe().items() if k in ("order", "mode")},
+            "coef_scale": getattr(plan.perturbation, "effective_coef_scale", None),
             "max_test": len(plan.test_index), "threads": o.threads}
     if plan.data is not None:  # harden
         used["ramp_epochs"] = _train_settings(o).ramp

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from robnet_svc.atomic import atomic_path
-from robnet_svc.certify import Certificates
+from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError
 
 FORMAT_VERSION = "1"

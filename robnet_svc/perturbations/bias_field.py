@@ -86,6 +86,11 @@ class BiasField(Perturbation):
     def num_coeffs(self, image_shape: tuple[int, ...]) -> int:
         return self.num_terms * (2 if self.mode == "both" else 1)
 
+    @property
+    def effective_coef_scale(self) -> float:
+        """``coef_scale``, or its default (number of terms - 1) when not given."""
+        return float(self.coef_scale) if self.coef_scale is not None else float(max(self.num_terms - 1, 1))
+
     def coeff_names(self, image_shape: tuple[int, ...]) -> list[str]:
         terms = [f"t{t}_g{g}" for t in range(self.order + 1) for g in range(self.order + 1)]
         prefixes = {"mult": ("m",), "add": ("a",), "both": ("m", "a")}[self.mode]
@@ -93,7 +98,7 @@ class BiasField(Perturbation):
 
     def _field_box(self, eps: float, constant: float, ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Box and nominal ``[T]`` of one field whose constant term is centred on ``constant``."""
-        scale = self.coef_scale if self.coef_scale is not None else max(self.num_terms - 1, 1)
+        scale = self.effective_coef_scale
         half = torch.full((self.num_terms,), eps / scale, device=ref.device, dtype=ref.dtype)
         half[0] = eps
         nominal = torch.zeros(self.num_terms, device=ref.device, dtype=ref.dtype)
