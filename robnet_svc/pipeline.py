@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from robnet_svc import __version__
+from robnet_svc import __version__, threads
+from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
@@ -351,6 +352,7 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
     if task is not None:
         ui.progress.remove_task(task)
     certs = Certificates.concat(plan.dist.gather(certs))
+    release_free_memory()  # the bound passes' free heap goes back before the next phase (bounds/alloc.py)
     s = certs.summary()
     ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
@@ -456,7 +458,7 @@ def _resolved_config(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     o = plan.options
     used = {**{k: v for k, v in plan.perturbation.describe().items() if k in ("order", "mode")},
             "coef_scale": getattr(plan.perturbation, "effective_coef_scale", None),
-            "max_test": len(plan.test_index), "threads": o.threads}
+            "max_test": len(plan.test_index), "threads": o.threads or threads.current()}
     if plan.data is not None:  # harden
         used["ramp_epochs"] = _train_settings(o).ramp
         used["max_train"] = int(plan.data.images.shape[0] + plan.data.val_images.shape[0])

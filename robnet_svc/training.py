@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robnet_svc.atomic import atomic_path
+from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 
@@ -300,6 +301,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
             progress.remove_task(task)
         save(epoch + 1)
         last_saved = time.monotonic()
+        release_free_memory()  # the heap's fragmentation stays within one epoch (bounds/alloc.py)
         log(_epoch_line(history[-1], settings.epochs))
     return history
 
