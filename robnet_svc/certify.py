@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.precision import full_precision
 from robnet_svc.rounding import margin_allowance
@@ -70,85 +71,6 @@ class AttackSettings:
     steps: int = 10
     restarts: int = 8  # random starts per sample (a quarter of them random corners), besides the nominal point
     seed: int = 0
-
-
-@dataclass
-class Certificates:
-    """Per-sample results of one model on one test set (numpy arrays, N samples, K classes).
-
-    index ``[N]`` int64 position in the test split; label, prediction ``[N]`` int64;
-    certified ``[N]`` bool; margin_lower ``[N, K-1]`` float64; rounding_allowance ``[N, K-1]``
-    float64; attack_success ``[N]`` bool; attack_margin ``[N]`` float32.
-    """
-
-    index: np.ndarray
-    label: np.ndarray
-    prediction: np.ndarray
-    certified: np.ndarray
-    margin_lower: np.ndarray
-    attack_success: np.ndarray
-    attack_margin: np.ndarray
-    rounding_allowance: np.ndarray
-    attack_coeffs: np.ndarray | None = None
-    radius: np.ndarray | None = None
-    attack_radius: np.ndarray | None = None
-
-    FIELDS = ("index", "label", "prediction", "certified", "margin_lower", "attack_success", "attack_margin",
-              "rounding_allowance")
-    #: Fields that may be missing (None): ``attack_coeffs [N, k]`` float32, the coefficients of
-    #: the attack's best point; ``radius [N]`` and ``attack_radius [N]`` float64 (exactly the ε used), see
-    #: ``certified_radius`` and ``attack_radius`` (only with ``--radius``). Files of format 1
-    #: have none of them.
-    OPTIONAL_FIELDS = ("attack_coeffs", "radius", "attack_radius")
-
-    @classmethod
-    def concat(cls, parts: "list[Certificates]") -> "Certificates":
-        """The parts one after the other (e.g. the shards of every rank, in rank order); empty parts
-        are skipped (an empty shard does not know the number of classes)."""
-        parts = [p for p in parts if p.num_samples] or parts[:1]
-        optional = {f: np.concatenate([getattr(p, f) for p in parts])
-                    for f in cls.OPTIONAL_FIELDS if all(getattr(p, f) is not None for p in parts)}
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS), **optional)
-
-    def subset(self, mask: np.ndarray) -> "Certificates":
-        """The samples selected by ``mask`` (bool ``[N]`` or positions)."""
-        optional = {f: getattr(self, f)[mask] for f in self.OPTIONAL_FIELDS if getattr(self, f) is not None}
-        return Certificates(*(getattr(self, f)[mask] for f in self.FIELDS), **optional)
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.index.shape[0])
-
-    def summary(self) -> dict[str, float | int]:
-        """Clean, certified and empirical robust accuracy (fractions in [0, 1])."""
-        n = max(self.num_samples, 1)
-        correct = self.prediction == self.label
-        return {
-            "num_samples": self.num_samples,
-            "clean_accuracy": float(correct.sum() / n),
-            "certified_accuracy": float(self.certified.sum() / n),
-            "empirical_robust_accuracy": float((correct & ~self.attack_success).sum() / n),
-        }
-
-    def accuracy_at(self, eps_values) -> dict[str, list[float]]:
-        """Certified and empirical robust accuracy at each ε of ``eps_values`` (needs ``radius``):
-        certified = the certified radius is ≥ ε; empirical = correct and the attack's smallest
-        successful radius is > ε (an upper estimate of the true robust accuracy)."""
-        eps = np.asarray(eps_values, dtype=np.float64)
-        n = max(self.num_samples, 1)
-        correct = self.prediction == self.label
-        certified = (correct[None, :] & (self.radius[None, :] >= eps[:, None])).sum(1) / n
-        empirical = (correct[None, :] & (self.attack_radius[None, :] > eps[:, None])).sum(1) / n
-        return {"eps": eps.tolist(), "certified_accuracy": certified.tolist(),
-                "empirical_robust_accuracy": empirical.tolist()}
-
-    def per_class(self, num_classes: int) -> list[dict[str, float | int]]:
-        """``summary()`` restricted to each label ``0..num_classes-1``."""
-        rows = []
-        for cls in range(num_classes):
-            part = self.subset(self.label == cls)
-            rows.append({"label": cls, **part.summary()})
-        return rows
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -384,7 +306,8 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
     the certification radius. Everything runs under ``full_precision()`` (no TF32).
     ``radius``: also compute each sample's certified radius and the attack's smallest
     successful radius (``radii``; about ``2 + radius.rounds`` times the work of one radius).
-    ``on_batch(n)`` is called after each batch of ``n`` samples (progress bars).
+    ``on_batch(n, certified)`` is called after each batch of ``n`` samples, ``certified`` of them
+    certified (progress).
     Raises SoundnessError when a certified sample is successfully attacked (at the fixed
     radius, or at a radius below its certified radius).
     """
@@ -421,7 +344,7 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
             out["attack_margin"].append(found)
             out["attack_coeffs"].append(point)
             if on_batch is not None:
-                on_batch(x.shape[0])
+                on_batch(x.shape[0], int(certified.sum()))
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros((0, 0), np.float64), np.zeros(0, bool), np.zeros(0, np.float32),

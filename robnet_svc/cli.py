@@ -1,8 +1,10 @@
 """Command line: a thin click group; each command calls one function of the pipeline.
 
-Exit codes: 0 success, 1 certified accuracy under ``--fail-under``, 2 bad input or usage,
-3 a soundness error (a bug: a certified sample was broken by an attack).
-Errors are one line on stderr; ``--debug`` shows the traceback.
+Exit codes (the same with or without ``--debug``): 0 success, 1 certified accuracy under
+``--fail-under``, 2 bad input or usage, 3 a soundness error (a bug: a certified sample was
+broken by an attack), 4 an internal error (any other bug), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM, handled like Ctrl-C). Errors are one line on stderr; ``--debug`` adds
+the traceback above it.
 
 Heavy modules (torch, the pipeline) are imported inside the commands, so that ``--help``
 and quick commands start fast. Under torchrun (docs/distributed.md) every rank runs the
@@ -73,6 +75,12 @@ def inspect_cmd(model: str, image_shape: str | None, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------- harden / certify
 
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="Threads of every compute pool (torch, onnxruntime, image decoding); default: half the cores, "
+         "at most 8 (docs/cli.md, Threads).")
+
+
 def _shared_options(func):
     """Options common to ``harden`` and ``certify`` (defaults: ``options.Options``)."""
     from robnet_svc.options import Options
@@ -114,6 +122,7 @@ def _shared_options(func):
         click.option("--radius-precision", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Precision of the radii, in eps (default: --radius-max / 50)."),
         click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
+        threads_option,
         click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
         click.option("--fail-under", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
                      help="Exit 1 when the certified accuracy is below FRACTION."),
@@ -159,6 +168,8 @@ def dataset_options(values) -> dict[str, str]:
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out.")
 @click.option("--report-page/--no-report-page", "report_page", default=True, show_default=True,
               help="Write the figures and report.html (robnet-svc report plot) into --out/report.")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS", help="Also write the checkpoint within an epoch at this interval.")
 @click.pass_context
 def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
@@ -350,11 +361,14 @@ def _model_paths(values: tuple[str, ...], sections: list[str]) -> dict[str, str]
 @click.option("--fast", is_flag=True, help="Fewer samples and epochs (a smoke test, ~20 s).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def demo_cmd(out: str, fast: bool, force: bool, device: str, as_json: bool) -> None:
+def demo_cmd(out: str, fast: bool, force: bool, device: str, threads: int | None, as_json: bool) -> None:
     """Train a small classifier on the embedded digits, export it, harden it, certify before/after."""
+    from robnet_svc import threads as thread_pools
     from robnet_svc.demo import run_demo
 
+    thread_pools.configure(threads)
     with Ui() as ui:
         report = run_demo(out, fast=fast, force=force, device=device, ui=ui)
     _print_summary(report, as_json)
@@ -422,18 +436,19 @@ class Ui:
 
     def __enter__(self) -> "Ui":
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from robnet_svc.progress import for_stderr
 
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-                                 console=self.console, transient=True,
-                                 disable=self.quiet or not self.console.is_terminal)  # logs only, when redirected
-        self.progress.start()
+        # A terminal gets rich bars (80 columns); a log gets plain lines at a steady interval.
+        self.progress = for_stderr(quiet=self.quiet)
+        if self.progress is not None:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -450,19 +465,39 @@ def _run(ctx: click.Context, story, params: dict):
     (in this process's place of a torchrun job, if any); return (report, whether this is rank 0)."""
     import shlex
 
-    from robnet_svc import distributed
+    from robnet_svc import distributed, threads
     from robnet_svc.config import effective_config
     from robnet_svc.options import Options
 
     fields = set(Options.__dataclass_fields__)
     options = Options(**{k: v for k, v in params.items() if k in fields},
                       dataset_options=dataset_options(params.get("dataset_option", ())))
-    command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *sys.argv[1:]])
+    options.threads = threads.configure(options.threads)
+    args = sys.argv[1:] if ctx.obj.get("argv") is None else ctx.obj["argv"]
+    command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *args])
     dist = distributed.from_env()
-    with Ui(quiet=not dist.is_main) as ui:
-        report = story(options, effective_config(ctx), command_line, ui, dist=dist)
+    try:
+        with Ui(quiet=not dist.is_main) as ui:
+            report = story(options, effective_config(ctx), command_line, ui, dist=dist)
+    except KeyboardInterrupt as exc:
+        hint = _resume_command(args, options) if story.__name__ == "harden" else None
+        raise KeyboardInterrupt(hint) if hint else exc
     dist.stop()
     return report, dist.is_main
+
+
+def _resume_command(args: list[str], options) -> str | None:
+    """The command that continues an interrupted ``harden`` (its arguments, ``--force`` dropped,
+    ``--resume`` added), when its checkpoint exists."""
+    import shlex
+    from pathlib import Path
+
+    from robnet_svc.pipeline import CHECKPOINT_FILE
+
+    if not options.out or not (Path(options.out) / CHECKPOINT_FILE).is_file():
+        return None
+    kept = [a for a in args if a != "--force"]
+    return " ".join(shlex.quote(a) for a in ["robnet-svc", *kept, *([] if "--resume" in kept else ["--resume"])])
 
 
 def _finish(report, section: str, params: dict, is_main: bool) -> None:
@@ -513,35 +548,71 @@ def _describe_perturbation(provenance: dict) -> str:
     return f"{name} eps={eps}" + (f" ({options})" if options else "") + (f"; {methods}" if methods else "")
 
 
+#: Exit code of an internal error (a bug other than a soundness error). Not 1: that one means
+#: "certified accuracy under --fail-under", which a pipeline may treat as a verdict.
+INTERNAL_ERROR = 4
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning errors into one line and an exit code."""
+    """Console entry point: run the CLI, turning errors into one line and an exit code.
+
+    The exit code never depends on ``--debug``, which only adds the traceback."""
+    import signal
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    interrupted = {"signal": signal.SIGINT}
+
+    def on_sigterm(signum, _frame):  # SIGTERM (kill, a scheduler, a container stop) ends like Ctrl-C
+        interrupted["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = _install(signal.SIGTERM, on_sigterm)
     try:
-        cli.main(args=args, prog_name="robnet-svc", standalone_mode=False)
+        cli.main(args=args, prog_name="robnet-svc", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(2 if exc.exit_code not in (0, 1) else exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("robnet-svc: aborted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
+        cause = exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc
+        hint = cause.args[0] if isinstance(cause, KeyboardInterrupt) and cause.args else None
+        what = "terminated" if interrupted["signal"] == signal.SIGTERM else "interrupted"
+        click.echo(f"robnet-svc: {_rank()}{what}" + (f"; continue with: {hint}" if hint else ""), err=True)
+        _exit(128 + int(interrupted["signal"]))
     except (RobnetError, SoundnessError) as exc:
         if debug:
-            raise
+            _traceback()
         label = "soundness error" if isinstance(exc, SoundnessError) else "error"
         click.echo(f"robnet-svc: {_rank()}{label}: {_one_line(str(exc))}", err=True)
         _exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"robnet-svc: {_rank()}interrupted", err=True)
-        _exit(130)
-    except Exception as exc:  # a bug in robnet-svc: still one line, unless --debug
+    except Exception as exc:  # a bug in robnet-svc: still one line; --debug adds the traceback
         if debug:
-            raise
-        click.echo(f"robnet-svc: {_rank()}internal error: {type(exc).__name__}: {_one_line(str(exc))} "
-                   "(re-run with --debug for the traceback)", err=True)
-        _exit(3)
+            _traceback()
+        click.echo(f"robnet-svc: {_rank()}internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+                   + ("" if debug else " (re-run with --debug for the traceback)"), err=True)
+        _exit(INTERNAL_ERROR)
+    finally:
+        _install(signal.SIGTERM, previous)
+
+
+def _install(signum, handler):
+    """Install a signal handler where Python allows it (main thread); returns the previous one."""
+    import signal
+
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signum, handler)
+    except ValueError:  # not the main thread (e.g. the command line called from a worker thread)
+        return None
+
+
+def _traceback() -> None:
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
 
 
 def _one_line(text: str) -> str:

@@ -42,6 +42,8 @@ class Options:
     radius: bool = False           # per-sample certified radius by bisection (costly: see docs/cli.md)
     radius_max: float | None = None        # None: 2 x eps
     radius_precision: float | None = None  # None: radius_max / 50
+    threads: int | None = None     # None: robnet_svc.threads.default_threads()
+    checkpoint_every: float = 60.0  # seconds between checkpoints within an epoch
     out: str | None = None
     force: bool = False
     resume: bool = False

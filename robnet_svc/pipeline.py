@@ -1,8 +1,10 @@
 """The whole story, top to bottom: ``harden()`` and ``certify()``.
 
 harden:  validate everything (nothing written) -> certify the input model ("before") ->
-         robust fine-tuning (checkpoint per epoch) -> export ONNX (parity-checked) ->
-         re-import the written file and certify it ("after") -> certificate.h5 + summary.json
+         robust fine-tuning (checkpoints at the start, per epoch and on a time interval; they
+         keep "before", so --resume skips it) -> export ONNX (parity-checked) under a temporary
+         name -> re-import the written file and certify it ("after") -> certificate.h5 +
+         summary.json -> the model under its final name (never a model without its certificate)
 certify: validate -> certify the model ("model") -> optionally certificate.h5 + summary.json
 
 The "after" certificate is computed on the exported file as re-imported, exactly what
@@ -20,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from robnet_svc import __version__
+from robnet_svc import __version__, threads
+from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.certify import (BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, RadiusSettings,
                                 certify_model)
 from robnet_svc.distributed import Dist
@@ -39,6 +45,7 @@ from robnet_svc.report import Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
 MODEL_FILE = "model.robust.onnx"
+PARTIAL_MODEL_FILE = ".model.robust.onnx.uncertified"  # until its certificate is written
 CERTIFICATE_FILE = "certificate.h5"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,6 +68,7 @@ class Plan:
     out: Path | None
     data: TrainData | None = None
     dist: Dist = field(default_factory=Dist)
+    resume_state: dict | None = None  # the checkpoint --resume continues from (rank 0; read in prepare)
 
 
 # --------------------------------------------------------------------------- the two stories
@@ -75,36 +83,56 @@ def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist
     the same report; only rank 0 writes.
     """
     plan = prepare(options, training=True, dist=dist, warn=getattr(ui, "warn", None))
+    with _no_empty_folder(plan.out if plan.dist.is_main else None):
+        return _harden(plan, config, command_line, ui)
+
+
+def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+    options = plan.options
     checkpoint = plan.out / CHECKPOINT_FILE
     if plan.dist.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
         if checkpoint.exists() and not options.resume:
             checkpoint.unlink()  # --force: a stale checkpoint must not be resumed by accident later
 
-    ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
+    state = plan.dist.broadcast(plan.resume_state) if options.resume else None
     module = plan.imported.module.to(plan.device)
-    before = _certify(plan, module, ui, "before")
+    before_key = _before_key(plan)
+    before = _certificates_from_state(state, "before", before_key)
+    if before is None:
+        ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
+        before = _certify(plan, module, ui, "before")
+    else:
+        ui.log(f"before: kept from {checkpoint} (certified {100 * before.summary()['certified_accuracy']:.1f}%)")
 
     ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
            + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
     net = _compile(module, plan.rules)
     history = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
                     checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
-                    progress=ui.progress, log=ui.log, dist=plan.dist)
+                    progress=ui.progress, log=ui.log, dist=plan.dist, checkpoint_every=options.checkpoint_every,
+                    phases={"before": _certificates_to_state(before, before_key)}, state=state)
 
     model_path = plan.out / MODEL_FILE
-    robust = _export(plan, module, model_path, {
-        "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
-        "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
-    ui.log(f"certifying the hardened model {model_path} ({options.cert_method})")
-    after = _certify(plan, robust.module.to(plan.device), ui, "after")
+    partial_path = plan.out / PARTIAL_MODEL_FILE  # the final name only once the certificate is written
+    try:
+        robust = _export(plan, module, partial_path, {
+            "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
+            "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
+        robust.path = model_path  # what the certificate names: where the file ends up
+        ui.log(f"certifying the hardened model ({options.cert_method})")
+        after = _certify(plan, robust.module.to(plan.device), ui, "after")
 
-    report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
-                     config, command_line, history)
-    if plan.dist.is_main:
-        _write_outputs(plan.out, report)
-        if options.report_page:
-            _write_page(plan, report, ui)
+        report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
+                         config, command_line, history)
+        if plan.dist.is_main:
+            _write_outputs(plan.out, report)
+            os.replace(partial_path, model_path)
+    finally:
+        if plan.dist.is_main:
+            partial_path.unlink(missing_ok=True)
+    if plan.dist.is_main and options.report_page:
+        _write_page(plan, report, ui)
     return report
 
 
@@ -129,6 +157,12 @@ def certify(options: Options, config: dict[str, Any], command_line: str, ui, dis
     """Certify ``options.model`` on the test split; write certificate + summary to ``options.out`` if given
     (rank 0 only; the test set is sharded over the ranks of a distributed run)."""
     plan = prepare(options, training=False, dist=dist, warn=getattr(ui, "warn", None))
+    with _no_empty_folder(plan.out if plan.dist.is_main else None):
+        return _certify_story(plan, config, command_line, ui)
+
+
+def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+    options = plan.options
     ui.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
     certs = _certify(plan, plan.imported.module.to(plan.device), ui, "model")
     report = _report(plan, "certify", {"model": (certs, plan.imported)}, config, command_line, [])
@@ -176,6 +210,10 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     imported = load_model(options.model, image_shape=options.image_shape)
     _check_float32(imported, options.model)
     check_field_range(perturbation, imported.image_shape)
+    if training and not any(p.requires_grad and p.numel() for p in imported.module.parameters()):
+        raise RobnetError(f"model {options.model} has no weights robnet-svc can fine-tune (it trains the "
+                          "weights of Gemm, Conv and BatchNormalization nodes; this model has none): nothing "
+                          "to harden; `robnet-svc certify` still certifies it")
     probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
         if method is None:
@@ -203,7 +241,7 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     if training:
         plan.data = _train_data(splits, options, device)
         if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
-            read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
+            plan.resume_state = read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
     if warn is not None and dist.is_main:  # after the checks: a failed check stays one line (it names
         for line in registry.broken:       # broken plugins itself when they matter)
             warn(line)
@@ -322,7 +360,11 @@ def _train_data(splits, options: Options, device: torch.device) -> TrainData:
         raise RobnetError(f"--val-fraction {options.val_fraction} leaves no training samples")
     val, tr = order[:num_val], order[num_val:]
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
-    return TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)])
+    data = TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)])
+    # TrainData holds its own copy: drop the split's, so the run holds the training images once
+    # (at 3x224x224 that is gigabytes, more than any bound computation of a batch).
+    splits.train_images = splits.train_images[:0]
+    return data
 
 
 def _fingerprint(plan: Plan) -> str:
@@ -347,18 +389,30 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
     o = plan.options
     mine = plan.test_index[plan.dist.shard(len(plan.test_index))]
     index = torch.from_numpy(mine)
-    images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
+    if mine.size and np.array_equal(mine, np.arange(mine[0], mine[0] + mine.size)):  # a view, not a copy
+        images, labels = (t[int(mine[0]):int(mine[0]) + mine.size] for t in (plan.splits.test_images,
+                                                                               plan.splits.test_labels))
+    else:
+        images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
     net = _compile(module, plan.rules)
     task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
+    done = {"samples": 0, "certified": 0}
+
+    def on_batch(n: int, certified: int) -> None:
+        done["samples"] += n
+        done["certified"] += certified
+        ui.progress.update(task, advance=n, stats=f"cert {done['certified'] / done['samples']:.3f}")
+
     certs = certify_model(
         module, net, plan.cert_method, plan.perturbation, images, labels,
         batch_size=o.cert_batch_size, device=plan.device, sample_ids=index, radius=radius_settings(o),
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
-        on_batch=(lambda n: ui.progress.update(task, advance=n)) if task is not None else None,
+        on_batch=on_batch if task is not None else None,
     )
     if task is not None:
         ui.progress.remove_task(task)
     certs = Certificates.concat(plan.dist.gather(certs))
+    release_free_memory()  # the bound passes' free heap goes back before the next phase (bounds/alloc.py)
     s = certs.summary()
     ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
@@ -399,7 +453,7 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "torch_version": torch.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command_line": command_line,
-        "config_json": json.dumps(config, sort_keys=True),
+        "config_json": json.dumps(_resolved_config(plan, config), sort_keys=True),
         "input_model": str(plan.imported.path),
         "input_model_sha256": plan.imported.sha256,
         "output_model": str(output.path) if output is not None else "",
@@ -419,14 +473,77 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
         "deployed_dtype": str(plan.imported.input_dtype),
         "certified_rule": CERTIFIED_RULE,
-
         "radius_json": json.dumps(asdict(radius_settings(o))) if o.radius else "",
+        **peak_memory(),
     }
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}
     hist = {key: np.array([row[key] for row in history], dtype=np.float64) for key in (history[0] if history else {})}
     return Report(kind=kind, provenance=provenance, sections={n: c for n, (c, _m) in sections.items()},
                   section_attrs=section_attrs, history=hist)
+
+
+@contextmanager
+def _no_empty_folder(out: Path | None) -> Iterator[None]:
+    """On failure (error, interrupt), remove ``out`` if this run created it and left it empty."""
+    existed = out is None or out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _before_key(plan: Plan) -> str:
+    """What the "before" certification depends on: a checkpoint's copy is reused only if it matches."""
+    o = plan.options
+    parts = [plan.imported.sha256, o.dataset, str(o.data_dir), json.dumps(o.dataset_options, sort_keys=True,
+                                                                          default=str),
+             str(o.image_shape), json.dumps(plan.test_index.tolist()),
+             json.dumps(plan.perturbation.describe(), sort_keys=True), o.cert_method, str(o.cert_batch_size),
+             json.dumps(asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed))), str(plan.device)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _certificates_to_state(certs: Certificates, key: str) -> dict[str, Any]:
+    """``certs`` as plain tensors (what ``torch.load(weights_only=True)`` reads back), with ``key``."""
+    return {"key": key, **{f: torch.from_numpy(np.ascontiguousarray(getattr(certs, f))) for f in Certificates.FIELDS}}
+
+
+def _certificates_from_state(state: dict | None, phase: str, key: str) -> Certificates | None:
+    """The certificates of ``phase`` kept in a checkpoint ``state``, if they were made with ``key``."""
+    kept = (state or {}).get("phases", {}).get(phase)
+    if not kept or kept.get("key") != key:
+        return None
+    return Certificates(*(kept[f].numpy() for f in Certificates.FIELDS))
+
+
+def _resolved_config(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the values the run used where the command line left a default to be
+    decided (``None``): perturbation options, ramp, sample counts, threads, device."""
+    o = plan.options
+    used = {**{k: v for k, v in plan.perturbation.describe().items() if k in ("order", "mode")},
+            "coef_scale": getattr(plan.perturbation, "effective_coef_scale", None),
+            "max_test": len(plan.test_index), "threads": o.threads or threads.current()}
+    if plan.data is not None:  # harden
+        used["ramp_epochs"] = _train_settings(o).ramp
+        used["max_train"] = int(plan.data.images.shape[0] + plan.data.val_images.shape[0])
+    resolved = {key: used[key] if value is None and key in used else value for key, value in config.items()}
+    if resolved.get("device") == "auto":
+        resolved["device"] = str(plan.device)
+    return resolved
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak tensor memory (MiB)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB elsewhere
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return {"peak_rss_mib": round(rss_mib, 1), "peak_gpu_mib": round(gpu, 1) if gpu is not None else None}
 
 
 def _write_outputs(out: Path, report: Report) -> None:

@@ -115,8 +115,27 @@ class Registry:
         return self.get("datasets", name)
 
     def rules(self) -> dict[Any, type]:
-        """Op-rule table for the bound engine: target -> rule class."""
-        return {target: entry.obj for target, entry in self.op_rules.items()}
+        """Op-rule table for the bound engine: target -> rule class.
+
+        Targets registered as an import path (``"package.module:Class"``) are imported now, not
+        when the plugins load (``robnet-svc plugins`` need not import onnx2torch); a path whose
+        module is not installed is left out (no model can contain its classes)."""
+        table: dict[Any, type] = {}
+        owner: dict[Any, Entry] = {}
+        for target, entry in self.op_rules.items():
+            if isinstance(target, str) and ":" in target:
+                try:
+                    target = import_target(target)
+                except ModuleNotFoundError:
+                    continue
+                except (ImportError, AttributeError) as exc:
+                    raise RobnetError(f"op rule {entry.obj.__name__} of plugin {entry.plugin!r} from {entry.dist} "
+                                      f"names {entry.name}, which cannot be imported: {_exc_line(exc)}") from None
+            if target in owner:
+                raise RobnetError(f"two plugins register an op rule for {entry.name}: {owner[target].plugin!r} from "
+                                  f"{owner[target].dist} and {entry.plugin!r} from {entry.dist}; uninstall one")
+            table[target], owner[target] = entry.obj, entry
+        return table
 
     def listing(self) -> dict[str, list[dict]]:
         """JSON-ready listing for ``robnet-svc plugins``.
@@ -168,8 +187,23 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
 
+#: An op-rule target named by import path: ``package.module:Class`` (imported by ``Registry.rules``).
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def import_target(path: str) -> Any:
+    """The object an import path ``package.module:Qual.Name`` names."""
+    module_name, qualname = path.split(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _target_name(target: Any) -> str:
     """``torch.nn.modules.linear.Linear``, ``_operator.add`` or ``torch.Tensor.view`` (a method)."""
+    if isinstance(target, str) and IMPORT_PATH_RE.match(target):
+        return target.replace(":", ".")
     if isinstance(target, str):
         return f"Tensor.{target}"
     method = getattr(target, "__name__", None)
@@ -411,7 +445,7 @@ def _check_class(cls: Any, kind: str, hook_name: str) -> None:
 
 def _rule_target(target: Any) -> Any:
     """The engine keys ``call_method`` nodes by ``torch.Tensor.<name>``: a bare name maps there."""
-    if isinstance(target, str):
+    if isinstance(target, str) and target.isidentifier():
         import torch
 
         return getattr(torch.Tensor, target, target)
@@ -423,9 +457,10 @@ def _check_rule(target: Any, rule_cls: Any, hook_name: str) -> None:
     from robnet_svc.bounds.ops.base import ActivationRule, AffineRule, OpRule
 
     what = f"registered {_short_repr(rule_cls)} for {_target_name(target)} in {hook_name}"
-    if not (callable(target) or (isinstance(target, str) and target.isidentifier())):
-        raise _Broken(f"{what}: the target must be an nn.Module subclass, a function or a tensor method "
-                      f"name, got {_short_repr(target)}")
+    if not (callable(target) or (isinstance(target, str) and (target.isidentifier()
+                                                               or IMPORT_PATH_RE.match(target)))):
+        raise _Broken(f"{what}: the target must be an nn.Module subclass, a function, a tensor method "
+                      f"name or an import path 'package.module:Class', got {_short_repr(target)}")
     if not inspect.isclass(rule_cls) or not issubclass(rule_cls, (AffineRule, ActivationRule)) \
             or rule_cls in (OpRule, AffineRule, ActivationRule):
         raise _Broken(f"{what}: expected a subclass of robnet_svc.bounds.ops.base.AffineRule or ActivationRule")

@@ -9,7 +9,7 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
                                   train_method, cert_method, device, bound_dtype, deployed_dtype,
-                                  certified_rule, radius_json
+                                  certified_rule, radius_json, peak_rss_mib, peak_gpu_mib
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from robnet_svc.atomic import atomic_path
-from robnet_svc.certify import Certificates
+from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError
 
 FORMAT_VERSION = "2"
@@ -90,6 +90,8 @@ class Report:
             "cert_method": prov.get("cert_method"),
             "sections": {name: {**certs.summary(), **({"radius": curve} if curve else {})}
                          for name, certs in self.sections.items() for curve in [self.radius_curve(name)]},
+            "peak_rss_mib": prov.get("peak_rss_mib") or None,  # None in older certificates
+            "peak_gpu_mib": prov.get("peak_gpu_mib") or None,
         }
 
     def per_class(self) -> dict[str, list[dict[str, Any]]]:
@@ -237,7 +239,7 @@ def render(report: Report, console) -> None:
 
     shown = ("created_utc", "tool_version", "command_line", "input_model", "input_model_sha256", "output_model",
              "output_model_sha256", "dataset", "dataset_source", "image_shape", "perturbation_json",
-             "train_method", "cert_method", "radius_json", "device")
+             "train_method", "cert_method", "radius_json", "device", "peak_rss_mib", "peak_gpu_mib")
     table = Table(title="provenance", title_justify="left", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")

@@ -19,9 +19,14 @@ updated); bounds are computed in eval mode (running statistics), which is what t
 exported model and the certificate use.
 
 Reproducibility: the data order of epoch ``e`` comes from a generator seeded with
-``(seed, e)``; the global torch RNG (dropout) is re-seeded at the start of every epoch from
-``(seed, e, rank)``, so a run resumed from the checkpoint of epoch ``e`` ends with the same
-weights as an uninterrupted run, with no RNG state to carry.
+``(seed, e)``; the global torch RNG (dropout) is re-seeded before every step from
+``(seed, step, rank)``, so a run resumed from any checkpoint (end of an epoch, or one written
+within an epoch) ends with the same weights as an uninterrupted run, with no RNG state to carry.
+
+Checkpoints: at the start, after every epoch, and within an epoch whenever
+``checkpoint_every`` seconds have passed since the last one (rank 0 only). A checkpoint
+also carries the results of phases that finished before training (``phases``: the
+"before" certification), so ``--resume`` does not redo them.
 
 Distributed (DistributedDataParallel, docs/distributed.md): ``batch_size`` is the GLOBAL
 batch. Every rank draws the same global batches and takes ``batch[rank::world_size]``
@@ -48,10 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robnet_svc.atomic import atomic_path
+from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 
-CHECKPOINT_FORMAT = 2  # 2: no RNG state (re-seeded per epoch)
+CHECKPOINT_FORMAT = 3  # 3: re-seeded per step, may be written within an epoch, carries finished phases
+CHECKPOINT_EVERY = 60.0  # seconds between checkpoints within an epoch (default)
 LR_STEPS = ((100 / 175, 1.0), (150 / 175, 0.1), (1.0, 0.01))  # (until progress, lr factor)
 
 
@@ -204,24 +211,40 @@ class RobustObjective(nn.Module):
 def train(module: nn.Module, net, method, perturbation, data: TrainData, settings: TrainSettings, *,
           checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
           progress=None, log: Callable[[str], None] = lambda _msg: None,
-          dist: Dist = Dist()) -> list[dict[str, float]]:
+          dist: Dist = Dist(), checkpoint_every: float = CHECKPOINT_EVERY,
+          phases: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``).
 
     ``net``: the compiled form of ``module`` for ``method`` (it reads the live parameters);
     ``perturbation``: at the target radius (``settings.eps``); all tensors in ``data`` on the
-    training device (every rank holds the whole split). ``checkpoint``: file written after
-    every epoch (rank 0 only); with ``resume`` the run continues from it (same settings and
-    ``fingerprint`` required; rank 0 reads it and sends it to the others, any world size).
+    training device (every rank holds the whole split). ``checkpoint``: file written at the
+    start, after every epoch and every ``checkpoint_every`` seconds within one (rank 0 only);
+    with ``resume`` the run continues from it (same settings and ``fingerprint`` required;
+    rank 0 reads it and sends it to the others, any world size), or from ``state`` when the
+    caller read it already. ``phases``: results of finished phases, stored in every
+    checkpoint (plain tensors, numbers, strings, lists, dicts).
     ``progress``: a rich ``Progress`` or None. ``dist``: this process's place in a
     distributed run (the default: one process, no process group).
     """
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     history: list[dict[str, float]] = []
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, None
     if resume and checkpoint is not None:
-        state = dist.broadcast(read_checkpoint(checkpoint, settings, fingerprint) if dist.is_main else None)
+        if state is None:
+            state = dist.broadcast(read_checkpoint(checkpoint, settings, fingerprint) if dist.is_main else None)
         start_epoch, history = restore_checkpoint(state, module, optimizer)
-        log(f"resuming from {checkpoint} after epoch {start_epoch}")
+        start_step, partial = int(state.get("step", 0)), state.get("partial")
+        log(f"resuming from {checkpoint} after epoch {start_epoch}"
+            + (f" and {start_step} step(s) of epoch {start_epoch + 1}" if start_step else ""))
+
+    def save(epoch: int, step: int = 0, partial: dict | None = None) -> None:
+        if dist.is_main and checkpoint is not None:
+            save_checkpoint(checkpoint, module, optimizer, epoch, history, settings, fingerprint,
+                            step=step, partial=partial, phases=phases)
+
+    if not resume:
+        save(0)  # the finished phases are kept even if the first epoch is interrupted
+    last_saved = time.monotonic()
     device = data.images.device
     objective = dist.wrap(RobustObjective(module, net, method, perturbation, settings.alpha, dist.world_size),
                           device)
@@ -229,17 +252,23 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
     steps_per_epoch = math.ceil(data.images.shape[0] / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     for epoch in range(start_epoch, settings.epochs):
-        began = time.perf_counter()
-        torch.manual_seed((settings.seed * 1_000_003 + epoch) * 1_009 + dist.rank)  # dropout: per epoch and rank
+        skip = start_step if epoch == start_epoch else 0
+        began = time.perf_counter() - (partial["seconds"] if skip else 0.0)
         global_sizes = [min(settings.batch_size, data.images.shape[0] - i * settings.batch_size)
                         for i in range(steps_per_epoch)]
         batches = epoch_batches(data.images.shape[0], settings.batch_size, settings.seed, epoch,
                                 dist.rank, dist.world_size)
         task = progress.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches), stats="",
                                  epoch=epoch + 1, epochs=settings.epochs) if progress is not None else None
-        sums = {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0, "certified": 0, "seen": 0}
+        if task is not None and skip:
+            progress.update(task, completed=skip)
+        sums = dict(partial["sums"]) if skip else {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0,
+                                                   "certified": 0, "seen": 0}
         for i, (idx, global_size) in enumerate(zip(batches, global_sizes)):
+            if i < skip:
+                continue
             step = epoch * steps_per_epoch + i
+            torch.manual_seed((settings.seed * 1_000_003 + step) * 1_009 + dist.rank)  # dropout: per step and rank
             eps = eps_at(step, steps_per_epoch, settings)
             lr = lr_at(step / total_steps, settings.lr)
             for group in optimizer.param_groups:
@@ -249,14 +278,17 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                                alpha=settings.alpha, global_size=global_size, dist=dist)
             for key, value in stats.items():
                 sums[key] += value
+            if i + 1 < len(batches) and time.monotonic() - last_saved >= checkpoint_every:
+                save(epoch, i + 1, {"sums": dict(sums), "seconds": time.perf_counter() - began})
+                last_saved = time.monotonic()
             if task is not None:
                 seen = sums["seen"]
                 # the numbers also go as task fields: the service's job progress reads them
-                running = {"loss": sums["loss"] / (i + 1), "train_accuracy": sums["correct"] / seen,
-                           "certified_accuracy": sums["certified"] / seen, "eps": eps}
+                running = {"loss": sums["loss"] / (i + 1), "train_accuracy": sums["correct"] / max(seen, 1),
+                           "certified_accuracy": sums["certified"] / max(seen, 1), "eps": eps}
                 progress.update(task, advance=1, **running, stats=(
-                    f"loss {running['loss']:.3f}  acc {running['train_accuracy']:.3f}  "
-                    f"cert {running['certified_accuracy']:.3f}  eps {eps:.3g}"))
+                    f"loss {running['loss']:.3f} acc {running['train_accuracy']:.2f} "
+                    f"cert {running['certified_accuracy']:.2f} eps {eps:.2g}"))
         val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
                                        settings.batch_size, dist)
         n = max(len(batches), 1)
@@ -270,8 +302,9 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
         })
         if task is not None:
             progress.remove_task(task)
-        if dist.is_main and checkpoint is not None:
-            save_checkpoint(checkpoint, module, optimizer, epoch + 1, history, settings, fingerprint)
+        save(epoch + 1)
+        last_saved = time.monotonic()
+        release_free_memory()  # the heap's fragmentation stays within one epoch (bounds/alloc.py)
         log(_epoch_line(history[-1], settings.epochs))
     return history
 
@@ -319,14 +352,21 @@ def train_standard(module: nn.Module, images: Tensor, labels: Tensor, *, epochs:
 
 
 def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    history: list[dict[str, float]], settings: TrainSettings, fingerprint: str) -> None:
-    """Write the state after ``epoch`` completed epochs atomically (temporary file, then rename).
+                    history: list[dict[str, float]], settings: TrainSettings, fingerprint: str, *,
+                    step: int = 0, partial: dict[str, Any] | None = None,
+                    phases: dict[str, Any] | None = None) -> None:
+    """Write the state after ``epoch`` completed epochs and ``step`` steps of the next one
+    atomically (temporary file, then rename). ``partial``: the running sums and seconds of that
+    unfinished epoch; ``phases``: finished phases' results.
 
     Plain tensors, numbers, strings, lists and dicts only: ``torch.load(path, weights_only=True)`` reads it.
     """
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
+        "step": step,
+        "partial": partial,
+        "phases": phases or {},
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "history": history,
@@ -362,7 +402,7 @@ def read_checkpoint(path: Path, settings: TrainSettings, fingerprint: str) -> di
 def restore_checkpoint(state: dict[str, Any], module: nn.Module,
                        optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]]:
     """Put a ``read_checkpoint`` state's weights and optimizer state back; return (completed epochs,
-    history). No RNG state: every epoch re-seeds from (seed, epoch, rank)."""
+    history). No RNG state: every step re-seeds from (seed, step, rank)."""
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]), list(state["history"])

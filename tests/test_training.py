@@ -73,6 +73,60 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, cap
     assert json.loads(full.out)["sections"]["after"] == json.loads(resumed.out)["sections"]["after"]
 
 
+class _KillWithinEpoch2:
+    """Stands in for a killed process: raises after the second step of epoch 2 (after the
+    checkpoint that ``checkpoint_every=0`` writes after every step)."""
+
+    def __init__(self):
+        self.progress = self
+        self.names = {}
+
+    def log(self, message: str) -> None:
+        pass
+
+    def add_task(self, name, total, stats=""):
+        self.names[name] = 0
+        return name
+
+    def update(self, task, advance=0, **fields):
+        self.names[task] += advance
+        if task.startswith("epoch 2/") and self.names[task] == 2:
+            raise KeyboardInterrupt
+
+    def remove_task(self, task):
+        pass
+
+
+def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys):
+    model = digits_model(tmp_path / "m.onnx")
+    args = (*FAST, "--epochs", "2", "--max-train", "96", "--batch-size", "32", "--eps", "0.1")
+    full = invoke(capsys, "harden", model, *args, "--out", tmp_path / "full", "--json")
+    assert full.code == 0, full.err
+
+    killed = tmp_path / "killed"
+    options = Options(model=str(model), dataset="digits", eps=0.1, order=1, max_test=40, attack_steps=3,
+                      attack_restarts=2, device="cpu", epochs=2, max_train=96, batch_size=32, out=str(killed),
+                      checkpoint_every=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        harden(options, {}, "test", _KillWithinEpoch2())
+    state = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2) and len(state["history"]) == 1
+    assert state["phases"]["before"]["certified"].shape == (40,)
+
+    resumed = invoke(capsys, "harden", model, *args, "--out", killed, "--resume", "--json")
+    assert resumed.code == 0, resumed.err
+    assert "after epoch 1 and 2 step(s) of epoch 2" in resumed.err
+    assert "before: kept from" in resumed.err and "certifying the input model" not in resumed.err
+    a = torch.load(tmp_path / "full" / CHECKPOINT_FILE, weights_only=True)
+    b = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert json.loads(full.out)["sections"] == json.loads(resumed.out)["sections"]
+    for row_a, row_b in zip(a["history"], b["history"]):  # the interrupted epoch's sums were carried over
+        assert {k: v for k, v in row_a.items() if k != "seconds"} == {k: v for k, v in row_b.items()
+                                                                     if k != "seconds"}
+
+
 def test_resume_refuses_other_settings(tmp_path, capsys):
     model = digits_model(tmp_path / "m.onnx")
     out = tmp_path / "run"

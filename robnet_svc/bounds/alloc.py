@@ -9,6 +9,13 @@ anything: on DM-small (batch 64, k = 16) that was more than half of an SSIP pass
 faults; the cost is that the process keeps its peak heap instead of giving it back.
 
 Disable with ``ROBNET_SVC_MALLOC_TUNING=0`` (e.g. to measure without it).
+
+Memory: freed blocks of varying sizes fragment the heap, and a tuned heap keeps its
+high-water mark, so resident memory creeps above one batch's working set as steps go by
+(measured, 1x64x64 CNN, rsip-ssip, 12 training steps of 30-64 samples: peak +2.0 GB tuned,
++1.4 GB untuned at 1.6x the CPU time). ``release_free_memory`` hands the free heap back to
+the system; the pipeline calls it between phases and epochs, so the creep is bounded by one
+phase instead of growing over a whole run.
 """
 
 from __future__ import annotations
@@ -38,3 +45,14 @@ def _tune() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_TOP_PAD, 64 << 20))
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``) when the allocator is
+    tuned; a no-op otherwise. Costs page faults on the next allocations: call it between phases."""
+    if not _state.get("tuned"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -59,29 +59,26 @@ def robnet_register_op_rules(register):
 
 
 def _onnx2torch_rules() -> dict:
-    """Rules for the module classes onnx2torch produces (empty when it is not installed)."""
-    try:
-        from onnx2torch.node_converters import (dropout, flatten, global_average_pool, matmul, pad,
-                                                reshape, squeeze, transpose, unsqueeze)
-        from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
-    except ImportError:
-        return {}
+    """Rules for the module classes onnx2torch produces, named by import path: importing
+    onnx2torch's converters pulls in torchvision (seconds), which listing plugins does not need;
+    the registry imports them when the engine asks for its rules (left out if not installed)."""
     from robnet_svc.bounds.ops.arithmetic import ArithmeticRule
     from robnet_svc.bounds.ops.linear import MatMulRule
     from robnet_svc.bounds.ops.pool import AveragePoolRule, PadRule
     from robnet_svc.bounds.ops.shape import IdentityRule, PermuteRule, ReshapeRule
 
+    converters = "onnx2torch.node_converters"
     return {
-        OnnxBinaryMathOperation: ArithmeticRule,
-        matmul.OnnxMatMul: MatMulRule,
-        global_average_pool.OnnxGlobalAveragePool: AveragePoolRule,
-        global_average_pool.OnnxGlobalAveragePoolWithKnownInputShape: AveragePoolRule,
-        pad.OnnxPadStatic: PadRule,
-        pad.OnnxPadDynamic: PadRule,  # pads arrive as constant inputs (folded by normalize_graph)
-        flatten.OnnxFlatten: ReshapeRule,
-        reshape.OnnxReshape: ReshapeRule,
-        squeeze.OnnxSqueezeStaticAxes: ReshapeRule,
-        unsqueeze.OnnxUnsqueezeStaticAxes: ReshapeRule,
-        transpose.OnnxTranspose: PermuteRule,
-        dropout.OnnxDropoutDynamic: IdentityRule,
+        f"{converters}.binary_math_operations:OnnxBinaryMathOperation": ArithmeticRule,
+        f"{converters}.matmul:OnnxMatMul": MatMulRule,
+        f"{converters}.global_average_pool:OnnxGlobalAveragePool": AveragePoolRule,
+        f"{converters}.global_average_pool:OnnxGlobalAveragePoolWithKnownInputShape": AveragePoolRule,
+        f"{converters}.pad:OnnxPadStatic": PadRule,
+        f"{converters}.pad:OnnxPadDynamic": PadRule,  # pads arrive as constant inputs (folded by normalize_graph)
+        f"{converters}.flatten:OnnxFlatten": ReshapeRule,
+        f"{converters}.reshape:OnnxReshape": ReshapeRule,
+        f"{converters}.squeeze:OnnxSqueezeStaticAxes": ReshapeRule,
+        f"{converters}.unsqueeze:OnnxUnsqueezeStaticAxes": ReshapeRule,
+        f"{converters}.transpose:OnnxTranspose": PermuteRule,
+        f"{converters}.dropout:OnnxDropoutDynamic": IdentityRule,
     }

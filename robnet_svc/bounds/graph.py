@@ -226,9 +226,19 @@ def find_unsupported(gm: nn.Module, rules: dict | None = None) -> list[tuple[str
 def default_rules() -> dict:
     """The built-in rules table (registered through the same hook plugins use)."""
     from robnet_svc.bounds import builtin
+    from robnet_svc.plugins import import_target
 
     table: dict = {}
-    builtin.robnet_register_op_rules(register=lambda target, cls: table.__setitem__(target, cls))
+
+    def register(target, cls):
+        if isinstance(target, str) and ":" in target:  # an import path (onnx2torch's classes)
+            try:
+                target = import_target(target)
+            except ModuleNotFoundError:
+                return
+        table[target] = cls
+
+    builtin.robnet_register_op_rules(register=register)
     return table
 
 

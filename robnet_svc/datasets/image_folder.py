@@ -13,26 +13,25 @@ model input (see ``adapt.decode_image``) and returned as float32 in ``[0, 1]``.
 
 Options: ``test_fraction`` (0.2) and ``seed`` (0) for the one-tree layout; ``cache`` (true):
 keep decoded images in the on-disk cache (``cache.py``). Decoding runs in a thread pool with
-a progress bar on stderr.
+progress on stderr (a bar on a terminal, plain lines in a log), with as many workers as the
+run's thread count (``robnet_svc.threads``). Every file that cannot be decoded is reported
+in one error (a count and the first few), not one per run.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.errors import LiveError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from robnet_svc import progress as progress_lines
+from robnet_svc import threads
 from robnet_svc.datasets import cache
 from robnet_svc.datasets.adapt import check_shape, decode_image
 from robnet_svc.datasets.base import Dataset, Splits
@@ -49,6 +48,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: unsafe in a multi-threaded (torch) process and absent on macOS/Windows, and spawn re-imports
 #: torch in every worker (1-2 s).
 _CHUNK = 64
+
+#: Unreadable files named in the error (the rest are counted).
+_SHOWN_BAD = 5
 
 
 @dataclass
@@ -135,44 +137,35 @@ def load_images(
 
 
 def decode_files(files: list[Path], mode: str, size: tuple[int, int], progress: bool, label: str) -> np.ndarray:
-    """Decode ``files`` with a thread pool: uint8 ``[N, C, H, W]`` (C=1 for 'L', 3 for 'RGB')."""
+    """Decode ``files`` with a thread pool: uint8 ``[N, C, H, W]`` (C=1 for 'L', 3 for 'RGB').
+
+    Every file is tried; those that cannot be read are reported together in one RobnetError."""
     images = np.empty((len(files), 1 if mode == "L" else 3, *size), dtype=np.uint8)
 
-    def decode_chunk(start: int) -> int:
-        stop = min(start + _CHUNK, len(files))
+    def decode_chunk(start: int) -> tuple[int, list[str]]:
+        stop, bad = min(start + _CHUNK, len(files)), []
         for i in range(start, stop):
-            images[i] = decode_image(files[i], mode, size)
-        return stop - start
+            try:
+                images[i] = decode_image(files[i], mode, size)
+            except RobnetError as exc:
+                bad.append(str(exc))
+        return stop - start, bad
 
-    workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16))
-    with _progress_bar(label, len(files), progress) as advance:
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robnet-decode")
+    failures: list[str] = []
+    with progress_lines.task(label, len(files), progress) as advance:
+        pool = ThreadPoolExecutor(max_workers=threads.decode_workers(), thread_name_prefix="robnet-decode")
         try:
-            for count in pool.map(decode_chunk, range(0, len(files), _CHUNK)):
+            for count, bad in pool.map(decode_chunk, range(0, len(files), _CHUNK)):
+                failures += bad
                 advance(count)
-        finally:  # on the first bad file, do not decode the rest
+        finally:  # an interrupt: do not decode the rest
             pool.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        shown = "; ".join(failures[:_SHOWN_BAD]) + (f"; and {len(failures) - _SHOWN_BAD} more"
+                                                    if len(failures) > _SHOWN_BAD else "")
+        raise RobnetError(f"{len(failures)} of {len(files)} image file(s) cannot be read; remove or replace "
+                          f"them: {shown}")
     return images
-
-
-@contextmanager
-def _progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (stdout stays free for ``--json``), yielding ``advance(n)``.
-
-    Inside the command line's own live display: nested where rich supports it (>= 14),
-    else no bar rather than an error.
-    """
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = Progress(*columns, console=Console(stderr=True), transient=True, disable=not enabled)
-    try:
-        bar.start()
-    except LiveError:
-        bar = Progress(disable=True)
-    try:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-    finally:
-        bar.stop()
 
 
 class ImageFolder(Dataset):

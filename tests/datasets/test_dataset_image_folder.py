@@ -112,6 +112,18 @@ def test_corrupt_image_is_named(tmp_path):
         load(tmp_path)
 
 
+def test_every_corrupt_image_is_reported_in_one_error(tmp_path):
+    make_tree(tmp_path, {"a": 3, "b": 3})
+    bad = [tmp_path / "a" / f"cut_{i}.jpg" for i in range(3)] + [tmp_path / "b" / f"junk_{i}.png" for i in range(4)]
+    for path in bad:
+        path.write_bytes(b"\xff\xd8\xff not an image")
+    with pytest.raises(RobnetError) as info:
+        load(tmp_path, cache=False)
+    message = str(info.value)
+    assert message.startswith("7 of 13 image file(s) cannot be read") and "\n" not in message
+    assert sum(path.name in message for path in bad) == 5 and message.endswith("and 2 more")
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
