@@ -84,7 +84,7 @@ class _KillWithinEpoch2:
     def log(self, message: str) -> None:
         pass
 
-    def add_task(self, name, total, stats=""):
+    def add_task(self, name, total, stats="", **fields):
         self.names[name] = 0
         return name
 

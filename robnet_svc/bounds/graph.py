@@ -279,7 +279,9 @@ class BoundNetwork(nn.Module):
         key = (tuple(input_shape), clip is not None)
         if key not in self._shapes:
             plan = self.plan(clip)
-            param = next(self.module.parameters(), None)
+            # the dtype of the weights (buffers too: a model of constants has no parameters)
+            tensors = (t for t in (*self.module.parameters(), *self.module.buffers()) if t.is_floating_point())
+            param = next(tensors, None)
             x = torch.zeros((1, *input_shape), dtype=param.dtype if param is not None else None,
                             device=param.device if param is not None else None)
             env = self._constant_env()
