@@ -10,6 +10,7 @@ network exactly (``strategies.build``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -24,7 +25,7 @@ from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
 
-from .strategies import (DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
+from .strategies import (ACTIVATIONS, DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
                          exact_margin_min, make_set, perturbation_inputs, recipes, sampled_margins)
 
 NUM_SAMPLES = 1000
@@ -162,5 +163,38 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
         aset = make_set(pert_id, images, 0.1, clip=True)
         bounds = _bounds(imported, aset, labels, _methods(pert_id), recipe.classes)
         context = f"onnx opset {opset}, {pert_id}, {recipe}"
+        check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+        check_order(bounds, context)
+
+
+ACTIVATION_CASES = [a for a in ACTIVATIONS if a != "relu"]
+
+
+def _activation_perturbations(index: int) -> list[str]:
+    """Every kind of perturbation (bias field mult/add/both, brightness, contrast, linf); the
+    bias-field orders rotate with the activation's index, so each (mode, order) pair meets
+    several activations and the test stays fast."""
+    return [f"bias-mult-o{index % 4}", f"bias-add-o{(index + 1) % 4}", f"bias-both-o{(index + 2) % 4}",
+            "brightness", "contrast", "linf"]
+
+
+@pytest.mark.parametrize("act", ACTIVATION_CASES)
+@settings(**PROPERTY, max_examples=2)
+@given(data=st.data())
+def test_activation_networks_sound_and_ordered(act, data):
+    """Random networks with each activation of ``ACTIVATIONS`` (Clip/ReLU6/Hardtanh/clamp,
+    LeakyReLU with slopes < 0, < 1 and > 1, PReLU, HardSigmoid, HardSwish, Sigmoid, Tanh,
+    ELU, Softplus, SiLU, GELU, and SiLU/GELU written as products, which the compiler fuses)
+    through every method and every kind of perturbation, with and without clipping. Small
+    inputs (at most 5x5) keep full CROWN cheap."""
+    recipe = data.draw(recipes(relu=True, act=act), label="recipe")
+    recipe = dataclasses.replace(recipe, size=(min(recipe.size[0], 5), min(recipe.size[1], 5)))
+    module = build(recipe)
+    for pert_id in _activation_perturbations(ACTIVATION_CASES.index(act)):
+        images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
+        clip = data.draw(st.booleans(), label="clip")
+        aset = make_set(pert_id, images, eps, clip)
+        context = f"{act}, {pert_id}, eps={eps}, clip={clip}, {recipe}"
+        bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
         check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
         check_order(bounds, context)

@@ -46,6 +46,20 @@ def _safe_div(num: Tensor, den: Tensor, where: Tensor) -> Tensor:
     return num / torch.where(where, den, torch.ones_like(den))
 
 
+def _widen(r: Relaxation, lower: Tensor, upper: Tensor, where: Tensor) -> Relaxation:
+    """Lower/raise the biases of the chord and pivot lines (``where``) by a few units of
+    round-off, so that they stay bounds when evaluated in floating point (stable neurons,
+    whose lines are the function itself, stay exact)."""
+    reach = torch.maximum(lower.abs(), upper.abs())
+    eps = 4 * torch.finfo(lower.dtype).eps
+
+    def tol(slope: Tensor, bias: Tensor) -> Tensor:
+        return torch.where(where, eps * (bias.abs() + slope.abs() * reach), torch.zeros_like(bias)).detach()
+
+    return Relaxation(r.lower_slope, r.lower_bias - tol(r.lower_slope, r.lower_bias),
+                      r.upper_slope, r.upper_bias + tol(r.upper_slope, r.upper_bias))
+
+
 def clip_relaxation(lower: Tensor, upper: Tensor, a: float | None, b: float | None) -> Relaxation:
     """Linear bounds of ``clamp(x, a, b)`` on ``[lower, upper]`` (see the module docstring)."""
     if a is not None and b is not None and a > b:  # torch: every value becomes b
@@ -73,7 +87,7 @@ def clip_relaxation(lower: Tensor, upper: Tensor, a: float | None, b: float | No
     s_lo, s_up = torch.where(below | above, zero, s_lo), torch.where(below | above, zero, s_up)
     const = torch.where(below, a_t, b_t)
     b_lo, b_up = torch.where(below | above, const, b_lo), torch.where(below | above, const, b_up)
-    return Relaxation(s_lo, b_lo, s_up, b_up)
+    return _widen(Relaxation(s_lo, b_lo, s_up, b_up), lower, upper, (kink_a | kink_b) & ~(below | above))
 
 
 class ClipRule(ActivationRule):
@@ -153,8 +167,9 @@ class LeakyReluRule(ActivationRule):
         s_up = torch.where(convex, chord, origin)
         b_up = torch.where(convex, chord_b, zero)
         stable_s = torch.where(pos, one, alpha)
-        return Relaxation(torch.where(unstable, s_lo, stable_s), torch.where(unstable, b_lo, zero),
-                          torch.where(unstable, s_up, stable_s), torch.where(unstable, b_up, zero))
+        return _widen(Relaxation(torch.where(unstable, s_lo, stable_s), torch.where(unstable, b_lo, zero),
+                                 torch.where(unstable, s_up, stable_s), torch.where(unstable, b_up, zero)),
+                      lower, upper, unstable)
 
 
 class HardSigmoidRule(ActivationRule):
@@ -177,13 +192,18 @@ class HardSigmoidRule(ActivationRule):
 
     def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         zl, zu = self._z(lower, upper)
-        return zl.clamp(0, 1), zu.clamp(0, 1)
+        # round-off of torch's relu6(x + 3)/6 against αx + β
+        reach = torch.maximum(lower.abs(), upper.abs())
+        tol = (4 * torch.finfo(lower.dtype).eps * (1 + abs(self.alpha) * reach)).detach()
+        return zl.clamp(0, 1) - tol, zu.clamp(0, 1) + tol
 
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         r = clip_relaxation(*self._z(lower, upper), 0.0, 1.0)
         a, b = self.alpha, self.beta
-        return Relaxation(r.lower_slope * a, r.lower_slope * b + r.lower_bias,
-                          r.upper_slope * a, r.upper_slope * b + r.upper_bias)
+        r = Relaxation(r.lower_slope * a, r.lower_slope * b + r.lower_bias, r.upper_slope * a,
+                       r.upper_slope * b + r.upper_bias)
+        # torch computes relu6(x + 3)/6, not x/6 + 1/2: allow for the different rounding
+        return _widen(r, lower, upper, torch.ones_like(lower, dtype=torch.bool))
 
 
 def activation_rules() -> dict:

@@ -44,7 +44,7 @@ from torch import Tensor
 from robnet_svc.bounds.ops.base import ActivationRule, OpCall
 from robnet_svc.bounds.types import Relaxation
 
-ITERATIONS = 20  # bisection steps (fixed: vectorised, no data-dependent loop)
+ITERATIONS = 14  # bisection steps (fixed: vectorised, no data-dependent loop)
 _SLACK = 16.0    # round-off allowance, in units of the dtype's eps times the magnitudes involved
 
 
@@ -144,7 +144,7 @@ class CurvatureRule(ActivationRule):
         # float implementations are monotone only up to an ulp or so: widen by a few
         eps = torch.finfo(lower.dtype).eps
         reach = torch.maximum(lower.abs(), upper.abs()).clamp(max=16.0)
-        tol = (_SLACK * eps * (torch.maximum(fl.abs(), fu.abs()) + self.noise * reach)).detach()
+        tol = (_SLACK * eps * (torch.maximum(fl.abs(), fu.abs()) + self.noise * reach) + self.jump).detach()
         if self.monotone:
             return fl - tol, fu + tol
         x_min = self.argmin()
@@ -169,9 +169,11 @@ class CurvatureRule(ActivationRule):
         ``[lower, upper]``, piece by piece (see the module docstring)."""
         best = None
         for piece in self.pieces():
+            present = (lower <= piece.hi) & (upper >= piece.lo)
+            if best is not None and not bool(present.any()):
+                continue  # no neuron reaches this piece (one host sync saves a bisection)
             a = lower.clamp(min=piece.lo, max=piece.hi)
             b = upper.clamp(min=piece.lo, max=piece.hi)
-            present = (lower <= piece.hi) & (upper >= piece.lo)
             df = self._df_on(piece)
             if upper_side:
                 if piece.convex:
