@@ -188,3 +188,25 @@ def test_exported_subgraphs_are_fused_and_bound_soundly(act, fused, opset):
         context = f"{expected} opset {opset} {pert_id}"
         check_sound(bounds, sampled_margins(gm, aset, labels, 1000), context)
         check_order(bounds, context)
+
+
+@pytest.mark.parametrize("low, high", [(0.5, None), (None, 0.2)])
+def test_clip_with_one_bound_imports_and_bounds(low, high, tmp_path):
+    """``torch.clamp(x, min=c)`` exports ``Clip(x, c, "")``, which onnx2torch cannot read alone;
+    the importer drops the empty input (an absent min becomes -inf) and the rule sees one end."""
+    pytest.importorskip("onnx2torch")
+    from robnet_svc.onnx_io import load_model
+
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), Clamp(low, high), nn.Linear(4, 2)).eval()
+    path = tmp_path / "clamp.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 1, 2, 2),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    imported = load_model(path)  # parity with onnxruntime is checked inside
+    net = compile_network(imported.module)
+    (clip,) = [p for p in net._plan if p.rule_cls.__name__ == "ClipRule"]
+    rule = clip.rule_cls(OpCall(clip.name, clip.call.kind, clip.call.target, clip.call.module, (PERTURBED,), {},
+                                [(4,)], (4,)))
+    f32 = lambda v: None if v is None else pytest.approx(v, rel=1e-6)  # noqa: E731 (stored as float32)
+    assert (rule.a, rule.b) == (f32(low), f32(high))

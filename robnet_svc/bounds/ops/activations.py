@@ -20,6 +20,7 @@ which for a single kink is CROWN's adaptive ReLU choice ``α = [u >= -l]``:
 
 from __future__ import annotations
 
+import math
 from numbers import Number
 
 import torch
@@ -39,7 +40,8 @@ def _scalar(value, what: str) -> float | None:
         if value.numel() != 1:
             raise RobnetError(f"{what} with a non-scalar bound (shape {tuple(value.shape)}) has no bound rule")
         value = value.item()
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) else None  # clamp(x, -inf, b) = min(x, b)
 
 
 def _safe_div(num: Tensor, den: Tensor, where: Tensor) -> Tensor:
