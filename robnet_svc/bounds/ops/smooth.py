@@ -44,7 +44,7 @@ from torch import Tensor
 from robnet_svc.bounds.ops.base import ActivationRule, OpCall
 from robnet_svc.bounds.types import Relaxation
 
-ITERATIONS = 14  # bisection steps (fixed: vectorised, no data-dependent loop)
+ITERATIONS = 10  # bisection steps (fixed: vectorised, no data-dependent loop)
 _SLACK = 16.0    # round-off allowance, in units of the dtype's eps times the magnitudes involved
 
 
@@ -85,7 +85,13 @@ def concave_max(g: Callable[[Tensor], Tensor], dg: Callable[[Tensor], Tensor], a
     ``min(T_lo(hi), T_hi(lo))``. True for any bracket, so the guess affects tightness only.
     """
     if guess is None:
-        lo, hi = _bisect(dg, a, b)
+        with torch.no_grad():
+            inner_root = (dg(a) > 0) & (dg(b) < 0)
+        if bool(inner_root.any()):
+            lo, hi = _bisect(dg, a, b)
+        else:  # monotone on every [a, b]: the maximum is at an end (one host sync saves the bisection)
+            with torch.no_grad():
+                lo = hi = torch.where(dg(a) <= 0, a, b).detach()
     else:
         with torch.no_grad():
             lo = hi = torch.minimum(torch.maximum(guess, a), b).detach()
@@ -256,18 +262,23 @@ class CurvatureRule(ActivationRule):
         df_cv, df_cc = self._df_on(convex_piece), self._df_on(concave_piece)
         all_convex, all_concave = upper <= c, lower >= c
         c_t = torch.full_like(lower, c)
+        mixed = bool((~all_convex & ~all_concave).any())  # else no tangent point is needed
         # upper: tangent at d in [c, u] through (l, f(l)); phi(d) increases with d on the concave piece
         hi_end = torch.maximum(upper, c_t)
-        _, d_up = _bisect(lambda d: self.f(d) + df_cc(d) * (lower - d) - fl, c_t, hi_end,
-                          keep_low_when_nonneg=False)
+        d_up = hi_end
+        if mixed:
+            _, d_up = _bisect(lambda d: self.f(d) + df_cc(d) * (lower - d) - fl, c_t, hi_end,
+                              keep_low_when_nonneg=False)
         chord_up_ok = df_cc(hi_end) >= chord  # the chord itself lies above
         s_up = torch.where(all_convex, chord, torch.where(all_concave, df_cc(mid),
                                                           torch.where(chord_up_ok, chord, df_cc(d_up))))
         g_up = torch.where(all_concave, mid, torch.where(chord_up_ok, upper, d_up))
         # lower: tangent at d in [l, c] through (u, f(u)); psi(d) increases with d on the convex piece
         lo_end = torch.minimum(lower, c_t)
-        d_lo, _ = _bisect(lambda d: self.f(d) + df_cv(d) * (upper - d) - fu, lo_end, c_t,
-                          keep_low_when_nonneg=False)
+        d_lo = lo_end
+        if mixed:
+            d_lo, _ = _bisect(lambda d: self.f(d) + df_cv(d) * (upper - d) - fu, lo_end, c_t,
+                              keep_low_when_nonneg=False)
         chord_lo_ok = df_cv(lo_end) >= chord
         s_lo = torch.where(all_concave, chord, torch.where(all_convex, df_cv(mid),
                                                            torch.where(chord_lo_ok, chord, df_cv(d_lo))))
