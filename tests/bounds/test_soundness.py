@@ -198,3 +198,21 @@ def test_activation_networks_sound_and_ordered(act, data):
         bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
         check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
         check_order(bounds, context)
+
+
+@pytest.mark.parametrize("act", ["prelu", "hardswish", "sigmoid", "silu-product", "gelu-erf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_every_parameter_through_activations(method, act):
+    """Also PReLU's slopes, and through the fused SiLU/GELU products."""
+    recipe = Recipe("residual", 2, (5, 5), 4, 4, True, "subdiv", True, True, True, 1, True, False, 3, act)
+    module = build(recipe)
+    images, labels = torch.rand(2, 2, 5, 5), torch.tensor([1, 2])
+    aset = make_set("bias-both-o1", images, 0.05, clip=True)
+    lower = load_registry().bound_method(method)().margin_lower(compile_network(module), aset, labels)
+    lower.sum().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f"{method}, {act}: no gradient reaches {name}"
+        assert torch.isfinite(param.grad).all(), f"{method}, {act}: non-finite gradient at {name}"
+    prelus = [m for m in module.modules() if isinstance(m, nn.PReLU)]
+    assert bool(prelus) == (act == "prelu")
+    assert all(m.weight.grad.abs().sum() > 0 for m in prelus), f"{method}: PReLU slopes get no gradient"
