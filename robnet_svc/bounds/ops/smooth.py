@@ -146,6 +146,7 @@ class CurvatureRule(ActivationRule):
     # ------------------------------------------------------------------ interval
 
     def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        upper = torch.maximum(lower, upper)
         fl, fu = self.f(lower), self.f(upper)
         # float implementations are monotone only up to an ulp or so: widen by a few
         eps = torch.finfo(lower.dtype).eps
@@ -226,6 +227,7 @@ class CurvatureRule(ActivationRule):
         return torch.where(wide, chord, self._df_at(lower))
 
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        upper = torch.maximum(lower, upper)  # intersected bounds may cross by a rounding error
         finite = torch.isfinite(lower) & torch.isfinite(upper)
         if not bool(finite.all()):  # overflowed bounds: constant lines from the interval bounds
             safe_l = torch.where(finite, lower, torch.zeros_like(lower))
