@@ -336,7 +336,8 @@ SILU_INFLECTION = _root(lambda x: x * math.tanh(x / 2) - 2, 1.0, 4.0)
 SILU_ARGMIN = _root(lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))), -SILU_INFLECTION, 0.0)
 #: GELU = x·Φ(x): gelu'' = φ(x)(2 - x²), convex exactly on [-√2, √2]
 GELU_INFLECTION = math.sqrt(2.0)
-GELU_ARGMIN = _root(lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2))) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi),
+_INV_SQRT2, _INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)
+GELU_ARGMIN = _root(lambda x: 0.5 * (1 + math.erf(x * _INV_SQRT2)) + x * math.exp(-x * x / 2) * _INV_SQRT_2PI,
                     -GELU_INFLECTION, 0.0)
 
 
@@ -491,7 +492,7 @@ class GeluRule(ValleyRule):
         return F.gelu(x)
 
     def df(self, x: Tensor) -> Tensor:
-        return 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2)))) + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return 0.5 * (1 + torch.erf(x * _INV_SQRT2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
 class HardSwishRule(CurvatureRule):
