@@ -199,7 +199,10 @@ def _convert(model: onnx.ModelProto, path: Path) -> tuple[fx.GraphModule, onnx.M
     The result is checked against onnxruntime on the ORIGINAL model by the caller, so a
     conversion step that changed what the model computes cannot go unnoticed.
     """
-    from onnx2torch import convert
+    from onnx2torch import convert as onnx2torch_convert
+
+    def convert(m: onnx.ModelProto) -> fx.GraphModule:
+        return onnx2torch_convert(_clip_without_empty_inputs(m))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -224,6 +227,28 @@ def _convert(model: onnx.ModelProto, path: Path) -> tuple[fx.GraphModule, onnx.M
                 raise _fail(path, f"cannot be converted to torch: {_describe(exc, converted)} (also after "
                                   f"{direction} the opset from {opset} to {UPGRADE_OPSET}); "
                                   "this op is not supported") from exc
+
+
+def _clip_without_empty_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx2torch reads Clip's optional min/max inputs as constants but fails on an empty
+    input name (``torch.clamp(x, min=c)`` exports ``Clip(x, c, "")``): trailing empty inputs
+    are dropped and an absent min before a given max becomes a -inf constant. Returns a
+    patched copy, or the model itself when no Clip has an empty input."""
+    if not any(n.op_type == "Clip" and "" in list(n.input)[1:] for n in model.graph.node):
+        return model
+    model = copy.deepcopy(model)
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Clip":
+            continue
+        inputs = list(node.input)
+        while len(inputs) > 1 and inputs[-1] == "":
+            inputs.pop()
+        if len(inputs) == 3 and inputs[1] == "":
+            inputs[1] = f"{node.name or 'Clip'}_{i}_no_min"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), inputs[1]))
+        del node.input[:]
+        node.input.extend(inputs)
+    return model
 
 
 def _relax_allowzero(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -47,7 +47,6 @@ CORPUS_UNCONVERTIBLE = {
 # Corpus models that import and round-trip, but whose ONNX ops the bound engine does not
 # support (checked below through inspect's engine report when the engine is installed).
 CORPUS_NOT_BOUNDABLE = {
-    "vnn21_eran_ffnnSIGMOID__Point_6x200.onnx": {"Sigmoid"},
     "vnn21_verivital_Convnet_maxpool.onnx": {"MaxPool"},
     "ext_baskov_mnist_cnn_dynbatch.onnx": {"MaxPool"},
     "ext_cc_lenet_bn1d_batch10.onnx": {"MaxPool"},

@@ -22,6 +22,7 @@ def robnet_register_bound_methods(register):
 
 @hookimpl
 def robnet_register_op_rules(register):
+    from robnet_svc.bounds.ops.activations import activation_rules
     from robnet_svc.bounds.ops.arithmetic import ArithmeticRule
     from robnet_svc.bounds.ops.conv import ConvRule
     from robnet_svc.bounds.ops.linear import LinearRule, MatMulRule
@@ -54,6 +55,7 @@ def robnet_register_op_rules(register):
         torch.Tensor.sub: ArithmeticRule, torch.Tensor.mul: ArithmeticRule, torch.Tensor.div: ArithmeticRule,
     }
     table.update(_onnx2torch_rules())
+    table.update(activation_rules())
     for target, rule in table.items():
         register(target, rule)
 

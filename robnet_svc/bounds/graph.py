@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from robnet_svc.bounds.alloc import keep_freed_memory
+from robnet_svc.bounds.fuse import fuse_activations
 from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule
 from robnet_svc.bounds.ops.relu import ReluRule
 from robnet_svc.errors import RobnetError
@@ -220,7 +221,7 @@ def _analyse(gm: fx.GraphModule, rules: dict) -> tuple[list[PlanNode], list[fx.N
 def find_unsupported(gm: nn.Module, rules: dict | None = None) -> list[tuple[str, str]]:
     """``[(node_name, op_description)]`` of every node the engine cannot bound (empty: all fine)."""
     rules = default_rules() if rules is None else rules
-    return _analyse(_trace(gm, rules), rules)[2]
+    return _analyse(fuse_activations(_trace(gm, rules), rules), rules)[2]
 
 
 def default_rules() -> dict:
@@ -399,7 +400,7 @@ def compile_network(module: nn.Module, rules: dict | None = None) -> BoundNetwor
     if isinstance(module, BoundNetwork):
         return module
     rules = default_rules() if rules is None else rules
-    gm = _trace(module, rules)
+    gm = fuse_activations(_trace(module, rules), rules)  # x*sigmoid(x) -> SiLU, ... (bounds/fuse.py)
     plan, constants, unsupported = _analyse(gm, rules)
     if unsupported:
         name, what = unsupported[0]

@@ -54,11 +54,13 @@ class Recipe:
     groups: bool  # grouped second conv
     dropout: bool  # Dropout / Identity layers (no-ops in eval mode)
     seed: int
+    act: str = "relu"  # the activation where ``relu`` is True: a key of ACTIVATIONS
 
 
 @st.composite
-def recipes(draw, families=FAMILIES, relu=None) -> Recipe:
-    """A random network recipe; ``relu`` None draws it, True/False fixes it."""
+def recipes(draw, families=FAMILIES, relu=None, act="relu") -> Recipe:
+    """A random network recipe; ``relu`` None draws it, True/False fixes it; ``act`` names the
+    activation (a key of ``ACTIVATIONS``)."""
     family = draw(st.sampled_from(families))
     return Recipe(
         family=family,
@@ -75,6 +77,7 @@ def recipes(draw, families=FAMILIES, relu=None) -> Recipe:
         groups=draw(st.booleans()),
         dropout=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
+        act=act,
     )
 
 
@@ -95,12 +98,12 @@ class Normalize(nn.Module):
 
 
 class Residual(nn.Module):
-    """``relu(x + body(x))`` or ``relu(shortcut(x) + body(x))``: a two-tensor Add."""
+    """``act(x + body(x))`` or ``act(shortcut(x) + body(x))``: a two-tensor Add."""
 
-    def __init__(self, body: nn.Module, shortcut: nn.Module | None, relu: bool):
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None, act: nn.Module):
         super().__init__()
         self.body, self.shortcut = body, shortcut if shortcut is not None else nn.Identity()
-        self.act = nn.ReLU() if relu else nn.Identity()
+        self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.shortcut(x) + self.body(x))
@@ -121,8 +124,79 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
             m.bias.data = torch.randn(n, generator=gen) * 0.3
 
 
-def _act(r: Recipe) -> nn.Module:
-    return nn.ReLU() if r.relu else nn.Identity()
+class PreScaled(nn.Module):
+    """``act(scale·x)``: puts the kinks of HardSigmoid/HardSwish (at ±3) inside the range of
+    the random networks' pre-activations (about ±2)."""
+
+    def __init__(self, act: nn.Module, scale: float):
+        super().__init__()
+        self.act, self.scale = act, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x * self.scale)
+
+
+class Clamp(nn.Module):
+    """``torch.clamp(x, min, max)`` as a function call (either bound may be None)."""
+
+    def __init__(self, low: float | None, high: float | None):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(x, self.low, self.high)
+
+
+class SiluProduct(nn.Module):
+    """``x * sigmoid(x)`` written out (as ONNX exports SiLU): fused by the bound compiler."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+class GeluErf(nn.Module):
+    """GELU written as the legacy ONNX exporter writes it: fused by the bound compiler."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * (torch.erf(x / 1.4142135623730951) + 1.0) * 0.5
+
+
+def _prelu(width: int, gen: torch.Generator) -> nn.Module:
+    act = nn.PReLU(width)
+    act.weight.data = torch.rand(width, generator=gen) * 2.4 - 0.6  # slopes in [-0.6, 1.8]
+    return act
+
+
+#: activation name -> factory(width, generator); every one must have a bound rule
+ACTIVATIONS = {
+    "relu": lambda w, g: nn.ReLU(),
+    "relu6": lambda w, g: PreScaled(nn.ReLU6(), 4.0),
+    "hardtanh": lambda w, g: nn.Hardtanh(-0.4, 0.7),
+    "clamp-min": lambda w, g: Clamp(-0.3, None),
+    "clamp-max": lambda w, g: Clamp(None, 0.4),
+    "leaky-relu": lambda w, g: nn.LeakyReLU(0.1),
+    "leaky-relu-steep": lambda w, g: nn.LeakyReLU(1.8),
+    "leaky-relu-negative": lambda w, g: nn.LeakyReLU(-0.4),
+    "prelu": _prelu,
+    "hardsigmoid": lambda w, g: PreScaled(nn.Hardsigmoid(), 3.0),
+    "hardswish": lambda w, g: PreScaled(nn.Hardswish(), 3.0),
+    "sigmoid": lambda w, g: nn.Sigmoid(),
+    "tanh": lambda w, g: nn.Tanh(),
+    "elu": lambda w, g: nn.ELU(),
+    "elu-steep": lambda w, g: nn.ELU(1.7),
+    "softplus": lambda w, g: nn.Softplus(),
+    "softplus-beta": lambda w, g: nn.Softplus(beta=3.0, threshold=2.0),
+    "silu": lambda w, g: nn.SiLU(),
+    "silu-product": lambda w, g: SiluProduct(),
+    "gelu": lambda w, g: nn.GELU(),
+    "gelu-erf": lambda w, g: GeluErf(),
+}
+
+
+def _act(r: Recipe, width: int = 1, gen: torch.Generator | None = None) -> nn.Module:
+    if not r.relu:
+        return nn.Identity()
+    return ACTIVATIONS[r.act](width, gen if gen is not None else torch.Generator().manual_seed(r.seed))
 
 
 def _noop(r: Recipe) -> list[nn.Module]:
@@ -146,12 +220,12 @@ def build(r: Recipe) -> nn.Module:
         for _ in range(2):
             layers += [nn.Linear(features, r.width)]
             layers += [nn.BatchNorm1d(r.width)] if r.batchnorm else []
-            layers += [_act(r), *_noop(r)]
+            layers += [_act(r, r.width, gen), *_noop(r)]
             features = r.width
         layers.append(nn.Linear(features, r.classes))
     else:
         width = r.width
-        layers += [nn.Conv2d(c, width, 3, stride=r.stride, padding=1), _act(r)]
+        layers += [nn.Conv2d(c, width, 3, stride=r.stride, padding=1), _act(r, width, gen)]
         h, w = _spatial_out(h, 3, r.stride, 1), _spatial_out(w, 3, r.stride, 1)
         if r.pad:
             layers.append(nn.ZeroPad2d((1, 0, 2, 1)))  # asymmetric: left, right, top, bottom
@@ -160,16 +234,16 @@ def build(r: Recipe) -> nn.Module:
         if r.family == "cnn":
             layers += [nn.Conv2d(width, width, 3, padding=1, groups=groups)]
             layers += [nn.BatchNorm2d(width)] if r.batchnorm else []
-            layers += [_act(r), *_noop(r)]
+            layers += [_act(r, width, gen), *_noop(r)]
         else:
             body = nn.Sequential(
                 nn.Conv2d(width, width, 3, padding=1, groups=groups), *([nn.BatchNorm2d(width)] if r.batchnorm else []),
-                _act(r), nn.Conv2d(width, width, 3, padding=1))
-            layers.append(Residual(body, None, r.relu))
+                _act(r, width, gen), nn.Conv2d(width, width, 3, padding=1))
+            layers.append(Residual(body, None, _act(r, width, gen)))
             # a downsampling block: the shortcut is a strided 1x1 conv
-            body = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), _act(r),
+            body = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), _act(r, width, gen),
                                  nn.Conv2d(width, width, 3, padding=1))
-            layers.append(Residual(body, nn.Conv2d(width, width, 1, stride=2), r.relu))
+            layers.append(Residual(body, nn.Conv2d(width, width, 1, stride=2), _act(r, width, gen)))
             h, w = _spatial_out(h, 3, 2, 1), _spatial_out(w, 3, 2, 1)
         if r.pool and min(h, w) >= 2:
             layers.append(nn.AvgPool2d(2))

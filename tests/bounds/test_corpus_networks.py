@@ -121,3 +121,20 @@ def test_corpus_cnn_under_bias_field(name, samples, methods):
     context = f"{name}, bias-field mult order 3, eps 0.02"
     check_sound(bounds, sampled_margins(gm, aset, labels, samples), context)
     check_order(bounds, context)
+
+
+def test_corpus_sigmoid_mlp_under_bias_field():
+    """ERAN's 6x200 Sigmoid MLP (flat 784 input, viewed as 1x28x28): every method, sound by sampling."""
+    from robnet_svc.onnx_io import load_model
+
+    module = load_model(CORPUS / "onnx/vnn21_eran_ffnnSIGMOID__Point_6x200.onnx", image_shape="1x28x28").module
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 28, 28, generator=gen)
+    with torch.no_grad():
+        labels = module(images).argmax(1)
+    aset = BiasField(0.05, order=3, mode="mult").affine_set(images)
+    bounds = _bounds(compile_network(module), aset, labels, ALL_METHODS)
+    context = "vnn21_eran_ffnnSIGMOID__Point_6x200, bias-field mult order 3, eps 0.05"
+    check_sound(bounds, sampled_margins(module, aset, labels, 1000), context)
+    check_order(bounds, context)
+    assert (bounds["rsip"] > 0).any(), "nothing certified at eps 0.05"

@@ -10,6 +10,7 @@ network exactly (``strategies.build``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -24,7 +25,7 @@ from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
 
-from .strategies import (DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
+from .strategies import (ACTIVATIONS, DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
                          exact_margin_min, make_set, perturbation_inputs, recipes, sampled_margins)
 
 NUM_SAMPLES = 1000
@@ -164,3 +165,54 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
         context = f"onnx opset {opset}, {pert_id}, {recipe}"
         check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
         check_order(bounds, context)
+
+
+ACTIVATION_CASES = [a for a in ACTIVATIONS if a != "relu"]
+
+
+def _activation_perturbations(index: int) -> list[str]:
+    """Every kind of perturbation (bias field mult/add/both, brightness, contrast, linf); the
+    bias-field orders rotate with the activation's index, so each (mode, order) pair meets
+    several activations and the test stays fast."""
+    return [f"bias-mult-o{index % 4}", f"bias-add-o{(index + 1) % 4}", f"bias-both-o{(index + 2) % 4}",
+            "brightness", "contrast", "linf"]
+
+
+@pytest.mark.parametrize("act", ACTIVATION_CASES)
+@settings(**PROPERTY, max_examples=2)
+@given(data=st.data())
+def test_activation_networks_sound_and_ordered(act, data):
+    """Random networks with each activation of ``ACTIVATIONS`` (Clip/ReLU6/Hardtanh/clamp,
+    LeakyReLU with slopes < 0, < 1 and > 1, PReLU, HardSigmoid, HardSwish, Sigmoid, Tanh,
+    ELU, Softplus, SiLU, GELU, and SiLU/GELU written as products, which the compiler fuses)
+    through every method and every kind of perturbation, with and without clipping. Small
+    inputs (at most 5x5) keep full CROWN cheap."""
+    recipe = data.draw(recipes(relu=True, act=act), label="recipe")
+    recipe = dataclasses.replace(recipe, size=(min(recipe.size[0], 5), min(recipe.size[1], 5)))
+    module = build(recipe)
+    for pert_id in _activation_perturbations(ACTIVATION_CASES.index(act)):
+        images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
+        clip = data.draw(st.booleans(), label="clip")
+        aset = make_set(pert_id, images, eps, clip)
+        context = f"{act}, {pert_id}, eps={eps}, clip={clip}, {recipe}"
+        bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
+        check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+        check_order(bounds, context)
+
+
+@pytest.mark.parametrize("act", ["prelu", "hardswish", "sigmoid", "silu-product", "gelu-erf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_every_parameter_through_activations(method, act):
+    """Also PReLU's slopes, and through the fused SiLU/GELU products."""
+    recipe = Recipe("residual", 2, (5, 5), 4, 4, True, "subdiv", True, True, True, 1, True, False, 3, act)
+    module = build(recipe)
+    images, labels = torch.rand(2, 2, 5, 5), torch.tensor([1, 2])
+    aset = make_set("bias-both-o1", images, 0.05, clip=True)
+    lower = load_registry().bound_method(method)().margin_lower(compile_network(module), aset, labels)
+    lower.sum().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f"{method}, {act}: no gradient reaches {name}"
+        assert torch.isfinite(param.grad).all(), f"{method}, {act}: non-finite gradient at {name}"
+    prelus = [m for m in module.modules() if isinstance(m, nn.PReLU)]
+    assert bool(prelus) == (act == "prelu")
+    assert all(m.weight.grad.abs().sum() > 0 for m in prelus), f"{method}: PReLU slopes get no gradient"
