@@ -24,7 +24,10 @@ the set and ``e_j`` the error bound of the node's input:
 - ReLU: exact in floating point and 1-Lipschitz: ``e_i = e_in``, and ``0`` where the input's
   upper bound plus its error is still ``<= 0`` (the float input is ``<= 0`` too: both outputs
   are exactly 0); another activation with a
-  ``lipschitz`` attribute ``L``: ``e_i = L e_in + 2u m_i``; without one, the width of its
+  ``lipschitz`` attribute ``L``: ``e_i = L e_in + r u (m_i + f) + j``, ``r`` its ``rounding_ulps``
+  (default 2; 16 for the transcendental ones, whose float implementations are not correctly
+  rounded), ``f`` its ``rounding_floor`` (default 0; 1 for those), ``j`` its ``jump`` (Softplus's
+  switch to ``x`` above its threshold); without one, the width of its
   interval over ``[l − e, u + e]`` (sound, loose).
 
 The allowance of the margin ``y_label − y_j`` is ``e_label + e_j``, or, when the output node
@@ -123,8 +126,10 @@ def _node_errors(frame, fwd, u: float) -> tuple[list, list]:
                 err[i] = torch.where(pre.upper + e_in[0] > 0, e_in[0], torch.zeros_like(e_in[0]))
                 continue
             lip = getattr(rule, "lipschitz", None)
-            if lip is not None:
-                err[i] = lip * e_in[0] + 2 * u * _magnitude(fwd.intervals[i])
+            if lip is not None:  # own rounding: the rule's stated implementation accuracy (default 2 ulps)
+                ulps = getattr(rule, "rounding_ulps", 2.0)
+                floor = getattr(rule, "rounding_floor", 0.0)
+                err[i] = lip * e_in[0] + ulps * u * (_magnitude(fwd.intervals[i]) + floor) + getattr(rule, "jump", 0.0)
             else:
                 lo, hi = rule.interval(pre.lower - e_in[0], pre.upper + e_in[0])
                 err[i] = hi - lo

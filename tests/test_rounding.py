@@ -167,3 +167,33 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
         net.cpu()
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.ELU, nn.Softplus, nn.Hardswish,
+                                 nn.Hardsigmoid, nn.ReLU6, lambda: nn.LeakyReLU(0.2)])
+def test_allowance_covers_float32_evaluations_through_activations(act):
+    """Every activation rule states a Lipschitz constant and an implementation accuracy for
+    the allowance: at sampled points, float32 logits stay within the per-logit error bound."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(32, 24), act(), nn.Linear(24, 24), act(), nn.Linear(24, 4)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(8)
+    images = torch.rand(5, 2, 4, 4)
+    pert = load_registry().perturbation("bias-field")(0.2, order=1)
+    aset = pert.affine_set(images)
+    coeffs = aset.sample(64, generator=torch.Generator().manual_seed(0))
+    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, 2, 4, 4)
+    net64 = compile_network(copy.deepcopy(net).double())
+    assert all(getattr(net64.frame(pert.affine_set(images.double())).rule(i), "lipschitz", 1.0) is not None
+               for i in range(1, 8) if net64.frame(pert.affine_set(images.double())).is_activation(i))
+    aset64 = pert.affine_set(images.double())
+    with torch.no_grad():
+        low = net(pixels).reshape(5, 64, 4).double()
+        exact = net64(pixels.double()).reshape(5, 64, 4)
+        frame = net64.frame(aset64)
+        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(5, 1, 4)
+    observed = (low - exact).abs()
+    assert observed.max() > 0
+    assert (observed <= errors).all()
+    assert errors.max() < 1.0  # a usable allowance, not the width of every neuron's range

@@ -97,6 +97,8 @@ class ClipRule(ActivationRule):
     ``torch.clamp`` / ``x.clamp()`` / ``torch.clip`` with constant scalar bounds."""
 
     nonneg_slopes = True
+    lipschitz = 1.0  # and exact in floating point (a comparison)
+    rounding_ulps = 0.0
 
     def __init__(self, call: OpCall):
         super().__init__(call)
@@ -125,6 +127,17 @@ class ClipRule(ActivationRule):
 class LeakyReluRule(ActivationRule):
     """``nn.LeakyReLU`` / ``F.leaky_relu`` (ONNX ``LeakyRelu``) and ``nn.PReLU`` / ``F.prelu`` /
     onnx2torch ``OnnxPReLU`` (constant, possibly per-channel slopes)."""
+
+    @property
+    def lipschitz(self) -> float | None:
+        """max(1, |α|) for a constant slope (rounding allowance); None (the generic, looser
+        treatment) for PReLU's per-channel weights."""
+        m = self.call.module
+        if m is not None and isinstance(getattr(m, "negative_slope", None), Number):
+            return max(1.0, abs(float(m.negative_slope)))
+        if m is None and getattr(self.call.target, "__name__", "") == "leaky_relu":
+            return max(1.0, abs(float(param(self.call, "negative_slope", 1, 0.01))))
+        return None
 
     def _alpha(self, like: Tensor) -> Tensor | float:
         m = self.call.module
@@ -183,6 +196,9 @@ class HardSigmoidRule(ActivationRule):
         m = call.module
         self.alpha = float(getattr(m, "alpha", 1 / 6))
         self.beta = float(getattr(m, "beta", 0.5))
+        self.lipschitz = abs(self.alpha)  # the clamp is exact; αx + β rounds twice (rounding_ulps)
+        self.rounding_ulps = 2.0
+        self.rounding_floor = abs(self.beta)
 
     @property
     def nonneg_slopes(self) -> bool:

@@ -119,6 +119,13 @@ class CurvatureRule(ActivationRule):
     #: round-off of the implementation that grows with |x| (units of eps·|x|, for |x| <= 16):
     #: GELU's ``1 + erf(x/√2)`` cancels for negative x
     noise: ClassVar[float] = 0.0
+    #: For the rounding allowance (robnet_svc/rounding.py): a Lipschitz constant of ``f`` on the
+    #: whole line, and the accuracy assumed of a float implementation of ``f`` (exp, tanh, erf
+    #: in libm, SLEEF or onnxruntime's MLAS): within ``rounding_ulps`` units of roundoff of
+    #: ``|f(x)| + 1``. Transcendental functions are not correctly rounded, hence 16 rather than 1.
+    lipschitz: float = 1.0
+    rounding_ulps: ClassVar[float] = 16.0
+    rounding_floor: ClassVar[float] = 1.0
 
     def __init__(self, call: OpCall):
         super().__init__(call)
@@ -354,6 +361,8 @@ class SShapedRule(CurvatureRule):
 class SigmoidRule(SShapedRule):
     """``nn.Sigmoid``, ``torch.sigmoid``, ``x.sigmoid()``."""
 
+    lipschitz = 0.25
+
     def f(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)
 
@@ -382,6 +391,8 @@ class TanhRule(SShapedRule):
 class ErfRule(SShapedRule):
     """``torch.erf`` and onnx2torch's ``OnnxErf`` (erf'' = -2x·erf'(x))."""
 
+    lipschitz = 2 / math.sqrt(math.pi)
+
     def f(self, x: Tensor) -> Tensor:
         return torch.erf(x)
 
@@ -402,6 +413,7 @@ class EluRule(CurvatureRule):
 
     def configure(self) -> None:
         self.alpha = float(param(self.call, "alpha", 1, 1.0))
+        self.lipschitz = max(1.0, self.alpha)
         self.shape = "convex" if self.alpha <= 1 else "s"
         self.inflection = 0.0
 
@@ -458,6 +470,8 @@ class ValleyRule(CurvatureRule):
 class SiluRule(ValleyRule):
     """``nn.SiLU`` / ``F.silu`` and the fused ``x * sigmoid(x)`` of ONNX exports."""
 
+    lipschitz = 1.1  # max SiLU' = 1.0998 (at x = 2.40)
+
     inflection = SILU_INFLECTION
 
     def argmin(self) -> float:
@@ -474,6 +488,8 @@ class SiluRule(ValleyRule):
 class GeluRule(ValleyRule):
     """``nn.GELU`` / ``F.gelu`` (exact, erf form) and the fused ``x·0.5·(1 + erf(x/√2))`` of
     ONNX exports (opset < 20). The tanh approximation is refused."""
+
+    lipschitz = 1.13  # max GELU' = 1.1289 (at x = 1.41)
 
     inflection = GELU_INFLECTION
     noise = 4.0
@@ -507,6 +523,8 @@ class HardSwishRule(CurvatureRule):
     def configure(self) -> None:
         self.alpha = float(getattr(self.call.module, "alpha", 1 / 6))
         self.beta = float(getattr(self.call.module, "beta", 0.5))
+        # slope: 0 | 2αx + β on [p, q], from -β to 2 - β | 1
+        self.lipschitz = max(1.0, abs(self.beta), abs(2 - self.beta))
         self.torch_form = self.call.module is None or type(self.call.module).__name__ == "Hardswish"
 
     def pieces(self) -> list[Piece]:
