@@ -53,9 +53,58 @@ def robnet_register_op_rules(register):
         torch.mul: ArithmeticRule, torch.div: ArithmeticRule, torch.Tensor.add: ArithmeticRule,
         torch.Tensor.sub: ArithmeticRule, torch.Tensor.mul: ArithmeticRule, torch.Tensor.div: ArithmeticRule,
     }
+    table.update(_structural_rules())
     table.update(_onnx2torch_rules())
+    table.update(_onnx2torch_structural_rules())
     for target, rule in table.items():
         register(target, rule)
+
+
+def _structural_rules() -> dict:
+    """MaxPool, Concat, slicing, Split, Gather, transpose, Reduce, Resize; refused normalisations."""
+    from robnet_svc.bounds.ops.maxpool import MaxPoolRule
+    from robnet_svc.bounds.ops.structural import (ConcatRule, ReduceRule, ResizeRule, SelectRule, SplitRule,
+                                                  TransposeRule, UnsupportedNormRule)
+
+    return {
+        nn.MaxPool1d: MaxPoolRule, nn.MaxPool2d: MaxPoolRule, F.max_pool1d: MaxPoolRule, F.max_pool2d: MaxPoolRule,
+        torch.max_pool1d: MaxPoolRule, torch.max_pool2d: MaxPoolRule,
+        torch.cat: ConcatRule, torch.concat: ConcatRule,
+        operator.getitem: SelectRule, torch.narrow: SelectRule, torch.Tensor.narrow: SelectRule,
+        torch.index_select: SelectRule, torch.Tensor.index_select: SelectRule,
+        torch.split: SplitRule, torch.Tensor.split: SplitRule, torch.chunk: SplitRule, torch.Tensor.chunk: SplitRule,
+        torch.transpose: TransposeRule, torch.Tensor.transpose: TransposeRule,
+        torch.swapaxes: TransposeRule, torch.Tensor.swapaxes: TransposeRule,
+        torch.mean: ReduceRule, torch.Tensor.mean: ReduceRule, torch.sum: ReduceRule, torch.Tensor.sum: ReduceRule,
+        F.interpolate: ResizeRule, nn.Upsample: ResizeRule, nn.UpsamplingNearest2d: ResizeRule,
+        nn.UpsamplingBilinear2d: ResizeRule,
+        nn.LayerNorm: UnsupportedNormRule, nn.GroupNorm: UnsupportedNormRule, nn.InstanceNorm1d: UnsupportedNormRule,
+        nn.InstanceNorm2d: UnsupportedNormRule, F.layer_norm: UnsupportedNormRule, F.group_norm: UnsupportedNormRule,
+        F.instance_norm: UnsupportedNormRule, nn.Softmax: UnsupportedNormRule, F.softmax: UnsupportedNormRule,
+        torch.softmax: UnsupportedNormRule, torch.Tensor.softmax: UnsupportedNormRule,
+    }
+
+
+def _onnx2torch_structural_rules() -> dict:
+    """onnx2torch's classes for the ops of ``_structural_rules`` (MaxPool is ``nn.MaxPool*``)."""
+    try:
+        from onnx2torch.node_converters import (activations, concat, gather, instance_norm, layer_norm, reduce,
+                                                resize, slice, split)
+    except ImportError:
+        return {}
+    from robnet_svc.bounds.ops.structural import (ConcatRule, ReduceRule, ResizeRule, SelectRule, SplitRule,
+                                                  UnsupportedNormRule)
+
+    return {
+        concat.OnnxConcat: ConcatRule,
+        slice.OnnxSlice: SelectRule, slice.OnnxSliceV9: SelectRule, gather.OnnxGather: SelectRule,
+        split.OnnxSplit: SplitRule, split.OnnxSplit13: SplitRule,
+        reduce.OnnxReduceStaticAxes: ReduceRule, reduce.OnnxReduceSumStaticAxes: ReduceRule,
+        reduce.OnnxReduceSumDynamicAxes: ReduceRule,
+        resize.OnnxResize: ResizeRule, resize.OnnxResizeV10: ResizeRule,
+        layer_norm.OnnxLayerNorm: UnsupportedNormRule, instance_norm.OnnxInstanceNorm: UnsupportedNormRule,
+        activations.OnnxSoftmaxV1V11: UnsupportedNormRule,
+    }
 
 
 def _onnx2torch_rules() -> dict:

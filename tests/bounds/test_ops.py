@@ -181,21 +181,29 @@ def test_relu_relaxation_is_sound_and_uses_the_adaptive_lower_slope(float64):
 
 
 def test_unsupported_op_named_with_its_node_at_compile_time():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.LocalResponseNorm(2), nn.Flatten(), nn.Linear(2, 3))
     with pytest.raises(RobnetError) as info:
         compile_network(model)
     message = str(info.value)
-    assert "MaxPool2d" in message and "'_2'" in message and "\n" not in message  # fx names module '2' '_2'
-    assert find_unsupported(model) == [("_2", "MaxPool2d")]
+    assert "LocalResponseNorm" in message and "'_2'" in message and "\n" not in message  # fx: module '2' -> '_2'
+    assert find_unsupported(model) == [("_2", "LocalResponseNorm")]
 
 
-def test_product_of_two_perturbed_tensors_is_refused():
+def test_product_of_two_perturbed_tensors_is_relaxed_and_division_refused():
+    from robnet_svc.bounds.ops.product import ProductRule
+
     class Square(nn.Module):
         def forward(self, x):
             return x * x
 
-    with pytest.raises(RobnetError, match="mul of two perturbed tensors"):
-        compile_network(Square())
+    class Ratio(nn.Module):
+        def forward(self, x):
+            return x / (x + 2)
+
+    net = compile_network(Square())
+    assert [p.rule_cls for p in net._plan] == [ProductRule]
+    with pytest.raises(RobnetError, match="div of two perturbed tensors"):
+        compile_network(Ratio())
 
 
 def test_plain_forward_and_shared_parameters():
@@ -209,7 +217,10 @@ def test_plain_forward_and_shared_parameters():
 
 CORPUS_OK = ["vnn21_mnistfc_256x2.onnx", "vnn21_eran_mnist_relu_9_200.onnx", "vnn21_marabou_cifar10_small.onnx",
              "vnn21_cifar10_resnet_2b.onnx", "vnn21_verivital_Convnet_avgpool.onnx",
-             "vnn21_oval21_cifar_base_kw.onnx", "vnn22_sri_resnet_a.onnx.gz", "ext_onnc_resnet20_cifar.onnx"]
+             "vnn21_oval21_cifar_base_kw.onnx", "vnn22_sri_resnet_a.onnx.gz", "ext_onnc_resnet20_cifar.onnx",
+             # MaxPool (issue 12)
+             "vnn21_verivital_Convnet_maxpool.onnx", "ext_baskov_mnist_cnn_dynbatch.onnx",
+             "ext_cc_lenet_bn1d_batch10.onnx", "ext_jinsoo_lenet5_32x32.onnx", "ext_llf_tf2onnx_mnist.onnx"]
 
 
 def _load_corpus(shared_dir, name):
@@ -243,10 +254,3 @@ def test_corpus_models_compile_and_bound(shared_dir, name):
             margins = y.gather(2, labels.view(2, 1, 1).expand(2, 64, 1)) - y
             others = torch.stack([torch.cat([m[:, :l], m[:, l + 1:]], 1) for m, l in zip(margins, labels)])
             assert (lower.unsqueeze(1) <= others + 1e-4 * (1 + others.abs())).all()
-
-
-def test_corpus_maxpool_model_is_refused_naming_the_node(shared_dir):
-    gm, _ = _load_corpus(shared_dir, "vnn21_verivital_Convnet_maxpool.onnx")
-    with pytest.raises(RobnetError, match="MaxPool2d"):
-        compile_network(gm)
-    assert [what for _, what in find_unsupported(gm)] == ["MaxPool2d"]
