@@ -24,7 +24,7 @@ from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
 
-from .strategies import (DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
+from .strategies import (DENSE_METHODS, METHODS, OP_FAMILIES, PERTURBATIONS, Recipe, build, check_order, check_sound,
                          exact_margin_min, make_set, perturbation_inputs, recipes, sampled_margins)
 
 NUM_SAMPLES = 1000
@@ -57,6 +57,24 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
 @given(data=st.data(), clip=st.booleans())
 def test_random_networks_sound_and_ordered(pert_id, data, clip):
     recipe = data.draw(recipes(), label="recipe")
+    images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
+    module = build(recipe)
+    aset = make_set(pert_id, images, eps, clip)
+    context = f"{pert_id}, eps={eps}, clip={clip}, {recipe}"
+    bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
+    check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+    check_order(bounds, context)
+
+
+@pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
+@pytest.mark.parametrize("family", OP_FAMILIES)
+@settings(**PROPERTY, max_examples=2)
+@given(data=st.data(), clip=st.booleans())
+def test_networks_with_maxpool_products_and_structural_ops_sound_and_ordered(family, pert_id, data, clip):
+    """Issue 12's non-affine and structural ops (MaxPool1d/2d with every option, McCormick
+    products incl. squeeze-excitation broadcasting, Split/Concat/shuffle/slice/gather/resize/
+    reduce) through every method and perturbation."""
+    recipe = data.draw(recipes(families=(family,)), label="recipe")
     images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
     module = build(recipe)
     aset = make_set(pert_id, images, eps, clip)
