@@ -32,6 +32,16 @@ class _SelectionLike(AffineRule):
     def abs_linear(self, *rads: Tensor) -> Tensor:
         return self.forward(*rads)
 
+    def transpose(self, lam: Tensor) -> tuple[Tensor, ...]:
+        """``Lᵀ Λ`` by reverse-mode autograd at 0 (differentiable in Λ). Not ``torch.func.vjp``:
+        some onnx2torch modules read their constant inputs with ``.numpy()``, which functorch
+        cannot trace."""
+        with torch.enable_grad():
+            zeros = tuple(lam.new_zeros((lam.shape[0], *s), requires_grad=True) for s in self.call.in_shapes)
+            out = self.forward(*zeros)
+            return torch.autograd.grad(out, zeros, lam, create_graph=torch.is_grad_enabled() or lam.requires_grad,
+                                       allow_unused=True, materialize_grads=True)
+
 
 class SelectRule(_SelectionLike):
     """Slicing and indexing by constants (``x[:, 1:3]``, ``narrow``, onnx2torch ``OnnxSlice``),
