@@ -209,3 +209,42 @@ def test_gradients_reach_every_parameter_through_the_new_ops(method):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{method}: no finite gradient for {name}"
         assert p.grad.abs().sum() > 0, f"{method}: zero gradient for {name}"
+
+
+def test_onnx_split_outputs_are_bounded_as_selections():
+    """ONNX Split (onnx2torch ``OnnxSplit13``, a tuple consumed by getitem) through the import path."""
+    import io
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    onnx2torch = pytest.importorskip("onnx2torch")
+    from robnet_svc.bounds.ops.structural import SplitRule
+    from robnet_svc.graph import normalize_graph
+    from robnet_svc.perturbations.bias_field import BiasField
+
+    from .strategies import check_sound, sampled_margins
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 16, 3)
+
+        def forward(self, x):
+            a, b = torch.split(torch.relu(self.conv(x)), [1, 3], dim=1)
+            return self.fc(torch.cat([b, a * 2.0], 1).flatten(1))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    example = torch.rand(1, 2, 4, 4)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    imported = normalize_graph(onnx2torch.convert(onnx.load_from_string(buffer.getvalue())), example).eval()
+    net = compile_network(imported)
+    assert sum(p.rule_cls is SplitRule for p in net._plan) == 2
+    images, labels = torch.rand(2, 2, 4, 4), torch.tensor([0, 2])
+    aset = BiasField(0.1, clip=(0.0, 1.0), mode="both", order=1).affine_set(images)
+    bounds = {m: load_registry().bound_method(m)().margin_lower(net, aset, labels).detach() for m in METHODS}
+    check_sound(bounds, sampled_margins(module, aset, labels, 1000), "onnx split")

@@ -182,3 +182,36 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
         context = f"onnx opset {opset}, {pert_id}, {recipe}"
         check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
         check_order(bounds, context)
+
+
+OP_IMPORTED = [Recipe("maxpool", 2, (7, 6), 3, 4, True, "subdiv", False, False, True, 1, True, False, 21),
+               Recipe("product", 3, (6, 6), 4, 4, True, "none", False, False, False, 2, False, False, 22),
+               Recipe("structural", 2, (5, 6), 3, 4, True, "muladd", False, False, True, 1, False, False, 23),
+               Recipe("structural", 1, (6, 5), 3, 6, True, "none", False, False, False, 1, False, False, 24)]
+
+
+@pytest.mark.parametrize("recipe", OP_IMPORTED, ids=[f"{r.family}-{r.seed}" for r in OP_IMPORTED])
+def test_onnx_imported_networks_with_the_new_ops_sound_and_ordered(recipe):
+    """Issue 12's ops as onnx2torch imports them at opset 17: MaxPool (1d, 2d), Mul of two
+    perturbed tensors, ReduceMean/ReduceSum, Split (+ getitem), Concat, Slice, Gather, Resize."""
+    onnx = pytest.importorskip("onnx")
+    onnx2torch = pytest.importorskip("onnx2torch")
+
+    module = build(recipe)
+    example = torch.rand(1, recipe.channels, *recipe.size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    imported = normalize_graph(onnx2torch.convert(onnx.load_from_string(buffer.getvalue())), example).eval()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    images = torch.rand(2, recipe.channels, *recipe.size, generator=gen)
+    labels = torch.tensor([0, recipe.classes - 1])
+    torch.testing.assert_close(imported(images), module(images), rtol=1e-5, atol=1e-5)
+    for pert_id in ("bias-both-o1", "linf"):
+        aset = make_set(pert_id, images, 0.1, clip=True)
+        bounds = _bounds(imported, aset, labels, _methods(pert_id), recipe.classes)
+        context = f"onnx opset 17, {pert_id}, {recipe}"
+        check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+        check_order(bounds, context)
