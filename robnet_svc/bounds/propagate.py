@@ -4,7 +4,8 @@
                    (SSIP) bounds in centre–radius form; records the concrete bounds of every
                    activation's input (intersected with SSIP and ``tighter`` when given).
 ``back_substitute`` backward symbolic propagation (RSIP/CROWN) of Λ from one node, through
-                   affine ops (Λ ← Lᵀ Λ, Λ·b into the constant) and activations (relaxation),
+                   affine ops (Λ ← Lᵀ Λ, Λ·b into the constant), activations (relaxation) and
+                   ``RelaxedRule`` nodes (their ``LinearBounds.backward``),
                    down to the coefficients ``a``; or, in "tail" mode, only through the affine
                    ops after the last activations, concretising at activation outputs with a
                    ``frontier`` callback (how IBP and SSIP fold the spec into the last layers).
@@ -27,7 +28,8 @@ from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Rel
 @dataclass
 class ForwardResult:
     """Per plan node: ``intervals[i]`` (always), ``symbolic[i]`` (SSIP only); ``pre[i]`` the
-    bounds of the input of activation node ``i``."""
+    bounds of the input of activation node ``i`` (a list, one per perturbed input, for a
+    ``RelaxedRule`` node such as MaxPool or a product)."""
 
     intervals: list[Interval | None]
     symbolic: list[SymbolicBounds | None] | None

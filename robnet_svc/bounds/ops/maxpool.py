@@ -17,6 +17,8 @@ formed once per pass on the ``[B, ...]`` bounds (``unfold``); the symbolic passe
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,10 +93,7 @@ class MaxPoolRule(RelaxedRule):
         lo, up = self._windows(lower, float("-inf")), self._windows(upper, float("-inf"))
         best = lo.argmax(2, keepdim=True)  # [B, C, 1, L]
         spatial = lower.shape[2:]
-        n = 1
-        for s in spatial:
-            n *= s
-        positions = torch.arange(n, dtype=lower.dtype, device=lower.device).reshape(1, 1, *spatial)
+        positions = torch.arange(math.prod(spatial), dtype=lower.dtype, device=lower.device).reshape(1, 1, *spatial)
         where = self._windows(positions, -1.0)  # [1, 1, K, L]: flat input position of each cell
         index = where.expand(lo.shape[0], lo.shape[1], -1, -1).gather(2, best).squeeze(2).long()
         l_best = lo.gather(2, best).squeeze(2)
@@ -146,12 +145,5 @@ class MaxPoolBounds(LinearBounds):
         eff = lam - neg * (1 - self.dominant.reshape(b, 1, *self.out_shape))
         flat = eff.reshape(b, s, c, -1)
         idx = self.index.unsqueeze(1).expand(b, s, c, -1)
-        n = flat.new_zeros((b, s, c, _numel(self.in_shape[1:])))
+        n = flat.new_zeros((b, s, c, math.prod(self.in_shape[1:])))
         return [n.scatter_add(3, idx, flat).reshape(b, s, *self.in_shape)], const
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
