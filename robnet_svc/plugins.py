@@ -454,19 +454,20 @@ def _rule_target(target: Any) -> Any:
 
 def _check_rule(target: Any, rule_cls: Any, hook_name: str) -> None:
     """Raise ``_Broken`` unless ``rule_cls`` is a complete rule of a known family for ``target``."""
-    from robnet_svc.bounds.ops.base import ActivationRule, AffineRule, OpRule
+    from robnet_svc.bounds.ops.base import ActivationRule, AffineRule, OpRule, RelaxedRule
 
     what = f"registered {_short_repr(rule_cls)} for {_target_name(target)} in {hook_name}"
     if not (callable(target) or (isinstance(target, str) and (target.isidentifier()
                                                                or IMPORT_PATH_RE.match(target)))):
         raise _Broken(f"{what}: the target must be an nn.Module subclass, a function, a tensor method "
                       f"name or an import path 'package.module:Class', got {_short_repr(target)}")
-    if not inspect.isclass(rule_cls) or not issubclass(rule_cls, (AffineRule, ActivationRule)) \
-            or rule_cls in (OpRule, AffineRule, ActivationRule):
-        raise _Broken(f"{what}: expected a subclass of robnet_svc.bounds.ops.base.AffineRule or ActivationRule")
+    families = (AffineRule, ActivationRule, RelaxedRule)
+    if not inspect.isclass(rule_cls) or not issubclass(rule_cls, families) or rule_cls in (OpRule, *families):
+        raise _Broken(f"{what}: expected a subclass of robnet_svc.bounds.ops.base.AffineRule, ActivationRule "
+                      "or RelaxedRule")
     # The base classes raise NotImplementedError for what each family must define.
     required = ("abs_linear",) if issubclass(rule_cls, AffineRule) else ("interval", "relax")
-    base = AffineRule if issubclass(rule_cls, AffineRule) else ActivationRule
+    base = next(f for f in families if issubclass(rule_cls, f))
     missing = [m for m in required if getattr(rule_cls, m) is getattr(base, m)]
     if inspect.isabstract(rule_cls) or missing:
         missing = sorted(set(missing) | set(getattr(rule_cls, "__abstractmethods__", ())))

@@ -54,10 +54,55 @@ def robnet_register_op_rules(register):
         torch.mul: ArithmeticRule, torch.div: ArithmeticRule, torch.Tensor.add: ArithmeticRule,
         torch.Tensor.sub: ArithmeticRule, torch.Tensor.mul: ArithmeticRule, torch.Tensor.div: ArithmeticRule,
     }
+    table.update(_structural_rules())
     table.update(_onnx2torch_rules())
+    table.update(_onnx2torch_structural_rules())
     table.update(activation_rules())
     for target, rule in table.items():
         register(target, rule)
+
+
+def _structural_rules() -> dict:
+    """MaxPool, Concat, slicing, Split, Gather, transpose, Reduce, Resize; refused normalisations."""
+    from robnet_svc.bounds.ops.maxpool import MaxPoolRule
+    from robnet_svc.bounds.ops.structural import (ConcatRule, ReduceRule, ResizeRule, SelectRule, SplitRule,
+                                                  TransposeRule, UnsupportedNormRule)
+
+    return {
+        nn.MaxPool1d: MaxPoolRule, nn.MaxPool2d: MaxPoolRule, F.max_pool1d: MaxPoolRule, F.max_pool2d: MaxPoolRule,
+        torch.max_pool1d: MaxPoolRule, torch.max_pool2d: MaxPoolRule,
+        torch.cat: ConcatRule, torch.concat: ConcatRule,
+        operator.getitem: SelectRule, torch.narrow: SelectRule, torch.Tensor.narrow: SelectRule,
+        torch.index_select: SelectRule, torch.Tensor.index_select: SelectRule,
+        torch.split: SplitRule, torch.Tensor.split: SplitRule, torch.chunk: SplitRule, torch.Tensor.chunk: SplitRule,
+        torch.transpose: TransposeRule, torch.Tensor.transpose: TransposeRule,
+        torch.swapaxes: TransposeRule, torch.Tensor.swapaxes: TransposeRule,
+        torch.mean: ReduceRule, torch.Tensor.mean: ReduceRule, torch.sum: ReduceRule, torch.Tensor.sum: ReduceRule,
+        F.interpolate: ResizeRule, nn.Upsample: ResizeRule, nn.UpsamplingNearest2d: ResizeRule,
+        nn.UpsamplingBilinear2d: ResizeRule,
+        nn.LayerNorm: UnsupportedNormRule, nn.GroupNorm: UnsupportedNormRule, nn.InstanceNorm1d: UnsupportedNormRule,
+        nn.InstanceNorm2d: UnsupportedNormRule, F.layer_norm: UnsupportedNormRule, F.group_norm: UnsupportedNormRule,
+        F.instance_norm: UnsupportedNormRule, nn.Softmax: UnsupportedNormRule, F.softmax: UnsupportedNormRule,
+        torch.softmax: UnsupportedNormRule, torch.Tensor.softmax: UnsupportedNormRule,
+    }
+
+
+def _onnx2torch_structural_rules() -> dict:
+    """onnx2torch's classes for the ops of ``_structural_rules`` (MaxPool is ``nn.MaxPool*``)."""
+    from robnet_svc.bounds.ops.structural import (ConcatRule, ReduceRule, ResizeRule, SelectRule, SplitRule,
+                                                  UnsupportedNormRule)
+
+    c = "onnx2torch.node_converters"  # by import path, as in _onnx2torch_rules
+    return {
+        f"{c}.concat:OnnxConcat": ConcatRule,
+        f"{c}.slice:OnnxSlice": SelectRule, f"{c}.slice:OnnxSliceV9": SelectRule, f"{c}.gather:OnnxGather": SelectRule,
+        f"{c}.split:OnnxSplit": SplitRule, f"{c}.split:OnnxSplit13": SplitRule,
+        f"{c}.reduce:OnnxReduceStaticAxes": ReduceRule, f"{c}.reduce:OnnxReduceSumStaticAxes": ReduceRule,
+        f"{c}.reduce:OnnxReduceSumDynamicAxes": ReduceRule,
+        f"{c}.resize:OnnxResize": ResizeRule, f"{c}.resize:OnnxResizeV10": ResizeRule,
+        f"{c}.layer_norm:OnnxLayerNorm": UnsupportedNormRule, f"{c}.instance_norm:OnnxInstanceNorm": UnsupportedNormRule,
+        f"{c}.activations:OnnxSoftmaxV1V11": UnsupportedNormRule,
+    }
 
 
 def _onnx2torch_rules() -> dict:

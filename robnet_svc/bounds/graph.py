@@ -19,7 +19,9 @@ cached per input shape) and hands out the op rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from torch import Tensor, fx, nn
 
 from robnet_svc.bounds.alloc import keep_freed_memory
 from robnet_svc.bounds.fuse import fuse_activations
-from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule
+from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule, RelaxedRule
 from robnet_svc.bounds.ops.relu import ReluRule
 from robnet_svc.errors import RobnetError
 
@@ -148,26 +150,40 @@ def _rule_key(gm: fx.GraphModule, node: fx.Node) -> Any:
     return node.target
 
 
-def _template(gm: fx.GraphModule, node: fx.Node, perturbed: set) -> tuple[OpCall | None, str | None]:
-    """The node's call with PERTURBED markers, or a reason why its arguments are unsupported."""
+def _template(gm: fx.GraphModule, node: fx.Node, perturbed: set,
+              nested: bool = False) -> tuple[OpCall | None, list[fx.Node], str | None]:
+    """The node's call with PERTURBED markers, its perturbed parents in marker order, or a
+    reason why its arguments are unsupported. ``nested``: markers may sit inside list/tuple
+    arguments (``torch.cat([x, y], 1)``)."""
+    parents: list[fx.Node] = []
+    problems: list[str] = []
+
+    def mark(a, depth: int):
+        if isinstance(a, fx.Node) and a in perturbed:
+            if depth and not nested:
+                problems.append("a perturbed tensor inside a list/tuple argument")
+            parents.append(a)
+            return PERTURBED
+        if isinstance(a, (list, tuple)):
+            marked = [mark(v, depth + 1) for v in a]
+            return tuple(marked) if isinstance(a, tuple) else marked
+        if isinstance(a, (dict, slice)) and nested_perturbed(a):
+            problems.append("a perturbed tensor inside a dict or slice argument")
+        return a
+
     def nested_perturbed(a) -> bool:
         found = []
         fx.node.map_arg(a, lambda n: found.append(n in perturbed))
         return any(found)
 
-    args = []
-    for a in node.args:
-        if isinstance(a, fx.Node) and a in perturbed:
-            args.append(PERTURBED)
-        elif nested_perturbed(a):
-            return None, "a perturbed tensor inside a list/tuple argument"
-        else:
-            args.append(a)
+    args = [mark(a, 0) for a in node.args]
     if any(nested_perturbed(v) for v in node.kwargs.values()):
-        return None, "a perturbed tensor passed as a keyword argument"
+        problems.append("a perturbed tensor passed as a keyword argument")
+    if problems:
+        return None, parents, problems[0]
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     target = module if module is not None else node.target
-    return OpCall(node.name, node.op, target, module, tuple(args), dict(node.kwargs)), None
+    return OpCall(node.name, node.op, target, module, tuple(args), dict(node.kwargs)), parents, None
 
 
 def _analyse(gm: fx.GraphModule, rules: dict) -> tuple[list[PlanNode], list[fx.Node], list[tuple[str, str]]]:
@@ -197,23 +213,37 @@ def _analyse(gm: fx.GraphModule, rules: dict) -> tuple[list[PlanNode], list[fx.N
         unsupported.append(("<graph>", "the output does not depend on the input"))
     plan: list[PlanNode] = []
     constants: list[fx.Node] = []
+    tuple_ops: dict[fx.Node, tuple[type[OpRule], OpCall, list[fx.Node]]] = {}
     for n in gm.graph.nodes:
         if n not in needed or n.op == "placeholder":
             continue
         if n not in perturbed:
             constants.append(n)
             continue
-        call, reason = _template(gm, n, perturbed)
+        if n.target is operator.getitem and n.args[0] in tuple_ops and isinstance(n.args[1], int):
+            # one output of a tuple-valued op (Split, chunk): bound as that op plus the selection
+            rule_cls, call, parents = tuple_ops[n.args[0]]
+            call = dataclasses.replace(call, name=n.name, item=n.args[1])
+            plan.append(PlanNode(n.name, rule_cls, parents, call))
+            continue
         rule_cls = rules.get(_rule_key(gm, n))
         if rule_cls is None:
             unsupported.append((n.name, _describe(gm, n)))
             continue
+        call, parents, reason = _template(gm, n, perturbed, rule_cls.nested_inputs)
         if reason is None:
+            rule_cls = rule_cls.resolve(call)
             reason = rule_cls.check(call)
         if reason is not None:
             unsupported.append((n.name, f"{_describe(gm, n)} ({reason})"))
             continue
-        parents = [a for a in n.args if isinstance(a, fx.Node) and a in perturbed]
+        if getattr(rule_cls, "tuple_output", False):
+            users = list(n.users)
+            if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+                unsupported.append((n.name, f"{_describe(gm, n)} (its outputs are used other than by indexing)"))
+                continue
+            tuple_ops[n] = (rule_cls, call, parents)
+            continue
         plan.append(PlanNode(n.name, rule_cls, parents, call))
     return plan, constants, unsupported
 
@@ -359,7 +389,7 @@ def _bind(call: OpCall, env: dict[str, Any], in_shapes=None, out_shape=None) -> 
         return fx.node.map_arg(a, lambda n: env[n.name]) if a is not PERTURBED else a
 
     return OpCall(call.name, call.kind, call.target, call.module, tuple(value(a) for a in call.args),
-                  {k: value(v) for k, v in call.kwargs.items()}, in_shapes or [], out_shape)
+                  {k: value(v) for k, v in call.kwargs.items()}, in_shapes or [], out_shape, call.item)
 
 
 class Frame:
@@ -388,6 +418,13 @@ class Frame:
 
     def is_activation(self, i: int) -> bool:
         return i > 0 and isinstance(self.rule(i), ActivationRule)
+
+    def is_relaxed(self, i: int) -> bool:
+        """A non-elementwise or multi-input non-linear node (``RelaxedRule``: MaxPool, products)."""
+        return i > 0 and isinstance(self.rule(i), RelaxedRule)
+
+    def is_nonlinear(self, i: int) -> bool:
+        return i > 0 and isinstance(self.rule(i), (ActivationRule, RelaxedRule))
 
     @property
     def output(self) -> int:

@@ -47,7 +47,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from robnet_svc.bounds.types import PreActivationBounds, Relaxation
+from robnet_svc.bounds.types import PreActivationBounds
 
 
 class BoundMethod(ABC):
@@ -176,19 +176,27 @@ class RSIP(BoundMethod):
         widest = max(math.prod(s) for s in frame.shapes)
         pre: dict = {}
         relax: dict = {}
+        crown: dict[int, PreActivationBounds] = {}  # per plan node whose bounds an op needs
+
+        def bounds_of(p: int) -> PreActivationBounds:
+            if p not in crown:
+                shape = frame.shapes[p]
+                n = math.prod(shape)
+                eye = torch.eye(n, dtype=aset.lower.dtype, device=aset.lower.device)
+                rows = torch.cat([eye, -eye]).reshape(2 * n, *shape)
+                step = max(1, self.chunk_elements // (b * widest))
+                parts = [back_substitute(frame, aset, p, rows[s:s + step].unsqueeze(0).expand(b, -1, *shape), relax)
+                         for s in range(0, 2 * n, step)]
+                both = torch.cat(parts, 1)
+                crown[p] = PreActivationBounds(both[:, :n].reshape(b, *shape), -both[:, n:].reshape(b, *shape))
+            return crown[p]
+
         for i in sorted(ibp_pre):
-            p = frame.nodes[i].inputs[0]
-            shape = frame.shapes[p]
-            n = math.prod(shape)
-            eye = torch.eye(n, dtype=aset.lower.dtype, device=aset.lower.device)
-            rows = torch.cat([eye, -eye]).reshape(2 * n, *shape)
-            step = max(1, self.chunk_elements // (b * widest))
-            parts = [back_substitute(frame, aset, p, rows[s:s + step].unsqueeze(0).expand(b, -1, *shape), relax)
-                     for s in range(0, 2 * n, step)]
-            bounds = torch.cat(parts, 1)
-            crown = PreActivationBounds(bounds[:, :n].reshape(b, *shape), -bounds[:, n:].reshape(b, *shape))
-            pre[i] = crown.intersect(ibp_pre[i])
-            relax[i] = frame.rule(i).relax(pre[i].lower, pre[i].upper)
+            if frame.is_relaxed(i):
+                pre[i] = [bounds_of(p).intersect(box) for p, box in zip(frame.nodes[i].inputs, ibp_pre[i])]
+            else:
+                pre[i] = bounds_of(frame.nodes[i].inputs[0]).intersect(ibp_pre[i])
+            relax[i] = _relax(frame, i, pre[i])
         return pre
 
 
@@ -209,8 +217,16 @@ class RSIPSSIP(RSIP):
     needs_dense = True
 
 
-def _relaxations(frame, pre: dict) -> dict[int, Relaxation]:
-    return {i: frame.rule(i).relax(b.lower, b.upper) for i, b in pre.items()}
+def _relax(frame, i: int, bounds):
+    """The relaxation of non-linear node ``i`` on its input bounds (one ``PreActivationBounds``
+    for an activation, a list of them for a ``RelaxedRule`` node)."""
+    if isinstance(bounds, list):
+        return frame.rule(i).relax([(p.lower, p.upper) for p in bounds])
+    return frame.rule(i).relax(bounds.lower, bounds.upper)
+
+
+def _relaxations(frame, pre: dict) -> dict:
+    return {i: _relax(frame, i, b) for i, b in pre.items()}
 
 
 BUILTIN_METHODS = (IBP, SSIP, RSIPIBP, RSIPSSIP, RSIP)

@@ -4,7 +4,8 @@
                    (SSIP) bounds in centre–radius form; records the concrete bounds of every
                    activation's input (intersected with SSIP and ``tighter`` when given).
 ``back_substitute`` backward symbolic propagation (RSIP/CROWN) of Λ from one node, through
-                   affine ops (Λ ← Lᵀ Λ, Λ·b into the constant) and activations (relaxation),
+                   affine ops (Λ ← Lᵀ Λ, Λ·b into the constant), activations (relaxation) and
+                   ``RelaxedRule`` nodes (their ``LinearBounds.backward``),
                    down to the coefficients ``a``; or, in "tail" mode, only through the affine
                    ops after the last activations, concretising at activation outputs with a
                    ``frontier`` callback (how IBP and SSIP fold the spec into the last layers).
@@ -27,7 +28,8 @@ from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Rel
 @dataclass
 class ForwardResult:
     """Per plan node: ``intervals[i]`` (always), ``symbolic[i]`` (SSIP only); ``pre[i]`` the
-    bounds of the input of activation node ``i``."""
+    bounds of the input of activation node ``i`` (a list, one per perturbed input, for a
+    ``RelaxedRule`` node such as MaxPool or a product)."""
 
     intervals: list[Interval | None]
     symbolic: list[SymbolicBounds | None] | None
@@ -140,11 +142,30 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
     if symbolic:
         weights, offset = aset.dense()
         syms[0] = SymbolicBounds(Equation(weights, offset), None)
-    last_activation = max((i for i in range(1, n) if frame.is_activation(i)), default=0) if pre_only else n
+    last_activation = max((i for i in range(1, n) if frame.is_nonlinear(i)), default=0) if pre_only else n
     for i in range(1, n):
         node = frame.nodes[i]
         rule = frame.rule(i)
         ins = [intervals[j] for j in node.inputs]
+        if frame.is_relaxed(i):
+            pres, eqs = [], []
+            for j, iv in zip(node.inputs, ins):
+                lower, upper = iv.lower, iv.upper
+                if symbolic:
+                    eqs.append((syms[j].lower, syms[j].upper))
+                    sym_lower, sym_upper = concretize_pair(*eqs[-1], aset)
+                    lower, upper = torch.maximum(lower, sym_lower), torch.minimum(upper, sym_upper)
+                pres.append(PreActivationBounds(lower, upper))
+            if tighter is not None and i in tighter:
+                pres = [p.intersect(t) for p, t in zip(pres, tighter[i])]
+            result.pre[i] = pres
+            if i == last_activation:
+                break
+            boxes = [(p.lower, p.upper) for p in pres]
+            intervals[i] = Interval.from_bounds(*rule.interval(boxes))
+            if symbolic:
+                syms[i] = _relaxed_forward(rule.relax(boxes), eqs)
+            continue
         if frame.is_activation(i):
             lower, upper = ins[0].lower, ins[0].upper
             if symbolic:
@@ -172,6 +193,18 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
         if symbolic:
             syms[i] = _affine_forward(rule, bias, [syms[j] for j in node.inputs])
     return result
+
+
+def _relaxed_forward(bounds, eqs: list[tuple[Equation, Equation]]) -> SymbolicBounds:
+    """SSIP through a ``RelaxedRule`` node: ``Lo' = A_lo⁺ Lo + A_lo⁻ Up + b_lo`` and
+    ``Up' = A_up⁺ Up + A_up⁻ Lo + b_up`` on the coefficient rows and the constants, returned
+    in centre–radius form."""
+    coef_ins = [(lo.coef, up.coef) for lo, up in eqs]
+    const_ins = [(lo.const.unsqueeze(1), up.const.unsqueeze(1)) for lo, up in eqs]
+    lower = Equation(bounds.lower(coef_ins), bounds.lower(const_ins).squeeze(1) + bounds.lower_bias)
+    upper = Equation(bounds.upper(coef_ins), bounds.upper(const_ins).squeeze(1) + bounds.upper_bias)
+    return SymbolicBounds(Equation((upper.coef + lower.coef) * 0.5, (upper.const + lower.const) * 0.5),
+                          Equation((upper.coef - lower.coef) * 0.5, (upper.const - lower.const) * 0.5))
 
 
 def _affine_forward(rule, bias: Tensor | None, ins: list[SymbolicBounds]) -> SymbolicBounds:
@@ -290,7 +323,8 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     """
     b, s = lam.shape[:2]
     # which relaxations are exact (all neurons stable) or the identity: their step is cheaper
-    exact = {} if frontier is not None else {i: _relaxation_kind(r) for i, r in relax.items() if i <= start}
+    exact = {} if frontier is not None else {i: _relaxation_kind(r) for i, r in relax.items()
+                                             if i <= start and isinstance(r, Relaxation)}
     acc: dict[int, Tensor] = {start: lam}
     const = lam.new_zeros((b, s))
     coef: Tensor | None = None
@@ -304,7 +338,13 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
             const = const + offset
             continue
         node = frame.nodes[i]
-        if frame.is_activation(i):
+        if frame.is_relaxed(i) and frontier is None:
+            lams, offset = relax[i].backward(lam_i)
+            const = const + offset
+            for j, t in zip(node.inputs, lams):
+                _accumulate(acc, j, t)
+            continue
+        if frame.is_nonlinear(i):
             if frontier is not None:
                 c, offset = frontier(i, lam_i)
                 if c is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robnet_svc.perturbations import AffineSet
@@ -19,6 +20,9 @@ from robnet_svc.perturbations.bias_field import BiasField, Brightness, Contrast
 from robnet_svc.perturbations.linf import Linf
 
 FAMILIES = ("mlp", "cnn", "residual")
+#: families with the non-affine structural ops of issue 12 (not in FAMILIES: the exactness
+#: tests draw from FAMILIES without ReLU and these are not affine even then)
+OP_FAMILIES = ("maxpool", "product", "structural")
 METHODS = ("ibp", "ssip", "rsip-ibp", "rsip-ssip", "rsip")
 #: methods that need the dense affine description (forward symbolic): they refuse linf
 DENSE_METHODS = ("ssip", "rsip-ssip")
@@ -40,7 +44,7 @@ PERTURBATIONS = {
 class Recipe:
     """Everything needed to rebuild one random network (printed by hypothesis on failure)."""
 
-    family: str  # mlp | cnn | residual
+    family: str  # mlp | cnn | residual | maxpool | product | structural
     channels: int  # input channels C
     size: tuple[int, int]  # input H, W
     classes: int  # K
@@ -207,6 +211,90 @@ def _spatial_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+class MaxPoolNet(nn.Module):
+    """conv → act → MaxPool2d (random kernel, stride, padding, dilation, ceil_mode) → conv →
+    act → MaxPool1d over the flattened rows (``F.max_pool1d``) → linear."""
+
+    def __init__(self, r: Recipe, gen: torch.Generator):
+        super().__init__()
+        pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
+        kernel, padding, dilation = pick(2, 3), pick(0, 1), pick(1, 1, 2)
+        padding = min(padding, kernel // 2)
+        if dilation * (kernel - 1) + 1 > min(r.size) + 2 * padding:
+            dilation = 1
+        self.pool = nn.MaxPool2d(kernel, stride=pick(1, 2), padding=padding, dilation=dilation, ceil_mode=r.groups)
+        self.conv1 = nn.Conv2d(r.channels, r.width, 3, padding=1)
+        self.act1, self.act2 = _act(r), _act(r)
+        self.conv2 = nn.Conv2d(r.width, r.width, 1)
+        self.k1d = pick(2, 3)
+        with torch.no_grad():
+            n = self._features(torch.zeros(1, r.channels, *r.size)).shape[1]
+        self.fc = nn.Linear(n, r.classes)
+
+    def _features(self, x: Tensor) -> Tensor:
+        h = self.pool(self.act1(self.conv1(x)))
+        h = self.act2(self.conv2(h)).flatten(2)  # [B, C, H*W]
+        return F.max_pool1d(h, self.k1d, stride=1, padding=self.k1d // 2).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self._features(x))
+
+
+class ProductNet(nn.Module):
+    """Products of two perturbed tensors: a squeeze-excitation gate ``h * s`` (``s`` is
+    ``[C, 1, 1]``, from a spatial mean), and ``h * g`` of two same-shape branches (as in
+    ``x * sigmoid(x)``, with the activation of the recipe)."""
+
+    def __init__(self, r: Recipe, gen: torch.Generator):
+        super().__init__()
+        c = r.width
+        self.conv1 = nn.Conv2d(r.channels, c, 3, padding=1, stride=r.stride)
+        self.gate = nn.Conv2d(c, c, 1)
+        self.branch = nn.Conv2d(c, c, 3, padding=1)
+        self.act = _act(r)
+        h, w = (_spatial_out(s, 3, r.stride, 1) for s in r.size)
+        self.fc = nn.Linear(c * h * w, r.classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.conv1(x))
+        s = self.act(self.gate(torch.mean(h, dim=(2, 3), keepdim=True)))
+        h = h * s
+        h = h * self.branch(h)
+        return self.fc(h.flatten(1))
+
+
+class StructuralNet(nn.Module):
+    """chunk → Concat of three perturbed blocks → channel shuffle (reshape, transpose, reshape) →
+    slice → index_select → resize (nearest or bilinear) → sum over an axis → linear."""
+
+    def __init__(self, r: Recipe, gen: torch.Generator):
+        super().__init__()
+        c = r.width
+        self.conv1 = nn.Conv2d(r.channels, c, 3, padding=1)
+        self.act = _act(r)
+        h, w = r.size
+        self.extra = nn.Conv2d(c // 2, 2, 1)
+        self.register_buffer("index", torch.randint(0, w - 1, (w,), generator=gen))
+        self.mode = "bilinear" if r.pool else "nearest"
+        self.conv2 = nn.Conv2d(c + 2, 4, 3, padding=1)
+        self.shape = (c + 2, h, w)
+        self.fc = nn.Linear(4 * (2 * (h - 1)), r.classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.conv1(x))
+        a, b = torch.chunk(h, 2, dim=1)
+        h = torch.cat([b, self.extra(a), a], 1)
+        n, hh, ww = self.shape
+        h = torch.transpose(h.reshape(-1, 2, n // 2, hh, ww), 1, 2).reshape(-1, n, hh, ww)
+        h = self.act(self.conv2(h))[:, :, 1:, :]  # slice rows
+        h = torch.index_select(h, 3, self.index)
+        h = F.interpolate(h, scale_factor=2, mode=self.mode)
+        return self.fc(h.sum(dim=3).flatten(1))
+
+
+_OP_NETS = {"maxpool": MaxPoolNet, "product": ProductNet, "structural": StructuralNet}
+
+
 def build(r: Recipe) -> nn.Module:
     """The network of a recipe, eval mode, float32; input ``[B, C, H, W]``, output ``[B, K]``."""
     gen = torch.Generator().manual_seed(r.seed)
@@ -214,7 +302,9 @@ def build(r: Recipe) -> nn.Module:
     layers: list[nn.Module] = []
     if r.norm != "none":
         layers.append(Normalize(c, r.norm, gen))
-    if r.family == "mlp":
+    if r.family in _OP_NETS:
+        layers.append(_OP_NETS[r.family](r, gen))
+    elif r.family == "mlp":
         layers.append(nn.Flatten())
         features = c * h * w
         for _ in range(2):

@@ -68,6 +68,78 @@ def _onnx2torch_cases():
     ]
 
 
+class Call(nn.Module):
+    """``fn(x)`` as a one-node graph (indexing, cat, split item, reductions, resizes)."""
+
+    def __init__(self, fn, **buffers):
+        super().__init__()
+        self.fn = fn
+        for k, v in buffers.items():
+            self.register_buffer(k, v)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _structural_cases():
+    """Issue 12's affine structural ops (each one plan node)."""
+    import torch.nn.functional as F
+    from onnx2torch.node_converters.concat import OnnxConcat
+    from onnx2torch.node_converters.gather import OnnxGather
+    from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes, OnnxReduceSumStaticAxes
+    from onnx2torch.node_converters.resize import OnnxResize
+    from onnx2torch.node_converters.slice import OnnxSlice
+
+    class TwoInputs(nn.Module):  # OnnxConcat of x and a scaled copy is two plan nodes; x with itself is one
+        def __init__(self):
+            super().__init__()
+            self.cat = OnnxConcat(axis=1)
+
+        def forward(self, x):
+            return self.cat(x, x)
+
+    class OnnxCall(nn.Module):
+        def __init__(self, module, *consts):
+            super().__init__()
+            self.m = module
+            for i, c in enumerate(consts):
+                self.register_buffer(f"c{i}", c)
+            self.n = len(consts)
+
+        def forward(self, x):
+            return self.m(x, *(getattr(self, f"c{i}") for i in range(self.n)))
+
+    return [
+        ("cat_channels_self", Call(lambda m, x: torch.cat([x, x], 1)), (2, 3, 3)),
+        ("cat_features_neg_axis", Call(lambda m, x: torch.cat((x, x), -1)), (2, 3)),
+        ("getitem_slice", Call(lambda m, x: x[:, 1:, ::2]), (3, 4, 5)),
+        ("getitem_index_tensor", Call(lambda m, x: x[:, m.idx], idx=torch.tensor([2, 0, 0, 1])), (3, 4)),
+        ("narrow", Call(lambda m, x: torch.narrow(x, 2, 1, 2)), (2, 3, 4)),
+        ("index_select", Call(lambda m, x: torch.index_select(x, 1, m.idx), idx=torch.tensor([1, 1, 0])), (2, 3)),
+        ("chunk_item", Call(lambda m, x: torch.chunk(x, 2, 1)[1]), (4, 2, 2)),
+        ("split_item", Call(lambda m, x: torch.split(x, [1, 3], dim=3)[1]), (2, 2, 4)),
+        ("transpose", Call(lambda m, x: torch.transpose(x, 1, 3)), (2, 3, 4)),
+        ("shuffle", Call(lambda m, x: x.reshape(-1, 2, 2, 3, 3).transpose(1, 2).reshape(-1, 4, 3, 3)), (4, 3, 3)),
+        ("mean_spatial", Call(lambda m, x: torch.mean(x, dim=(2, 3), keepdim=True)), (3, 4, 5)),
+        ("sum_channels", Call(lambda m, x: x.sum(1)), (3, 4, 5)),
+        ("interp_nearest", Call(lambda m, x: F.interpolate(x, scale_factor=2, mode="nearest")), (2, 3, 3)),
+        ("interp_bilinear", Call(lambda m, x: F.interpolate(x, size=(5, 7), mode="bilinear")), (2, 3, 4)),
+        ("interp_bilinear_ac", Call(lambda m, x: F.interpolate(x, scale_factor=2, mode="bilinear",
+                                                                align_corners=True)), (2, 3, 3)),
+        ("upsample", nn.Upsample(scale_factor=2), (2, 3, 3)),
+        ("onnx_concat", TwoInputs(), (2, 3)),
+        ("onnx_slice", OnnxCall(OnnxSlice(), torch.tensor([1, 0]), torch.tensor([3, 9]), torch.tensor([2, 3]),
+                                torch.tensor([1, 2])), (2, 4, 5)),
+        ("onnx_gather", OnnxCall(OnnxGather(axis=2), torch.tensor([2, 0, 2])), (2, 3, 4)),
+        ("onnx_reduce_mean", OnnxReduceStaticAxes("ReduceMean", [2, 3], 1), (3, 4, 5)),
+        ("onnx_reduce_sum", OnnxReduceSumStaticAxes([1], 0), (3, 4)),
+        ("onnx_resize_linear", OnnxCall(OnnxResize(mode="linear"), torch.tensor([]),
+                                        torch.tensor([1.0, 1.0, 2.0, 2.0])), (2, 3, 3)),
+        ("onnx_resize_nearest", OnnxCall(OnnxResize(mode="nearest"), torch.tensor([]),
+                                         torch.tensor([1.0, 1.0, 2.0, 3.0])), (2, 2, 3)),
+    ]
+
+
 def _cases():
     torch.manual_seed(0)
     bn2 = nn.BatchNorm2d(3)
@@ -97,7 +169,7 @@ def _cases():
         ("matmul_left", Const(operator.matmul, torch.randn(3, 5), False), (5, 2)),
         ("residual_add", Residual(), (2, 4, 4)),
         ("residual_sub", Residual(sub=True), (2, 4, 4)),
-    ] + _onnx2torch_cases()
+    ] + _onnx2torch_cases() + _structural_cases()
 
 
 def _frame_for(module: nn.Module, in_shape):
@@ -138,15 +210,16 @@ def test_affine_rule_matches_dense_jacobian(name, module, in_shape, float64):
     if len(ops) != 1:
         return  # the residual's pieces are checked by the single-op cases and below
     rule = frame.rule(ops[0])
+    n_in = len(frame.nodes[ops[0]].inputs)  # > 1 when an op takes the input twice (torch.cat([x, x]))
     rad = torch.rand(3, *in_shape)
     exact = rad.reshape(3, -1) @ jac.abs().t()
     if name == "conv_reflect":
         # a reflected pixel meets the kernel twice: conv with |W| over-approximates |J| (sound)
         assert (rule.abs_linear(rad).reshape(3, -1) >= exact - 1e-10).all()
     else:
-        torch.testing.assert_close(rule.abs_linear(rad).reshape(3, -1), exact, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(rule.abs_linear(*[rad] * n_in).reshape(3, -1), exact, rtol=1e-10, atol=1e-10)
     lam = torch.randn(3, *frame.shapes[ops[0]])
-    (back,) = rule.transpose(lam)
+    back = sum(rule.transpose(lam))
     torch.testing.assert_close(back.reshape(3, -1), lam.reshape(3, -1) @ jac, rtol=1e-10, atol=1e-10)
     bias = frame.bias(ops[0], lam)
     if bias is not None:
@@ -181,21 +254,29 @@ def test_relu_relaxation_is_sound_and_uses_the_adaptive_lower_slope(float64):
 
 
 def test_unsupported_op_named_with_its_node_at_compile_time():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.LocalResponseNorm(2), nn.Flatten(), nn.Linear(2, 3))
     with pytest.raises(RobnetError) as info:
         compile_network(model)
     message = str(info.value)
-    assert "MaxPool2d" in message and "'_2'" in message and "\n" not in message  # fx names module '2' '_2'
-    assert find_unsupported(model) == [("_2", "MaxPool2d")]
+    assert "LocalResponseNorm" in message and "'_2'" in message and "\n" not in message  # fx: module '2' -> '_2'
+    assert find_unsupported(model) == [("_2", "LocalResponseNorm")]
 
 
-def test_product_of_two_perturbed_tensors_is_refused():
+def test_product_of_two_perturbed_tensors_is_relaxed_and_division_refused():
+    from robnet_svc.bounds.ops.product import ProductRule
+
     class Square(nn.Module):
         def forward(self, x):
             return x * x
 
-    with pytest.raises(RobnetError, match="mul of two perturbed tensors"):
-        compile_network(Square())
+    class Ratio(nn.Module):
+        def forward(self, x):
+            return x / (x + 2)
+
+    net = compile_network(Square())
+    assert [p.rule_cls for p in net._plan] == [ProductRule]
+    with pytest.raises(RobnetError, match="div of two perturbed tensors"):
+        compile_network(Ratio())
 
 
 def test_plain_forward_and_shared_parameters():
@@ -209,7 +290,10 @@ def test_plain_forward_and_shared_parameters():
 
 CORPUS_OK = ["vnn21_mnistfc_256x2.onnx", "vnn21_eran_mnist_relu_9_200.onnx", "vnn21_marabou_cifar10_small.onnx",
              "vnn21_cifar10_resnet_2b.onnx", "vnn21_verivital_Convnet_avgpool.onnx",
-             "vnn21_oval21_cifar_base_kw.onnx", "vnn22_sri_resnet_a.onnx.gz", "ext_onnc_resnet20_cifar.onnx"]
+             "vnn21_oval21_cifar_base_kw.onnx", "vnn22_sri_resnet_a.onnx.gz", "ext_onnc_resnet20_cifar.onnx",
+             # MaxPool (issue 12)
+             "vnn21_verivital_Convnet_maxpool.onnx", "ext_baskov_mnist_cnn_dynbatch.onnx",
+             "ext_cc_lenet_bn1d_batch10.onnx", "ext_jinsoo_lenet5_32x32.onnx", "ext_llf_tf2onnx_mnist.onnx"]
 
 
 def _load_corpus(shared_dir, name):
@@ -243,10 +327,3 @@ def test_corpus_models_compile_and_bound(shared_dir, name):
             margins = y.gather(2, labels.view(2, 1, 1).expand(2, 64, 1)) - y
             others = torch.stack([torch.cat([m[:, :l], m[:, l + 1:]], 1) for m, l in zip(margins, labels)])
             assert (lower.unsqueeze(1) <= others + 1e-4 * (1 + others.abs())).all()
-
-
-def test_corpus_maxpool_model_is_refused_naming_the_node(shared_dir):
-    gm, _ = _load_corpus(shared_dir, "vnn21_verivital_Convnet_maxpool.onnx")
-    with pytest.raises(RobnetError, match="MaxPool2d"):
-        compile_network(gm)
-    assert [what for _, what in find_unsupported(gm)] == ["MaxPool2d"]

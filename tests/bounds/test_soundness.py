@@ -25,7 +25,8 @@ from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
 
-from .strategies import (ACTIVATIONS, DENSE_METHODS, METHODS, PERTURBATIONS, Recipe, build, check_order, check_sound,
+from .strategies import (ACTIVATIONS, DENSE_METHODS, METHODS, OP_FAMILIES, PERTURBATIONS, Recipe, build, check_order,
+                         check_sound,
                          exact_margin_min, make_set, perturbation_inputs, recipes, sampled_margins)
 
 NUM_SAMPLES = 1000
@@ -58,6 +59,24 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
 @given(data=st.data(), clip=st.booleans())
 def test_random_networks_sound_and_ordered(pert_id, data, clip):
     recipe = data.draw(recipes(), label="recipe")
+    images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
+    module = build(recipe)
+    aset = make_set(pert_id, images, eps, clip)
+    context = f"{pert_id}, eps={eps}, clip={clip}, {recipe}"
+    bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
+    check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+    check_order(bounds, context)
+
+
+@pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
+@pytest.mark.parametrize("family", OP_FAMILIES)
+@settings(**PROPERTY, max_examples=2)
+@given(data=st.data(), clip=st.booleans())
+def test_networks_with_maxpool_products_and_structural_ops_sound_and_ordered(family, pert_id, data, clip):
+    """Issue 12's non-affine and structural ops (MaxPool1d/2d with every option, McCormick
+    products incl. squeeze-excitation broadcasting, Split/Concat/shuffle/slice/gather/resize/
+    reduce) through every method and perturbation."""
+    recipe = data.draw(recipes(families=(family,)), label="recipe")
     images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
     module = build(recipe)
     aset = make_set(pert_id, images, eps, clip)
@@ -216,3 +235,35 @@ def test_gradients_reach_every_parameter_through_activations(method, act):
     prelus = [m for m in module.modules() if isinstance(m, nn.PReLU)]
     assert bool(prelus) == (act == "prelu")
     assert all(m.weight.grad.abs().sum() > 0 for m in prelus), f"{method}: PReLU slopes get no gradient"
+
+OP_IMPORTED = [Recipe("maxpool", 2, (7, 6), 3, 4, True, "subdiv", False, False, True, 1, True, False, 21),
+               Recipe("product", 3, (6, 6), 4, 4, True, "none", False, False, False, 2, False, False, 22),
+               Recipe("structural", 2, (5, 6), 3, 4, True, "muladd", False, False, True, 1, False, False, 23),
+               Recipe("structural", 1, (6, 5), 3, 6, True, "none", False, False, False, 1, False, False, 24)]
+
+
+@pytest.mark.parametrize("recipe", OP_IMPORTED, ids=[f"{r.family}-{r.seed}" for r in OP_IMPORTED])
+def test_onnx_imported_networks_with_the_new_ops_sound_and_ordered(recipe):
+    """Issue 12's ops as onnx2torch imports them at opset 17: MaxPool (1d, 2d), Mul of two
+    perturbed tensors, ReduceMean/ReduceSum, Split (+ getitem), Concat, Slice, Gather, Resize."""
+    onnx = pytest.importorskip("onnx")
+    onnx2torch = pytest.importorskip("onnx2torch")
+
+    module = build(recipe)
+    example = torch.rand(1, recipe.channels, *recipe.size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    imported = normalize_graph(onnx2torch.convert(onnx.load_from_string(buffer.getvalue())), example).eval()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    images = torch.rand(2, recipe.channels, *recipe.size, generator=gen)
+    labels = torch.tensor([0, recipe.classes - 1])
+    torch.testing.assert_close(imported(images), module(images), rtol=1e-5, atol=1e-5)
+    for pert_id in ("bias-both-o1", "linf"):
+        aset = make_set(pert_id, images, 0.1, clip=True)
+        bounds = _bounds(imported, aset, labels, _methods(pert_id), recipe.classes)
+        context = f"onnx opset 17, {pert_id}, {recipe}"
+        check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
+        check_order(bounds, context)

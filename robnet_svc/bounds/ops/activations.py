@@ -248,12 +248,9 @@ def activation_rules() -> dict:
         nn.SiLU: s.SiluRule, F.silu: s.SiluRule,
         nn.GELU: s.GeluRule, F.gelu: s.GeluRule,
     }
-    try:
-        from onnx2torch.node_converters.activations import OnnxErf, OnnxHardSigmoid, OnnxPReLU
-        from onnx2torch.node_converters.clip import OnnxClip
-        from onnx2torch.node_converters.functions import OnnxFunction
-    except ImportError:
-        return table
-    table.update({OnnxClip: ClipRule, OnnxPReLU: LeakyReluRule, OnnxHardSigmoid: HardSigmoidRule,
-                  OnnxErf: s.ErfRule, OnnxFunction: s.TanhRule})
+    # onnx2torch's classes by import path (imported only when a run asks for the rules)
+    converters = "onnx2torch.node_converters"
+    table.update({f"{converters}.clip:OnnxClip": ClipRule, f"{converters}.activations:OnnxPReLU": LeakyReluRule,
+                  f"{converters}.activations:OnnxHardSigmoid": HardSigmoidRule,
+                  f"{converters}.activations:OnnxErf": s.ErfRule, f"{converters}.functions:OnnxFunction": s.TanhRule})
     return table

@@ -5,7 +5,8 @@ residual Add of ResNets) and plain ``x + c``, ``x * 2.0``, ``torch.add(x, y)``, 
 
 - one perturbed operand: ``x ± c``, ``c - x``, ``x * c``, ``c * x``, ``x / c`` are affine;
   ``|L|`` is the same op with ``|c|`` and no additive constant.
-- two perturbed operands: ``x + y`` and ``x - y`` (sum forward; Λ to both parents backward).
+- two perturbed operands: ``x + y`` and ``x - y`` (sum forward; Λ to both parents backward);
+  ``x * y`` is not affine and goes to ``ProductRule`` (McCormick relaxation, ``resolve``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def op_name(call: OpCall) -> str | None:
 
 
 class ArithmeticRule(AffineRule):
+    @classmethod
+    def resolve(cls, call: OpCall):
+        if op_name(call) == "mul" and len(call.perturbed_positions) == 2:
+            from robnet_svc.bounds.ops.product import ProductRule
+
+            return ProductRule
+        return cls
+
     @classmethod
     def check(cls, call: OpCall) -> str | None:
         op = op_name(call)

@@ -8,7 +8,7 @@ or the callable / method name of a ``call_function`` / ``call_method`` node). Th
 2. at bound time builds ``RuleCls(call)`` with the node's evaluated constants and shapes
    (a cheap object, one per node and pass) and calls its methods.
 
-Two families exist:
+Three families exist:
 
 - ``AffineRule`` — ``f(x_1..x_n) = L(x_1..x_n) + b``. Needs ``forward`` (f; default: run the
   node), ``abs_linear`` (|L| applied to radii; op-specific) and ``transpose`` (Lᵀ; default:
@@ -17,6 +17,10 @@ Two families exist:
   ``linear`` = L, which saves the full-size ``f(x) - f(0)`` on the equations' k coefficient rows).
 - ``ActivationRule`` — elementwise non-linear ``σ``: ``interval(l, u)`` and
   ``relax(l, u) -> Relaxation``.
+- ``RelaxedRule`` — any other non-linear op of one or more inputs (MaxPool, the product of two
+  perturbed tensors): ``interval(bounds)`` and ``relax(bounds) -> LinearBounds``, where
+  ``bounds`` holds one ``(lower, upper)`` pair per perturbed input and the ``LinearBounds``
+  are linear maps of the inputs (not necessarily elementwise, e.g. a per-window selection).
 
 All tensors carry a leading "rows" axis ``N`` (samples, samples × k equation coefficient rows, or
 samples × spec rows) followed by the node's per-sample shape.
@@ -68,22 +72,40 @@ class OpCall:
         """The non-perturbed arguments, in order."""
         return [a for a in self.args if a is not PERTURBED]
 
+    #: for one output of a tuple-valued op (Split, chunk): the index of that output, else None
+    item: int | None = None
+
     def run(self, *xs: Tensor, args: tuple | None = None) -> Tensor:
-        """Call the node's target with ``xs`` in the perturbed positions (or given ``args``)."""
+        """Call the node's target with ``xs`` in the perturbed positions (or given ``args``);
+        markers inside list/tuple arguments (``torch.cat([x, y])``) are filled in order."""
         it = iter(xs)
-        full = tuple(next(it) if a is PERTURBED else a for a in (self.args if args is None else args))
+
+        def fill(a):
+            if a is PERTURBED:
+                return next(it)
+            if isinstance(a, tuple):
+                return tuple(fill(v) for v in a)
+            if isinstance(a, list):
+                return [fill(v) for v in a]
+            return a
+
+        full = tuple(fill(a) for a in (self.args if args is None else args))
         if self.kind == "call_module":
-            return self.module(*full, **self.kwargs)
-        if self.kind == "call_function":
-            return self.target(*full, **self.kwargs)
-        return getattr(full[0], self.target)(*full[1:], **self.kwargs)
+            out = self.module(*full, **self.kwargs)
+        elif self.kind == "call_function":
+            out = self.target(*full, **self.kwargs)
+        else:
+            out = getattr(full[0], self.target)(*full[1:], **self.kwargs)
+        return out if self.item is None else out[self.item]
 
 
 class OpRule:
     """Base class of every op rule (plugins subclass ``AffineRule`` or ``ActivationRule``)."""
 
-    #: "affine" or "activation": which propagation family the engine uses.
+    #: "affine", "activation" or "relaxed": which propagation family the engine uses.
     family: ClassVar[str] = "affine"
+    #: True: perturbed tensors may sit inside list/tuple arguments (``torch.cat([x, y], 1)``).
+    nested_inputs: ClassVar[bool] = False
 
     def __init__(self, call: OpCall):
         self.call = call
@@ -93,6 +115,13 @@ class OpRule:
         """A one-line reason why this node cannot be bounded, or None (compile time; shapes
         unknown, constant values unknown: ``call.args`` holds fx nodes or literals there)."""
         return None
+
+    @classmethod
+    def resolve(cls, call: OpCall) -> "type[OpRule]":
+        """The rule class that bounds this node (compile time). Default: ``cls`` itself; a
+        target whose nodes need different families overrides it (a Mul by a constant is affine,
+        a Mul of two perturbed tensors is not)."""
+        return cls
 
 
 class AffineRule(OpRule):
@@ -145,6 +174,51 @@ class ActivationRule(OpRule):
 
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         """Linear lower and upper bounds of ``σ`` valid on ``[lower, upper]``."""
+        raise NotImplementedError
+
+
+class LinearBounds:
+    """Linear lower and upper bounds of a non-elementwise op ``y = g(x_1..x_n)`` valid on the
+    input boxes they were built from:
+
+        Σ_j A_j^lo(x_j) + lower_bias  <=  y  <=  Σ_j A_j^up(x_j) + upper_bias.
+
+    Every tensor argument has a leading sample axis ``B`` and a rows axis ``m`` (equation
+    coefficient rows, spec rows): ``[B, m, *shape]``; the relaxation's own tensors are per
+    sample, ``[B, ...]``, and are broadcast over the rows.
+    """
+
+    lower_bias: Tensor  # [B, *out_shape]
+    upper_bias: Tensor  # [B, *out_shape]
+
+    def lower(self, ins: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """``Σ_j A_j^lo⁺(lo_j) + A_j^lo⁻(up_j)`` (no bias) for ``ins = [(lo_j, up_j)]``: a lower
+        bound of ``Σ_j A_j^lo(x_j)`` whenever ``lo_j <= x_j <= up_j`` (forward symbolic bounds)."""
+        raise NotImplementedError
+
+    def upper(self, ins: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """``Σ_j A_j^up⁺(up_j) + A_j^up⁻(lo_j)`` (no bias): the matching upper bound."""
+        raise NotImplementedError
+
+    def backward(self, lam: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Λ through the op, ``lam [B, S, *out_shape]``: rows ``Λ_o >= 0`` take the lower bound,
+        the others the upper one. Returns Λ per input ``[B, S, *in_shape_j]`` and the constant
+        ``Σ_o Λ_o⁺ lower_bias_o + Λ_o⁻ upper_bias_o`` ``[B, S]``."""
+        raise NotImplementedError
+
+
+class RelaxedRule(OpRule):
+    """A non-linear op whose relaxation is not elementwise, or that has several perturbed
+    inputs: ``interval`` gives concrete output bounds, ``relax`` linear ones."""
+
+    family = "relaxed"
+
+    def interval(self, bounds: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Concrete bounds ``[B, *out_shape]`` of the output for inputs in the given boxes."""
+        raise NotImplementedError
+
+    def relax(self, bounds: list[tuple[Tensor, Tensor]]) -> LinearBounds:
+        """Linear bounds of the output valid on the given input boxes."""
         raise NotImplementedError
 
 
