@@ -5,6 +5,9 @@ onnxruntime on the file as read.
 * IR version newer than onnxruntime loads (the newest ``onnx`` writes IR 14): lowered to the
   newest IR onnxruntime loads when the model's opsets allow it (``ort_loadable``);
 * ``Reshape`` ``allowzero=1`` (PyTorch >= 2.9 sets it) -> 0 when the target shape has no 0;
+* ``Identity`` of an initializer (the legacy exporter shares equal weights, e.g. two zero
+  biases, that way; onnx2torch's Conv wants its weights as initializers) -> an initializer of
+  its own under the Identity's output name;
 * ``auto_pad="SAME_UPPER"/"SAME_LOWER"/"VALID"`` on Conv, MaxPool, AveragePool, LpPool
   (keras2onnx / tf2onnx) -> explicit ``pads`` computed from the inferred input shape.
 """
@@ -64,6 +67,8 @@ def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     model, ir_change = ort_loadable(model)
     model = copy.deepcopy(model) if ir_change is None else model
     done = [ir_change] if ir_change else []
+    if count := _inline_constant_identities(model):
+        done.append(f"Identity of a stored tensor -> a tensor of its own on {count} node(s)")
     if count := _relax_allowzero(model):
         done.append(f"Reshape allowzero=1 -> 0 on {count} node(s)")
     if count := _explicit_pads(model):
@@ -76,6 +81,25 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     constants.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
                       for a in n.attribute if a.name == "value"})
     return constants
+
+
+def _inline_constant_identities(model: onnx.ModelProto) -> int:
+    """Replace ``Identity(initializer)`` (not a graph output) by a copy of the initializer."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    outputs = {v.name for v in model.graph.output}
+    kept, count = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            copied = copy.deepcopy(initializers[node.input[0]])
+            copied.name = node.output[0]
+            model.graph.initializer.append(copied)
+            count += 1
+        else:
+            kept.append(node)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return count
 
 
 def _relax_allowzero(model: onnx.ModelProto) -> int:
