@@ -92,7 +92,7 @@ def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist
     model_path = plan.out / MODEL_FILE
     robust = _export(plan, module, model_path, {
         "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
-        "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
+        "robnet_svc.train_method": options.method})  # no config: it holds paths (it is in the certificate)
     ui.log(f"certifying the hardened model {model_path} ({options.cert_method})")
     after = _certify(plan, robust.module.to(plan.device), ui, "after")
 
