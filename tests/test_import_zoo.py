@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import model_zoo
-from robnet_svc.onnx_io import format_inspection, inspect_model
+from robnet_svc.onnx_io import export_model, format_inspection, inspect_model, load_model
 
 
 def _inspect(path):
@@ -65,6 +65,11 @@ def test_dynamo_exporter(exporter, tmp_path):
     report = _inspect(path)
     assert report["opset"] >= 18  # the dynamo exporter writes opset 18+ even when asked for 17
     assert report["head"] == "LogSoftmax"
+    # what harden does with it: export (parity-checked) and import again (parity-checked)
+    imported = load_model(path)
+    export_model(imported.module, imported, tmp_path / "robust.onnx", {})
+    again = load_model(tmp_path / "robust.onnx")
+    assert (again.head, again.num_classes, again.image_shape) == ("LogSoftmax", model_zoo.CLASSES, (1, 64, 64))
 
 
 @pytest.mark.parametrize("exporter", list(model_zoo.EXPORTERS))

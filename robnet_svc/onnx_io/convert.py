@@ -37,7 +37,7 @@ def unconvertible(model: onnx.ModelProto) -> list[str]:
         opsets = {o.domain: o.version for o in inferred.opset_import}
         problems = []
         for name, node in graph.nodes.items():
-            version = opsets.get(node.domain, opsets.get("ai.onnx" if node.domain == "" else "", 0))
+            version = opsets.get(node.domain, 0)
             try:
                 converter = get_converter(domain=node.domain, operation_type=node.operation_type, version=version)
             except NotImplementedError:
