@@ -8,16 +8,16 @@
   *values* (Shape, Gather, Concat, Unsqueeze, ConstantOfShape, OnnxConstant, ... on shapes
   or constants) has been evaluated and replaced by a ``get_attr`` node that reads a module
   buffer. In particular the constant operand of a binary op (the ``Sub``/``Div`` of input
-  normalisation, a ``MatMul`` weight, an ``Add`` bias) is a ``get_attr`` node;
+  normalisation, a ``Mul`` scale) is a ``get_attr`` node;
 * every Reshape whose target shape was computed from shapes or constants and keeps the
   batch axis is a ``BatchReshape(per_sample_shape)`` module, so the graph runs at any batch
   size (exporters bake the batch size of the export into such shapes: 1, 10, ...);
   ``nn.Flatten`` stays as it is (it is batch-agnostic);
-* a trailing Softmax/LogSoftmax (possibly followed by Identity/Dropout) is removed; its
+* a trailing Softmax/LogSoftmax (possibly followed by Identity/Dropout/onnx2torch's copy-Identity) is removed; its
   name (``"Softmax"`` or ``"LogSoftmax"``) is in ``gm.meta["head"]`` (``None`` when there
   was none) so that export can put it back;
 * every other node is left exactly as onnx2torch made it (``nn.Linear``, ``nn.Conv2d``,
-  ``nn.BatchNorm*``, ``nn.ReLU``, ``OnnxBinaryMathOperation``, ``OnnxMatMul``,
+  ``nn.BatchNorm*``, ``nn.ReLU``, ``OnnxBinaryMathOperation``, ``OnnxMatMul`` of two tensors,
   ``OnnxPadStatic``, ``OnnxTranspose``, ``OnnxGlobalAveragePool*``,
   ``OnnxSqueezeStaticAxes``/``OnnxUnsqueezeStaticAxes``, ...) and keeps its name, which is
   the ONNX node's name (so errors can name the ONNX node);
