@@ -5,7 +5,7 @@ The default suite keeps to a few seconds per case: every hand-written CNN of the
 legacy exporter (opset 13, 1x64x64 and 3x64x64 alternately), one hand-written CNN with many op
 kinds through the dynamo exporter at its default opset and at ``opset_version=17``, and one
 torchvision network per exporter. The whole matrix (every zoo model x exporter x shape) is
-``python -m benchmarks.import_matrix`` (tens of minutes; its table is in docs/cli.md).
+``python -m benchmarks.import_matrix`` (tens of minutes; it prints the table).
 Which ops the engine supports is another concern (op rules): here only that a verdict is
 printed.
 """
