@@ -1,6 +1,7 @@
 """Which models users bring import, and what the bound engine says about them (issue 11).
 
-    python -m benchmarks.import_matrix                         # everything (~30-60 min on 2 cores)
+    python -m benchmarks.import_matrix                         # everything (about an hour on 2 cores;
+                                                               # the dynamo exporter takes most of it)
     python -m benchmarks.import_matrix --models resnet18,cnn_gelu --exporters dynamo --shapes 3
 
 Each model of ``tests/model_zoo.py`` is built for 1x64x64 and 3x64x64 images with 4 classes,
