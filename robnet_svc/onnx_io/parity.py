@@ -91,6 +91,12 @@ def import_parity(imported: ImportedModel, reference: onnx.ModelProto, fixed_bat
             got = run(onnx_input)
         except Exception as exc:
             raise fail(path, f"onnxruntime cannot run the model at batch {batch} ({first_line(exc)})") from exc
+        if any(g.shape != e.shape for g, e in zip(got, expected)):
+            fixed = (f"; the file was exported at a fixed batch size of {fixed_batch} and some op computes "
+                     "with that size: export it with a dynamic batch axis (dynamic_axes, or dynamic_shapes "
+                     "with dynamo=True)") if fixed_batch else ""
+            raise fail(path, f"the torch conversion gives logits {list(expected[-1].shape)} for a batch of "
+                             f"{batch}, onnxruntime {list(got[-1].shape)}{fixed}")
         diff = max(max_abs_diff(g, e) for g, e in zip(got, expected))
         worst = max(worst, diff)
         allowed = tolerance(expected)
