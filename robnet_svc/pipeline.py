@@ -118,7 +118,7 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
     try:
         robust = _export(plan, module, partial_path, {
             "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
-            "robnet_svc.train_method": options.method, "robnet_svc.config": json.dumps(config)})
+            "robnet_svc.train_method": options.method})  # no config: it holds paths (it is in the certificate)
         robust.path = model_path  # what the certificate names: where the file ends up
         ui.log(f"certifying the hardened model ({options.cert_method})")
         after = _certify(plan, robust.module.to(plan.device), ui, "after")

@@ -183,7 +183,7 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
 
 def _strip_head(model: onnx.ModelProto, head: str | None) -> None:
     """Make the logits (the input of a trailing Softmax/LogSoftmax) the graph output."""
-    from robnet_svc.onnx_io import _logits_value
+    from robnet_svc.onnx_io.parity import _logits_value
 
     if head is None:
         return
@@ -209,7 +209,8 @@ def coefficient_network(source: onnx.ModelProto, imported, weights: np.ndarray |
     ``offset [n]`` in the element order of the ONNX input (``n`` values per sample)."""
     from onnx import version_converter
 
-    from robnet_svc.onnx_io import _graph_inputs, default_opset
+    from robnet_svc.onnx_io import default_opset
+    from robnet_svc.onnx_io.base import graph_inputs as _graph_inputs
 
     model = copy.deepcopy(source)
     if default_opset(model) < MIN_OPSET:
@@ -297,7 +298,9 @@ class _Reference:
     """The user's model in onnxruntime (original file, logits output) on images ``[B, C, H, W]``."""
 
     def __init__(self, imported, source: onnx.ModelProto):
-        from robnet_svc.onnx_io import ADAPTER_NAME, _dims, _graph_inputs, _logits_value, _ort_runner, ort_session
+        from robnet_svc.onnx_io import ADAPTER_NAME, ort_session
+        from robnet_svc.onnx_io.base import dims as _dims, graph_inputs as _graph_inputs
+        from robnet_svc.onnx_io.parity import _logits_value, _ort_runner
 
         model = source
         if imported.head:

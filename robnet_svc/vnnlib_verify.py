@@ -103,7 +103,9 @@ def input_set(prop: Property, imported) -> AffineSet:
 
 def load_network(path: str | Path):
     """``load_model`` of a VNN-COMP network: a flat input is viewed as an ``n x 1 x 1`` image."""
-    from robnet_svc.onnx_io import _dims, _signature, load_model, read_onnx
+    from robnet_svc.onnx_io import load_model, read_onnx
+    from robnet_svc.onnx_io.base import dims as _dims
+    from robnet_svc.onnx_io.read import signature as _signature
 
     model, _sha = read_onnx(path)
     input_info, _output = _signature(model, Path(path))

@@ -11,7 +11,7 @@ from onnx2torch import convert
 from torch import nn
 
 import onnx_factory
-from robnet_svc.graph import BatchReshape, normalize_graph
+from robnet_svc.onnx_io.normalize import BatchReshape, normalize_graph
 
 SHAPE_ONLY = {"OnnxShape", "OnnxGather", "OnnxConcat", "OnnxConstant", "OnnxUnsqueezeStaticAxes",
               "OnnxUnsqueezeDynamicAxes", "OnnxConstantOfShape", "OnnxReshape", "OnnxCast"}

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_factory
 from robnet_svc.errors import RobnetError
-from robnet_svc.graph import BatchReshape
+from robnet_svc.onnx_io import BatchReshape
 from robnet_svc.onnx_io import (ImportedModel, engine_support, export_model, format_inspection, inspect_model, load_model,
                                 ort_session, read_onnx)
 
@@ -32,17 +32,16 @@ CORPUS_IMAGE_SHAPES = {
     "cifar_bias_field_1.onnx": "1x4x4",
 }
 
-# Corpus models that cannot be imported, and why (measured with onnx2torch 1.5.15, onnx 1.23).
-CORPUS_UNCONVERTIBLE = {
-    "onnx/ext_wuhan_keras2onnx_mnist_sm.onnx":
-        'onnx2torch cannot convert Conv/MaxPool with auto_pad="SAME_UPPER" (keras2onnx 1.5.1, opset 10), '
-        "also after upgrading to opset 17. (Its nodes are stored in reverse order; we sort them.)",
+# Corpus models that are not image classifiers, and the refusal expected at import.
+CORPUS_NOT_CLASSIFIERS = {
+    "onnx/vnn23_collins_rul_small_window_20.onnx.gz": "1 value per sample; a classifier needs at least 2 classes",
 }
 
-# Converted only after an opset change (onnx2torch lacks the op versions), then round-trips:
-#   vnn21_acasxu_run2a_1_1 (Flatten-1: 8 -> 17), vnn23_collins_rul_small_window_20 (Dropout-7: 8 -> 17),
-#   vnn23_vit_ibp_3_3_8 (Slice-1: 9 -> 17), zuramai_mnist_extdata (PyTorch 2.9 dynamo export: Shape-19 /
-#   Reshape-19 allowzero=1, converted DOWN from opset 20 to 17; external data file).
+# Converted only after an opset upgrade (onnx2torch lacks the old op versions), then round-trip:
+#   vnn21_acasxu_run2a_1_1 (Flatten-1: 8 -> 17), vnn23_vit_ibp_3_3_8 (Slice-1: 9 -> 17).
+# Imported at their own opset thanks to robnet_svc.onnx_io.converters / lower: zuramai_mnist_extdata
+#   (PyTorch 2.9 dynamo export, opset 20: Shape-19, Reshape-19 allowzero=1; external data file),
+#   ext_wuhan_keras2onnx_mnist_sm (keras2onnx, opset 10: MaxPool auto_pad="SAME_UPPER").
 
 # Corpus models that import and round-trip, but whose ONNX ops the bound engine does not
 # support (checked below through inspect's engine report when the engine is installed).
@@ -52,6 +51,7 @@ CORPUS_NOT_BOUNDABLE = {
     "ext_cc_lenet_bn1d_batch10.onnx": {"MaxPool"},
     "ext_jinsoo_lenet5_32x32.onnx": {"MaxPool"},
     "ext_llf_tf2onnx_mnist.onnx": {"MaxPool"},
+    "ext_wuhan_keras2onnx_mnist_sm.onnx": {"MaxPool"},
     "vnn23_gtsrb_qconv48_bn_mp.onnx.gz": {"MaxPool", "Sign"},
     # attention (MatMul of two tensors, Softmax, ReduceMean) and a class token expanded to the
     # batch size (Shape/Gather/Concat/ConstantOfShape kept: their value depends on N)
@@ -152,7 +152,7 @@ def test_fixed_batch_model_runs_at_any_batch(tmp_path):
 
 def test_flat_input_needs_image_shape(tmp_path):
     path = onnx_factory.build("flat_mlp", tmp_path)
-    with pytest.raises(RobnetError, match=r"flat_mlp.onnx: input 'input' is flat \[N,64\].*--image-shape CxHxW"):
+    with pytest.raises(RobnetError, match=r"flat_mlp.onnx: input 'input' is \[N,64\] \(64 values.*does not look like an image.*--image-shape CxHxW \(product 64, e.g. 1x8x8"):
         load_model(path)
     with pytest.raises(RobnetError, match="--image-shape 1x8x9 has 72 values"):
         load_model(path, image_shape="1x8x9")
@@ -289,7 +289,7 @@ BAD = {
     "random bytes": "not an ONNX model",
     "truncated": "not an ONNX model|not a valid ONNX model",
     "two inputs": "has 2 inputs",
-    "unconvertible op": "no converter for ONNX op Hardmax.*the_hardmax",
+    "unconvertible op": r"cannot be converted to torch; 1 node\(s\) unconvertible: the_hardmax \(Hardmax opset \d+: no converter\)",
     "integer input": "input 'tokens' has type INT64",
 }
 
@@ -353,8 +353,8 @@ def test_inspect_cli_json(tmp_path):
 @pytest.mark.parametrize("name", _corpus_files() or ["(corpus absent)"])
 def test_corpus_model_round_trips(name, shared_dir, tmp_path):
     path = shared_dir / "corpus" / name
-    if name in CORPUS_UNCONVERTIBLE:
-        with pytest.raises(RobnetError, match="cannot be converted to torch") as info:
+    if name in CORPUS_NOT_CLASSIFIERS:
+        with pytest.raises(RobnetError, match=CORPUS_NOT_CLASSIFIERS[name]) as info:
             load_model(path, image_shape=CORPUS_IMAGE_SHAPES.get(Path(name).name))
         assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
         return
@@ -375,13 +375,14 @@ def test_corpus_external_data_loads(shared_dir):
 
 def test_corpus_flat_model_needs_image_shape(shared_dir):
     path = shared_dir / "corpus" / "onnx" / "vnn21_mnistfc_256x2.onnx"
-    with pytest.raises(RobnetError, match=r"is flat \[N,784x1\].*--image-shape"):
+    with pytest.raises(RobnetError, match=r"is \[N,784x1\].*does not look like an image.*--image-shape"):
         load_model(path)
 
 
 def test_corpus_opset_conversions(shared_dir):
     model = load_model(shared_dir / "corpus" / "onnx" / "zuramai_mnist_extdata" / "mnist.onnx")
-    assert (model.source_opset, model.opset) == (20, 17)  # down-converted; parity checked vs the opset-20 file
+    assert (model.source_opset, model.opset) == (None, 20)  # read at its own opset (registered converters)
+    assert "Reshape allowzero=1 -> 0 on 1 node(s)" in model.lowered
     model = load_model(shared_dir / "corpus" / "onnx" / "vnn21_acasxu_run2a_1_1.onnx")
     assert (model.source_opset, model.opset) == (8, 17)
 
@@ -392,10 +393,10 @@ def test_corpus_parameter_counts_match_manifest(shared_dir):
     for row in rows:
         entry = dict(zip(header, row))
         name = entry["filename"]
-        if f"onnx/{name}" in CORPUS_UNCONVERTIBLE or name.startswith("zuramai"):
+        if name.startswith("zuramai"):
             continue
         model, _ = read_onnx(shared_dir / "corpus" / "onnx" / name)
-        from robnet_svc.onnx_io import _parameter_count
+        from robnet_svc.onnx_io.inspection import _parameter_count
 
         assert _parameter_count(model) == int(entry["num_params"]), name
 
