@@ -46,16 +46,10 @@ CORPUS_NOT_CLASSIFIERS = {
 # Corpus models that import and round-trip, but whose ONNX ops the bound engine does not
 # support (checked below through inspect's engine report when the engine is installed).
 CORPUS_NOT_BOUNDABLE = {
-    "vnn21_verivital_Convnet_maxpool.onnx": {"MaxPool"},
-    "ext_baskov_mnist_cnn_dynbatch.onnx": {"MaxPool"},
-    "ext_cc_lenet_bn1d_batch10.onnx": {"MaxPool"},
-    "ext_jinsoo_lenet5_32x32.onnx": {"MaxPool"},
-    "ext_llf_tf2onnx_mnist.onnx": {"MaxPool"},
-    "ext_wuhan_keras2onnx_mnist_sm.onnx": {"MaxPool"},
-    "vnn23_gtsrb_qconv48_bn_mp.onnx.gz": {"MaxPool", "Sign"},
-    # attention (MatMul of two tensors, Softmax, ReduceMean) and a class token expanded to the
-    # batch size (Shape/Gather/Concat/ConstantOfShape kept: their value depends on N)
-    "vnn23_vit_ibp_3_3_8.onnx.gz": {"Concat", "ConstantOfShape", "Gather", "MatMul", "ReduceMean", "Shape", "Softmax"},
+    "vnn23_gtsrb_qconv48_bn_mp.onnx.gz": {"Sign"},
+    # attention (MatMul of two tensors, Softmax) and a class token expanded to the batch size
+    # (Shape/Gather/Concat/ConstantOfShape kept: their value depends on N)
+    "vnn23_vit_ibp_3_3_8.onnx.gz": {"Concat", "ConstantOfShape", "Gather", "MatMul", "Shape", "Softmax"},
 }
 
 
@@ -402,12 +396,13 @@ def test_corpus_parameter_counts_match_manifest(shared_dir):
 
 
 def test_inspect_names_unsupported_onnx_nodes(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 3 * 3, 10))
-    report = inspect_model(onnx_factory.export(model, tmp_path / "maxpool.onnx", (1, 8, 8)))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.LayerNorm([4, 6, 6]), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 10))
+    report = inspect_model(onnx_factory.export(model, tmp_path / "layernorm.onnx", (1, 8, 8)))
     if report["engine"]["supported"] is None:
         pytest.skip("bound engine not available")
     assert report["engine"]["supported"] is False
-    assert [(row["node"], row["onnx_op"]) for row in report["engine"]["unsupported"]] == [("/1/MaxPool", "MaxPool")]
-    assert "/1/MaxPool: MaxPool" in format_inspection(report)
+    unsupported = [(row["node"], row["onnx_op"]) for row in report["engine"]["unsupported"]]
+    assert unsupported == [("/1/LayerNormalization", "LayerNormalization")]
+    assert "/1/LayerNormalization: LayerNormalization" in format_inspection(report)
     assert inspect_model(onnx_factory.build("normalized", tmp_path))["engine"]["supported"] is True
