@@ -370,14 +370,14 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
 
 def _bound_copy(net):
     """A float64 copy of the compiled network ``net`` for the bound passes (the model itself is
-    left as it is: its prediction and the attack run in the deployed precision)."""
+    left as it is: its prediction and the attack run in the deployed precision). The module is
+    copied and compiled again with the same rules: copying the compiled plan would walk the fx
+    graph's linked nodes recursively (Python's recursion limit on deep networks)."""
     from robnet_svc.bounds.graph import compile_network
-    from robnet_svc.bounds.ops.base import PERTURBED
 
-    copy_ = copy.deepcopy(compile_network(net), memo={id(PERTURBED): PERTURBED})  # a sentinel, not copied
-    copy_.module.to(BOUND_DTYPE)
-    copy_.gm.to(BOUND_DTYPE)
-    return copy_
+    net = compile_network(net)
+    module = copy.deepcopy(net.module).to(BOUND_DTYPE)  # parameters and floating buffers (folded constants)
+    return compile_network(module, rules=net.rules)
 
 
 def check_soundness(certs: Certificates, method_name: str) -> None:

@@ -28,7 +28,11 @@ the set and ``e_j`` the error bound of the node's input:
   (default 2; 16 for the transcendental ones, whose float implementations are not correctly
   rounded), ``f`` its ``rounding_floor`` (default 0; 1 for those), ``j`` its ``jump`` (Softplus's
   switch to ``x`` above its threshold); without one, the width of its
-  interval over ``[l − e, u + e]`` (sound, loose).
+  interval over ``[l − e, u + e]`` (sound, loose);
+- a relaxed (non-elementwise) rule: its ``rounding_error(e_in, m_in, u)`` — MaxPool: the
+  largest input error in the window (max is exact and 1-Lipschitz in the max-norm); a product
+  ``x·z``: ``(m_x + e_x) e_z + m_z e_x + u (m_x + e_x)(m_z + e_z)``; without one, the width of
+  its interval over the inputs widened by their errors plus ``2u m``.
 
 The allowance of the margin ``y_label − y_j`` is ``e_label + e_j``, or, when the output node
 is affine, ``|(e_label − e_j)ᵀ L|(e_in)`` plus that node's own rounding of both logits. ``certified`` requires
@@ -71,13 +75,17 @@ def fan_in(rule) -> int:
     from robnet_svc.bounds.ops.norm import BatchNormRule
     from robnet_svc.bounds.ops.pool import AveragePoolRule, PadRule
     from robnet_svc.bounds.ops.shape import IdentityRule, PermuteRule, ReshapeRule
+    from robnet_svc.bounds.ops.structural import ConcatRule, ReduceRule, SelectRule, SplitRule, TransposeRule
 
     call = rule.call
     declared = getattr(rule, "fan_in", None)  # a plugin rule may say (docs/plugins.md)
     if callable(declared):
         return int(declared())
-    if isinstance(rule, (ReshapeRule, PermuteRule, IdentityRule, PadRule)):
-        return 0
+    if isinstance(rule, (ReshapeRule, PermuteRule, IdentityRule, PadRule, ConcatRule, SelectRule, SplitRule,
+                         TransposeRule)):
+        return 0  # data movement: exact
+    if isinstance(rule, ReduceRule):  # a sum of in/out elements per output (and the mean's division)
+        return int(math.prod(call.in_shapes[0]) // max(math.prod(call.out_shape), 1)) + 1
     if isinstance(rule, (ArithmeticRule, _ClipAffine)):
         return 1
     if isinstance(rule, BatchNormRule):
@@ -133,6 +141,16 @@ def _node_errors(frame, fwd, u: float) -> tuple[list, list]:
             else:
                 lo, hi = rule.interval(pre.lower - e_in[0], pre.upper + e_in[0])
                 err[i] = hi - lo
+            continue
+        if frame.is_relaxed(i):  # MaxPool, products of perturbed tensors, plugins' relaxed rules
+            m_in = [_magnitude(fwd.intervals[j]) for j in node.inputs]
+            own_error = getattr(rule, "rounding_error", None)
+            if own_error is not None:
+                err[i] = own_error(e_in, m_in, u)
+            else:  # sound for any rule: the output range over the inputs widened by their errors
+                lo, hi = rule.interval([(fwd.intervals[j].lower - e, fwd.intervals[j].upper + e)
+                                        for j, e in zip(node.inputs, e_in)])
+                err[i] = (hi - lo) + 2 * u * _magnitude(fwd.intervals[i])
             continue
         out = rule.abs_linear(*e_in)
         n = fan_in(rule)

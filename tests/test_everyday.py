@@ -234,12 +234,14 @@ def test_model_without_trainable_weights_is_refused_before_any_work(tmp_path, ca
     from onnx import TensorProto, helper, numpy_helper
     from onnx_factory import write_graph
 
-    weights = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+    # A constant elementwise scale only: nothing the importer makes trainable (a constant MatMul
+    # would become an nn.Linear) and nothing to fine-tune.
+    scale = np.random.default_rng(0).uniform(0.5, 2, size=(10,)).astype(np.float32)
     path = write_graph(tmp_path / "constant.onnx", [
         helper.make_node("Flatten", ["x"], ["f"]),
-        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weights, "w")),
-        helper.make_node("MatMul", ["f", "w"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(scale, "w")),
+        helper.make_node("Mul", ["f", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 1, 10])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])])
     r = invoke(capsys, "harden", path, *FAST, *FAST_TRAIN, "--out", tmp_path / "out")
     assert r.code == 2 and "no weights robnet-svc can fine-tune" in r.err and len(r.err.strip().splitlines()) == 1

@@ -197,3 +197,37 @@ def test_allowance_covers_float32_evaluations_through_activations(act):
     assert observed.max() > 0
     assert (observed <= errors).all()
     assert errors.max() < 1.0  # a usable allowance, not the width of every neuron's range
+
+
+class _Squeeze(nn.Module):
+    """Squeeze-excitation: ``x * sigmoid(mean(x))`` (a product of two perturbed tensors)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+
+
+def test_allowance_covers_float32_evaluations_through_maxpool_and_products():
+    """The relaxed rules state their own float error (MaxPool: the window's largest; products:
+    both factors' errors and one rounding): float32 logits stay within the bound."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True), _Squeeze(),
+                        nn.Conv2d(6, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 3 * 3, 4)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(20)
+    images = torch.rand(5, 2, 5, 5)
+    pert = load_registry().perturbation("bias-field")(0.3, order=1)
+    aset = pert.affine_set(images)
+    coeffs = aset.sample(64, generator=torch.Generator().manual_seed(0))
+    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, 2, 5, 5)
+    net64 = compile_network(copy.deepcopy(net).double())
+    aset64 = pert.affine_set(images.double())
+    with torch.no_grad():
+        low = net(pixels).reshape(5, 64, 4).double()
+        exact = net64(pixels.double()).reshape(5, 64, 4)
+        frame = net64.frame(aset64)
+        assert any(frame.is_relaxed(i) for i in range(1, len(frame.nodes)))
+        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(5, 1, 4)
+    observed = (low - exact).abs()
+    assert observed.max() > 0
+    assert (observed <= errors).all()

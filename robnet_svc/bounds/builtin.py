@@ -30,7 +30,6 @@ def robnet_register_op_rules(register):
     from robnet_svc.bounds.ops.pool import AveragePoolRule, PadRule
     from robnet_svc.bounds.ops.relu import ReluRule
     from robnet_svc.bounds.ops.shape import IdentityRule, PermuteRule, ReshapeRule
-    from robnet_svc.graph import BatchReshape
 
     table = {
         nn.Linear: LinearRule,
@@ -42,7 +41,9 @@ def robnet_register_op_rules(register):
         nn.AdaptiveAvgPool1d: AveragePoolRule, nn.AdaptiveAvgPool2d: AveragePoolRule,
         nn.ZeroPad2d: PadRule, nn.ConstantPad2d: PadRule, nn.ReflectionPad2d: PadRule,
         nn.ReplicationPad2d: PadRule, F.pad: PadRule,
-        nn.Flatten: ReshapeRule, BatchReshape: ReshapeRule, nn.Unflatten: ReshapeRule,
+        nn.Flatten: ReshapeRule,
+        # by import path: the import package loads onnx, which listing plugins does not need
+        "robnet_svc.onnx_io.normalize:BatchReshape": ReshapeRule, nn.Unflatten: ReshapeRule,
         torch.flatten: ReshapeRule, torch.reshape: ReshapeRule, torch.squeeze: ReshapeRule,
         torch.unsqueeze: ReshapeRule, torch.Tensor.view: ReshapeRule, torch.Tensor.reshape: ReshapeRule,
         torch.Tensor.flatten: ReshapeRule, torch.Tensor.squeeze: ReshapeRule, torch.Tensor.unsqueeze: ReshapeRule,

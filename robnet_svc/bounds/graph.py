@@ -281,6 +281,7 @@ class BoundNetwork(nn.Module):
                  constants: list[fx.Node], rules: dict):
         super().__init__()
         self.module = module
+        self.rules = rules  # the table it was compiled with (a float64 copy recompiles with it)
         self._gm = [gm]  # not a submodule: it shares module's parameters already
         self._plan = plan
         self._constants = constants

@@ -107,6 +107,12 @@ class MaxPoolRule(RelaxedRule):
         shape = (lower.shape[0], *self.call.out_shape)
         return l_best.reshape(shape), u_max.reshape(shape)
 
+    def rounding_error(self, e_in: list[Tensor], m_in: list[Tensor], u: float) -> Tensor:
+        """Float error bound of the output (robnet_svc/rounding.py): max is exact and
+        ``|max x̃ − max x| <= max |x̃ − x|`` over the window (padding never wins)."""
+        (e,) = e_in
+        return self._windows(e, 0.0).amax(2).reshape(e.shape[0], *self.call.out_shape)
+
     def relax(self, bounds) -> "MaxPoolBounds":
         (lower, upper), = bounds
         index, _, u_max, dominant = self._select(lower, upper)

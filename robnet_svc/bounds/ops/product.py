@@ -44,6 +44,13 @@ class ProductRule(RelaxedRule):
         corners = torch.stack([lx * lz, lx * uz, ux * lz, ux * uz])
         return corners.amin(0), corners.amax(0)
 
+    def rounding_error(self, e_in: list[Tensor], m_in: list[Tensor], u: float) -> Tensor:
+        """Float error bound of ``x̃·z̃`` rounded once against ``x·z`` (robnet_svc/rounding.py):
+        ``|x̃ z̃ − x z| <= |x̃| e_z + |z| e_x``, plus the product's own rounding."""
+        ex, ez = (self._expand(e, j) for j, e in enumerate(e_in))
+        mx, mz = (self._expand(m, j) for j, m in enumerate(m_in))
+        return (mx + ex) * ez + mz * ex + u * (mx + ex) * (mz + ez)
+
     def relax(self, bounds) -> "ProductBounds":
         (lx, _), (lz, uz) = [(self._expand(lo, j), self._expand(up, j)) for j, (lo, up) in enumerate(bounds)]
         slopes = [(lz, uz), (lx, lx)]  # per input: (lower plane slope, upper plane slope)
