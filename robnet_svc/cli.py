@@ -455,7 +455,7 @@ def submit_cmd(ctx: click.Context, server, token_file, certify_only, wait, downl
 
 
 #: harden's options that name server paths (the server owns them): not options of ``submit``.
-_SERVER_SIDE = {"data_dir", "out", "force", "resume"}
+_SERVER_SIDE = {"data_dir", "out", "force", "resume", "strict"}
 submit_cmd.params.extend(p for p in harden_cmd.params if p.name not in _SERVER_SIDE)
 
 

@@ -199,8 +199,8 @@ class Selection:
     Candidates: the input model (epoch 0, radius 0) and the state after every epoch, at the
     radius of that epoch's last step. Ranking: the largest radius reached (capped at the
     target, so every epoch at the target radius ranks first), then validation certified
-    accuracy at the target radius, then validation clean accuracy; a tie keeps the earlier
-    state. Without validation samples (``--val-fraction 0``) the last epoch is kept.
+    accuracy at the target radius, then validation clean accuracy; a full tie takes the later
+    epoch (more training at the target radius, at a lower learning rate). Without validation samples (``--val-fraction 0``) the last epoch is kept.
     ``best`` holds the chosen state's numbers and a copy of its weights (``"model"``).
     """
 
@@ -232,8 +232,8 @@ class Selection:
         return (min(row["eps"], self.target_eps), row["val_certified_accuracy"], row["val_clean_accuracy"])
 
     def offer(self, module: nn.Module, row: dict[str, Any], val_classes: list[float | None]) -> bool:
-        """Keep ``module``'s state if it is within the budget and ranks above the best so far."""
-        if not self.allows(row["val_clean_accuracy"]) or not self._rank(row) > self._rank(self.best):
+        """Keep ``module``'s state if it is within the budget and ranks at least as high as the best so far."""
+        if not self.allows(row["val_clean_accuracy"]) or self._rank(row) < self._rank(self.best):
             return False
         self.best = {key: row[key] for key in ("epoch", "eps", "val_clean_accuracy", "val_certified_accuracy")}
         self.best.update(val_class_accuracy=val_classes, model=_copy_state(module))

@@ -123,3 +123,29 @@ def test_target_not_reached_warns_and_strict_exits_5(tmp_path, capsys):
 def test_bad_budget_is_one_line_and_exit_2(tmp_path, capsys):
     r = invoke(capsys, "harden", tmp_path / "m.onnx", *FAST, "--max-clean-drop", "2%", "--out", tmp_path / "o")
     assert r.code == 2 and "--max-clean-drop" in r.err and not (tmp_path / "o").exists()
+
+
+def test_ranking_radius_then_certified_then_clean_and_a_full_tie_takes_the_later_epoch():
+    from robnet_svc.training import Selection, TrainSettings
+
+    module = torch.nn.Linear(2, 2)
+    selection = Selection.start(module, TrainSettings(eps=0.2, max_clean_drop=0.05), 0.9, 0.1, [0.9, 0.9])
+
+    def offer(epoch, eps, clean, cert):
+        with torch.no_grad():
+            module.bias.fill_(epoch)  # tells the kept weights apart
+        row = {"epoch": epoch, "eps": eps, "val_clean_accuracy": clean, "val_certified_accuracy": cert}
+        return selection.offer(module, row, [clean, clean])
+
+    assert offer(1, 0.1, 0.9, 0.6)            # a larger radius than the input model's 0
+    assert not offer(2, 0.2, 0.8, 0.9)        # at the target, but 0.1 below the input's clean accuracy
+    assert not selection.within_budget
+    assert offer(3, 0.2, 0.86, 0.3)           # at the target beats any certified accuracy below it
+    assert offer(4, 0.2, 0.85, 0.5)           # then certified accuracy (0.85 is exactly at the budget)
+    assert not offer(5, 0.2, 0.84, 0.5)       # outside the budget
+    assert offer(6, 0.2, 0.9, 0.5)            # same certified: higher clean
+    assert not offer(7, 0.2, 0.88, 0.5)
+    assert offer(8, 0.2, 0.9, 0.5)            # a full tie: the later epoch
+    assert selection.best["epoch"] == 8 and selection.within_budget
+    assert torch.equal(selection.best["model"]["bias"], torch.full((2,), 8.0))
+    assert Selection.from_state(selection.to_state()).record() == selection.record()
