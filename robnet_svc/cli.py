@@ -182,7 +182,8 @@ def dataset_options(values) -> dict[str, str]:
               callback=lambda _c, p, v: _fraction_or_none(p, v),
               help="Warn when a class's validation accuracy falls more than this (none: never).")
 @click.option("--strict", is_flag=True,
-              help=f"Exit {BUDGET_MISSED} when no epoch reached --eps within --max-clean-drop (outputs are still written).")
+              help=f"Exit {BUDGET_MISSED} when no epoch reached --eps within --max-clean-drop "
+                   "(the outputs are still written).")
 @click.pass_context
 def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""

@@ -200,7 +200,8 @@ class Selection:
     radius of that epoch's last step. Ranking: the largest radius reached (capped at the
     target, so every epoch at the target radius ranks first), then validation certified
     accuracy at the target radius, then validation clean accuracy; a full tie takes the later
-    epoch (more training at the target radius, at a lower learning rate). Without validation samples (``--val-fraction 0``) the last epoch is kept.
+    epoch (more training at the target radius, at a lower learning rate). Without validation
+    samples (``--val-fraction 0``) the last epoch is kept.
     ``best`` holds the chosen state's numbers and a copy of its weights (``"model"``).
     """
 
@@ -214,7 +215,8 @@ class Selection:
     @classmethod
     def start(cls, module: nn.Module, settings: TrainSettings, val_clean: float, val_cert: float,
               val_classes: list[float | None]) -> "Selection":
-        """The selection before training: the input model's validation numbers are the baseline and the first candidate."""
+        """The selection before training: the input model's validation numbers are the baseline
+        and its weights the first candidate."""
         baseline = {"val_clean_accuracy": val_clean, "val_certified_accuracy": val_cert,
                     "val_class_accuracy": val_classes}
         return cls(settings.eps, settings.max_clean_drop, baseline,
