@@ -2,7 +2,8 @@
 
 Exit codes (the same with or without ``--debug``): 0 success, 1 certified accuracy under
 ``--fail-under``, 2 bad input or usage, 3 a soundness error (a bug: a certified sample was
-broken by an attack), 4 an internal error (any other bug), 130 interrupted (Ctrl-C), 143
+broken by an attack), 4 an internal error (any other bug), 5 ``harden --strict``: the target
+eps was not reached within the clean-accuracy budget, 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM, handled like Ctrl-C). Errors are one line on stderr; ``--debug`` adds
 the traceback above it.
 
@@ -22,6 +23,9 @@ import click
 from robnet_svc import __version__
 from robnet_svc.config import config_option
 from robnet_svc.errors import RobnetError, SoundnessError
+
+#: Exit code of ``harden --strict`` when no epoch reached the target eps within ``--max-clean-drop``.
+BUDGET_MISSED = 5
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -170,6 +174,16 @@ def dataset_options(values) -> dict[str, str]:
               help="Write the figures and report.html (robnet-svc report plot) into --out/report.")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
               metavar="SECONDS", help="Also write the checkpoint within an epoch at this interval.")
+@click.option("--max-clean-drop", default="0.02", show_default=True, metavar="FRACTION|none",
+              callback=lambda _c, p, v: _fraction_or_none(p, v),
+              help="Validation clean accuracy may fall at most this much below the input model's; the exported "
+                   "model is the best epoch within it (none: no budget).")
+@click.option("--max-class-drop", default="0.1", show_default=True, metavar="FRACTION|none",
+              callback=lambda _c, p, v: _fraction_or_none(p, v),
+              help="Warn when a class's validation accuracy falls more than this (none: never).")
+@click.option("--strict", is_flag=True,
+              help=f"Exit {BUDGET_MISSED} when no epoch reached --eps within --max-clean-drop "
+                   "(the outputs are still written).")
 @click.pass_context
 def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
@@ -177,6 +191,25 @@ def harden_cmd(ctx: click.Context, **params) -> None:
 
     report, is_main = _run(ctx, pipeline.harden, params)
     _finish(report, "after", params, is_main)
+    selection = report.summary()["selection"]
+    if params.get("strict") and selection is not None and not selection["within_budget"]:
+        if is_main:
+            click.echo(f"robnet-svc: --strict: the target eps was not reached within the clean-accuracy budget "
+                       f"(exit {BUDGET_MISSED})", err=True)
+        sys.exit(BUDGET_MISSED)
+
+
+def _fraction_or_none(param, value) -> float | None:
+    """``none`` (any case) or a fraction in [0, 1] (a string from the command line, a number from a config)."""
+    if value is None or str(value).strip().lower() == "none":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a fraction in [0, 1] or 'none'", param=param) from None
+    if not 0 <= number <= 1:
+        raise click.BadParameter(f"{value!r} is not a fraction in [0, 1] or 'none'", param=param)
+    return number
 
 
 @cli.command("certify")
@@ -423,7 +456,7 @@ def submit_cmd(ctx: click.Context, server, token_file, certify_only, wait, downl
 
 
 #: harden's options that name server paths (the server owns them): not options of ``submit``.
-_SERVER_SIDE = {"data_dir", "out", "force", "resume"}
+_SERVER_SIDE = {"data_dir", "out", "force", "resume", "strict"}
 submit_cmd.params.extend(p for p in harden_cmd.params if p.name not in _SERVER_SIDE)
 
 

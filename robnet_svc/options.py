@@ -44,6 +44,9 @@ class Options:
     radius_precision: float | None = None  # None: radius_max / 50
     threads: int | None = None     # None: robnet_svc.threads.default_threads()
     checkpoint_every: float = 60.0  # seconds between checkpoints within an epoch
+    max_clean_drop: float | None = 0.02  # validation clean-accuracy budget of harden (None: none)
+    max_class_drop: float | None = 0.10  # warn when a class's validation accuracy falls more (None: never)
+    strict: bool = False           # harden: exit 5 when the target eps was not reached within the budget
     out: str | None = None
     force: bool = False
     resume: bool = False

@@ -108,10 +108,18 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
     ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
            + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
     net = _compile(module, plan.rules)
-    history = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
+    history, selection = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
                     checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
                     progress=ui.progress, log=ui.log, dist=plan.dist, checkpoint_every=options.checkpoint_every,
                     phases={"before": _certificates_to_state(before, before_key)}, state=state)
+    selected = selection_summary(selection.record(), plan.splits.class_names)
+    ui.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
+           f"{_percent(selected['val_clean_accuracy'])}, certified {_percent(selected['val_certified_accuracy'])}): "
+           f"{selected['reason']}")
+    if plan.dist.is_main:
+        for line in selection_warnings(selected, options.max_class_drop,
+                                       max((row["eps"] for row in history), default=0.0)):
+            (getattr(ui, "warn", None) or ui.log)(line)
 
     model_path = plan.out / MODEL_FILE
     partial_path = plan.out / PARTIAL_MODEL_FILE  # the final name only once the certificate is written
@@ -124,7 +132,7 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
         after = _certify(plan, robust.module.to(plan.device), ui, "after")
 
         report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
-                         config, command_line, history)
+                         config, command_line, history, selected)
         if plan.dist.is_main:
             _write_outputs(plan.out, report)
             os.replace(partial_path, model_path)
@@ -276,7 +284,49 @@ def radius_settings(options: Options) -> RadiusSettings | None:
 
 def _train_settings(options: Options) -> TrainSettings:
     return TrainSettings(eps=options.eps, epochs=options.epochs, ramp_epochs=options.ramp_epochs,
-                         alpha=options.alpha, lr=options.lr, batch_size=options.batch_size, seed=options.seed)
+                         alpha=options.alpha, lr=options.lr, batch_size=options.batch_size, seed=options.seed,
+                         max_clean_drop=options.max_clean_drop)
+
+
+def selection_summary(record: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """``Selection.record()`` with the per-class validation accuracy keyed by class name:
+    ``val_class_accuracy = {name: {"before": ..., "after": ...}}`` (None: no validation sample)."""
+    before, after = record.pop("val_class_accuracy_before"), record.pop("val_class_accuracy_after")
+    record["val_class_accuracy"] = {name: {"before": b, "after": a}
+                                    for name, b, a in zip(class_names, before, after)}
+    return record
+
+
+def selection_warnings(selected: dict[str, Any], max_class_drop: float | None,
+                       largest_eps: float) -> list[str]:
+    """The warning lines of a ``selection_summary``: the target radius not reached within the
+    budget (with what usually helps), and every class whose validation accuracy fell more
+    than ``max_class_drop`` (None: no per-class guard). ``largest_eps``: the largest radius
+    training reached at all (below the target: the ramp never finished)."""
+    lines = []
+    if not selected["within_budget"]:
+        budget = selected["max_clean_drop"]
+        if largest_eps < selected["target_eps"]:
+            helps = (f"training itself stopped at eps {largest_eps:.4g}: give more --epochs than --ramp-epochs "
+                     "(the radius grows to --eps over the ramp)")
+        else:
+            helps = ("what usually helps: more --epochs, a longer --ramp-epochs, a smaller --alpha or --lr, or a "
+                     "warm-up run with --method rsip-ibp whose output is hardened again")
+        lines.append(
+            f"no epoch reached the target eps {selected['target_eps']:g}"
+            + ("" if budget is None else f" within the clean-accuracy budget (--max-clean-drop {budget:g} "
+               f"below the input model's validation accuracy {_percent(selected['input_val_clean_accuracy'])})")
+            + f"; exported epoch {selected['epoch']}, which reached eps {selected['eps']:.4g}; {helps}")
+    for name, acc in selected["val_class_accuracy"].items():
+        if max_class_drop is not None and acc["before"] is not None and acc["after"] is not None \
+                and acc["after"] < acc["before"] - max_class_drop - 1e-9:
+            lines.append(f"class {name!r}: validation accuracy fell from {_percent(acc['before'])} to "
+                         f"{_percent(acc['after'])} (more than --max-class-drop {max_class_drop:g})")
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _check_out(options: Options, training: bool) -> Path | None:
@@ -360,7 +410,8 @@ def _train_data(splits, options: Options, device: torch.device) -> TrainData:
         raise RobnetError(f"--val-fraction {options.val_fraction} leaves no training samples")
     val, tr = order[:num_val], order[num_val:]
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
-    data = TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)])
+    data = TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)],
+                     num_classes=splits.num_classes)
     # TrainData holds its own copy: drop the split's, so the run holds the training images once
     # (at 3x224x224 that is gigabytes, more than any bound computation of a batch).
     splits.train_images = splits.train_images[:0]
@@ -442,7 +493,7 @@ def _export(plan: Plan, module, model_path: Path, metadata: dict[str, str]):
 
 
 def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]], config: dict[str, Any],
-            command_line: str, history: list[dict[str, float]]) -> Report:
+            command_line: str, history: list[dict[str, float]], selection: dict[str, Any] | None = None) -> Report:
     o = plan.options
     probe = plan.perturbation.affine_set(plan.splits.test_images[:1])
     image_shape = tuple(plan.imported.image_shape)
@@ -474,6 +525,7 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
         "deployed_dtype": str(plan.imported.input_dtype),
         "certified_rule": CERTIFIED_RULE,
         "radius_json": json.dumps(asdict(radius_settings(o))) if o.radius else "",
+        "selection_json": json.dumps(selection) if selection is not None else "",
         **peak_memory(),
     }
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}

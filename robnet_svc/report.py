@@ -9,7 +9,8 @@ Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``
                                   dataset, dataset_source, class_names_json, image_shape,
                                   perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
                                   train_method, cert_method, device, bound_dtype, deployed_dtype,
-                                  certified_rule, radius_json, peak_rss_mib, peak_gpu_mib
+                                  certified_rule, radius_json, selection_json (harden),
+                                  peak_rss_mib, peak_gpu_mib
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
     /certificates/<S>      attrs: the section's metrics, model_sha256, method
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
@@ -90,6 +91,7 @@ class Report:
             "cert_method": prov.get("cert_method"),
             "sections": {name: {**certs.summary(), **({"radius": curve} if curve else {})}
                          for name, certs in self.sections.items() for curve in [self.radius_curve(name)]},
+            "selection": json.loads(prov["selection_json"]) if prov.get("selection_json") else None,
             "peak_rss_mib": prov.get("peak_rss_mib") or None,  # None in older certificates
             "peak_gpu_mib": prov.get("peak_gpu_mib") or None,
         }

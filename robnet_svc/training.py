@@ -28,6 +28,14 @@ Checkpoints: at the start, after every epoch, and within an epoch whenever
 also carries the results of phases that finished before training (``phases``: the
 "before" certification), so ``--resume`` does not redo them.
 
+Model selection (``Selection``): the input model's validation clean and certified accuracy
+are measured once before the first step; after every epoch the validation split is
+evaluated (clean, certified at the target radius, per class) and the best state so far
+that keeps clean accuracy within ``max_clean_drop`` of the input model's is kept (a copy of
+its weights, also in the checkpoint). ``train`` ends with that state in the module. The
+validation split is held out of the training split; the test split the certificate is
+computed on is never seen here.
+
 Distributed (DistributedDataParallel, docs/distributed.md): ``batch_size`` is the GLOBAL
 batch. Every rank draws the same global batches and takes ``batch[rank::world_size]``
 (shards differ in size by at most one; a shard may be empty), so all ranks run the same
@@ -57,7 +65,8 @@ from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 
-CHECKPOINT_FORMAT = 3  # 3: re-seeded per step, may be written within an epoch, carries finished phases
+CHECKPOINT_FORMAT = 4  # 4: carries the model selection (baseline, best state so far); 3: re-seeded per step,
+#                           may be written within an epoch, carries finished phases
 CHECKPOINT_EVERY = 60.0  # seconds between checkpoints within an epoch (default)
 LR_STEPS = ((100 / 175, 1.0), (150 / 175, 0.1), (1.0, 0.01))  # (until progress, lr factor)
 
@@ -73,6 +82,7 @@ class TrainSettings:
     lr: float = 5e-4
     batch_size: int = 64
     seed: int = 0
+    max_clean_drop: float | None = 0.02  # validation clean-accuracy budget (None: no budget); see ``Selection``
 
     @property
     def ramp(self) -> float:
@@ -87,6 +97,7 @@ class TrainData:
     labels: Tensor
     val_images: Tensor
     val_labels: Tensor
+    num_classes: int | None = None  # None: the largest label + 1
 
 
 def lr_at(progress: float, lr: float) -> float:
@@ -162,6 +173,121 @@ def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, label
     return correct / images.shape[0], certified / images.shape[0]
 
 
+@torch.no_grad()
+def class_accuracy(module: nn.Module, images: Tensor, labels: Tensor, num_classes: int, batch_size: int,
+                   dist: Dist = Dist()) -> list[float | None]:
+    """Clean accuracy of every class (eval mode); None for a class without samples.
+
+    Distributed: each rank evaluates its contiguous share, the counts are summed over ranks."""
+    mine = dist.shard(images.shape[0])
+    counts = torch.zeros(2, num_classes, dtype=torch.float64, device=images.device)  # correct, total
+    with eval_mode(module):
+        for start in range(mine.start, mine.stop, batch_size):
+            stop = min(start + batch_size, mine.stop)
+            x, y = images[start:stop], labels[start:stop]
+            ok = (module(x).argmax(-1) == y).double()
+            counts[0].index_add_(0, y, ok)
+            counts[1].index_add_(0, y, torch.ones_like(ok))
+    correct, total = dist.sum(counts).tolist()
+    return [c / t if t else None for c, t in zip(correct, total)]
+
+
+class Selection:
+    """Which state ``train`` ends with (the exported model): the best one that keeps the
+    validation clean accuracy within ``max_clean_drop`` of the input model's.
+
+    Candidates: the input model (epoch 0, radius 0) and the state after every epoch, at the
+    radius of that epoch's last step. Ranking: the largest radius reached (capped at the
+    target, so every epoch at the target radius ranks first), then validation certified
+    accuracy at the target radius, then validation clean accuracy; a full tie takes the later
+    epoch (more training at the target radius, at a lower learning rate). Without validation
+    samples (``--val-fraction 0``) the last epoch is kept.
+    ``best`` holds the chosen state's numbers and a copy of its weights (``"model"``).
+    """
+
+    def __init__(self, target_eps: float, max_clean_drop: float | None, baseline: dict[str, Any],
+                 best: dict[str, Any]):
+        self.target_eps = target_eps
+        self.max_clean_drop = max_clean_drop
+        self.baseline = baseline
+        self.best = best
+
+    @classmethod
+    def start(cls, module: nn.Module, settings: TrainSettings, val_clean: float, val_cert: float,
+              val_classes: list[float | None]) -> "Selection":
+        """The selection before training: the input model's validation numbers are the baseline
+        and its weights the first candidate."""
+        baseline = {"val_clean_accuracy": val_clean, "val_certified_accuracy": val_cert,
+                    "val_class_accuracy": val_classes}
+        return cls(settings.eps, settings.max_clean_drop, baseline,
+                   {"epoch": 0, "eps": 0.0, **baseline, "model": _copy_state(module)})
+
+    def allows(self, val_clean: float) -> bool:
+        """Whether a validation clean accuracy is within the budget."""
+        if self.max_clean_drop is None or math.isnan(val_clean):
+            return True
+        return val_clean >= self.baseline["val_clean_accuracy"] - self.max_clean_drop - 1e-9
+
+    def _rank(self, row: dict[str, Any]) -> tuple:
+        if math.isnan(row["val_clean_accuracy"]):  # no validation samples: the latest state
+            return (row["epoch"],)
+        return (min(row["eps"], self.target_eps), row["val_certified_accuracy"], row["val_clean_accuracy"])
+
+    def offer(self, module: nn.Module, row: dict[str, Any], val_classes: list[float | None]) -> bool:
+        """Keep ``module``'s state if it is within the budget and ranks at least as high as the best so far."""
+        if not self.allows(row["val_clean_accuracy"]) or self._rank(row) < self._rank(self.best):
+            return False
+        self.best = {key: row[key] for key in ("epoch", "eps", "val_clean_accuracy", "val_certified_accuracy")}
+        self.best.update(val_class_accuracy=val_classes, model=_copy_state(module))
+        return True
+
+    @property
+    def within_budget(self) -> bool:
+        """Whether the chosen state reached the target radius (within the budget)."""
+        return self.best["eps"] >= self.target_eps
+
+    def to_state(self) -> dict[str, Any]:
+        return {"target_eps": self.target_eps, "max_clean_drop": self.max_clean_drop, "baseline": self.baseline,
+                "best": self.best}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Selection":
+        return cls(state["target_eps"], state["max_clean_drop"], state["baseline"], state["best"])
+
+    def record(self) -> dict[str, Any]:
+        """The chosen state's numbers and why it was chosen (plain JSON; weights left out)."""
+        best, base, budget = self.best, self.baseline["val_clean_accuracy"], self.max_clean_drop
+        within = "" if budget is None else f" within {budget:g} of the input model's {base:.4f}"
+        if math.isnan(best["val_clean_accuracy"]):
+            reason = "no validation samples (--val-fraction 0): the last epoch"
+        elif self.within_budget:
+            reason = (f"the best validation certified accuracy at the target eps {self.target_eps:g} (then clean "
+                      "accuracy) among the epochs" + (f" with validation clean accuracy{within}" if within else
+                                                      " (no clean-accuracy budget)"))
+        elif best["epoch"] > 0:
+            reason = (f"no epoch reached the target eps {self.target_eps:g} with validation clean accuracy"
+                      f"{within}; the largest eps reached within it")
+        else:
+            reason = f"no epoch kept validation clean accuracy{within}: the input model's weights"
+        return {"epoch": int(best["epoch"]), "eps": float(best["eps"]), "target_eps": self.target_eps,
+                "val_clean_accuracy": _number(best["val_clean_accuracy"]),
+                "val_certified_accuracy": _number(best["val_certified_accuracy"]),
+                "within_budget": self.within_budget, "max_clean_drop": budget, "reason": reason,
+                "input_val_clean_accuracy": _number(base),
+                "input_val_certified_accuracy": _number(self.baseline["val_certified_accuracy"]),
+                "val_class_accuracy_before": list(self.baseline["val_class_accuracy"]),
+                "val_class_accuracy_after": list(best["val_class_accuracy"])}
+
+
+def _copy_state(module: nn.Module) -> dict[str, Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _number(value: float) -> float | None:
+    """``value``, or None for NaN (no validation samples): JSON has no NaN."""
+    return None if math.isnan(value) else float(value)
+
+
 #: Order of the statistics ``RobustObjective`` returns (summed over a shard, then over ranks).
 STAT_FIELDS = ("ce_sum", "robust_sum", "correct", "certified", "seen")
 
@@ -212,8 +338,10 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
           checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
           progress=None, log: Callable[[str], None] = lambda _msg: None,
           dist: Dist = Dist(), checkpoint_every: float = CHECKPOINT_EVERY,
-          phases: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> list[dict[str, float]]:
-    """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``).
+          phases: dict[str, Any] | None = None,
+          state: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], Selection]:
+    """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``)
+    and the ``Selection``, whose chosen state ``module`` holds on return.
 
     ``net``: the compiled form of ``module`` for ``method`` (it reads the live parameters);
     ``perturbation``: at the target radius (``settings.eps``); all tensors in ``data`` on the
@@ -229,18 +357,27 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     history: list[dict[str, float]] = []
     start_epoch, start_step, partial = 0, 0, None
+    num_classes = data.num_classes or int(torch.cat([data.labels, data.val_labels]).max()) + 1
     if resume and checkpoint is not None:
         if state is None:
             state = dist.broadcast(read_checkpoint(checkpoint, settings, fingerprint) if dist.is_main else None)
         start_epoch, history = restore_checkpoint(state, module, optimizer)
         start_step, partial = int(state.get("step", 0)), state.get("partial")
+        selection = Selection.from_state(state["selection"])
         log(f"resuming from {checkpoint} after epoch {start_epoch}"
             + (f" and {start_step} step(s) of epoch {start_epoch + 1}" if start_step else ""))
+
+    else:  # the input model's validation numbers: the budget's reference, measured once
+        val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
+                                       settings.batch_size, dist)
+        selection = Selection.start(module, settings, val_clean, val_cert, class_accuracy(
+            module, data.val_images, data.val_labels, num_classes, settings.batch_size, dist))
+        log(f"input model on the validation split: clean {val_clean:.3f} certified {val_cert:.3f}")
 
     def save(epoch: int, step: int = 0, partial: dict | None = None) -> None:
         if dist.is_main and checkpoint is not None:
             save_checkpoint(checkpoint, module, optimizer, epoch, history, settings, fingerprint,
-                            step=step, partial=partial, phases=phases)
+                            step=step, partial=partial, phases=phases, selection=selection.to_state())
 
     if not resume:
         save(0)  # the finished phases are kept even if the first epoch is interrupted
@@ -300,13 +437,16 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
             "val_clean_accuracy": val_clean, "val_certified_accuracy": val_cert,
             "seconds": time.perf_counter() - began,
         })
+        selection.offer(module, history[-1], class_accuracy(module, data.val_images, data.val_labels,
+                                                            num_classes, settings.batch_size, dist))
         if task is not None:
             progress.remove_task(task)
         save(epoch + 1)
         last_saved = time.monotonic()
         release_free_memory()  # the heap's fragmentation stays within one epoch (bounds/alloc.py)
         log(_epoch_line(history[-1], settings.epochs))
-    return history
+    module.load_state_dict(selection.best["model"])
+    return history, selection
 
 
 def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
@@ -354,10 +494,10 @@ def train_standard(module: nn.Module, images: Tensor, labels: Tensor, *, epochs:
 def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                     history: list[dict[str, float]], settings: TrainSettings, fingerprint: str, *,
                     step: int = 0, partial: dict[str, Any] | None = None,
-                    phases: dict[str, Any] | None = None) -> None:
+                    phases: dict[str, Any] | None = None, selection: dict[str, Any] | None = None) -> None:
     """Write the state after ``epoch`` completed epochs and ``step`` steps of the next one
     atomically (temporary file, then rename). ``partial``: the running sums and seconds of that
-    unfinished epoch; ``phases``: finished phases' results.
+    unfinished epoch; ``phases``: finished phases' results; ``selection``: ``Selection.to_state()``.
 
     Plain tensors, numbers, strings, lists and dicts only: ``torch.load(path, weights_only=True)`` reads it.
     """
@@ -367,6 +507,7 @@ def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         "step": step,
         "partial": partial,
         "phases": phases or {},
+        "selection": selection,
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "history": history,

@@ -70,7 +70,18 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, cap
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    _assert_same_selection(a, b)
     assert json.loads(full.out)["sections"]["after"] == json.loads(resumed.out)["sections"]["after"]
+    assert json.loads(full.out)["selection"] == json.loads(resumed.out)["selection"]
+
+
+def _assert_same_selection(a: dict, b: dict) -> None:
+    """Two checkpoints carry the same selection: numbers, and the chosen state's weights bit for bit."""
+    best_a, best_b = a["selection"]["best"], b["selection"]["best"]
+    assert {k: v for k, v in best_a.items() if k != "model"} == {k: v for k, v in best_b.items() if k != "model"}
+    assert a["selection"]["baseline"] == b["selection"]["baseline"]
+    for key in best_a["model"]:
+        assert torch.equal(best_a["model"][key], best_b["model"][key]), key
 
 
 class _KillWithinEpoch2:
@@ -121,6 +132,7 @@ def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys)
     b = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    _assert_same_selection(a, b)
     assert json.loads(full.out)["sections"] == json.loads(resumed.out)["sections"]
     for row_a, row_b in zip(a["history"], b["history"]):  # the interrupted epoch's sums were carried over
         assert {k: v for k, v in row_a.items() if k != "seconds"} == {k: v for k, v in row_b.items()

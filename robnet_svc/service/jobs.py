@@ -39,6 +39,7 @@ SERVER_SIDE = {
     "config": "send the settings themselves (robnet-svc submit reads --config on the client)",
     "as_json": "the API answers JSON",
     "fail_under": "the gate is applied by the client (robnet-svc submit --fail-under)",
+    "strict": "a job's summary.json says it: selection.within_budget (robnet-svc harden --strict is local)",
 }
 
 
