@@ -10,6 +10,8 @@ settings give the same bytes in any folder.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import warnings
 from pathlib import Path
@@ -60,6 +62,25 @@ class _Permute(nn.Module):
         return x.permute(*self.dims)
 
 
+@contextlib.contextmanager
+def _opset_visible_to_onnx2torch(opset: int):
+    """onnx2torch's modules (Squeeze, Shape, Gather, Reduce) ask ``onnx2torch.utils.common.
+    get_onnx_version()`` for the opset while being exported; it reads
+    ``torch.onnx.symbolic_helper.GLOBALS`` or, failing that, ``_export_onnx_opset_version``.
+    Depending on which of torch's exporter modules were imported before (torch >= 2.9 moved
+    them), neither may be there; then give it the opset of this export for its duration."""
+    import torch.onnx.symbolic_helper as symbolic_helper
+
+    if hasattr(symbolic_helper, "GLOBALS") or hasattr(symbolic_helper, "_export_onnx_opset_version"):
+        yield
+        return
+    symbolic_helper._export_onnx_opset_version = opset
+    try:
+        yield
+    finally:
+        del symbolic_helper._export_onnx_opset_version
+
+
 def export_model(module: nn.Module, source: ImportedModel, out_path: str | Path, metadata: dict[str, str]) -> None:
     """Write ``module`` (image ``[N, *source.image_shape]`` -> logits ``[N, K]``) as ONNX.
 
@@ -81,12 +102,13 @@ def export_model(module: nn.Module, source: ImportedModel, out_path: str | Path,
                 # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
                 # export onnx2torch's Reshape modules; its warnings are expected here.
                 warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=[_EXPORT_INPUT], output_names=[_EXPORT_OUTPUT],
-                    dynamic_axes={_EXPORT_INPUT: {0: "batch"}, _EXPORT_OUTPUT: {0: "batch"}},
-                    do_constant_folding=True,
-                )
+                with _opset_visible_to_onnx2torch(opset):
+                    torch.onnx.export(
+                        wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
+                        input_names=[_EXPORT_INPUT], output_names=[_EXPORT_OUTPUT],
+                        dynamic_axes={_EXPORT_INPUT: {0: "batch"}, _EXPORT_OUTPUT: {0: "batch"}},
+                        do_constant_folding=True,
+                    )
             exported = onnx.load(str(tmp))
             # TorchScript refuses names such as '12' (common in old exports): rename afterwards.
             _rename_value(exported.graph, _EXPORT_INPUT, source.input_name)
