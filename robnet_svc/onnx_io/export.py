@@ -11,7 +11,6 @@ settings give the same bytes in any folder.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import warnings
 from pathlib import Path
