@@ -55,6 +55,24 @@ def test_certified_means_the_deployed_float32_model_keeps_its_prediction(tmp_pat
     assert certs.certified.tolist() == [False] and certs.attack_success.tolist() == [True]
 
 
+def _float32_vs_float64(net: nn.Module, pert, images: torch.Tensor, samples: int = 64):
+    """At ``samples`` sampled points of the set of each image: the float32 logits, the float64
+    ones ``[B, samples, K]``, the float64 compiled network, its set and the per-logit error
+    bounds ``[B, 1, K]`` of robnet_svc.rounding."""
+    aset = pert.affine_set(images)
+    coeffs = aset.sample(samples, generator=torch.Generator().manual_seed(0))
+    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, *images.shape[1:])
+    net64 = compile_network(copy.deepcopy(net).double())
+    aset64 = pert.affine_set(images.double())
+    b = images.shape[0]
+    with torch.no_grad():
+        low = net(pixels).reshape(b, samples, -1).double()
+        exact = net64(pixels.double()).reshape(b, samples, -1)
+        frame = net64.frame(aset64)
+        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(b, 1, -1)
+    return low, exact, net64, aset64, errors
+
+
 @pytest.mark.parametrize("perturbation, eps", [("bias-field", 0.4), ("linf", 0.05)])
 def test_allowance_covers_float32_evaluations(perturbation, eps):
     """At sampled points of the set, float32 logits differ from float64 ones by at most the
@@ -70,16 +88,8 @@ def test_allowance_covers_float32_evaluations(perturbation, eps):
     images = torch.rand(5, 2, 4, 4)
     kwargs = {"order": 1} if perturbation == "bias-field" else {}
     pert = load_registry().perturbation(perturbation)(eps, **kwargs)
-    aset = pert.affine_set(images)
-    coeffs = aset.sample(64, generator=torch.Generator().manual_seed(0))
-    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, 2, 4, 4)
-    net64 = compile_network(copy.deepcopy(net).double())
-    aset64 = pert.affine_set(images.double())
+    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, images)
     with torch.no_grad():
-        low = net(pixels).reshape(5, 64, 4).double()
-        exact = net64(pixels.double()).reshape(5, 64, 4)
-        frame = net64.frame(aset64)
-        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(5, 1, 4)
         allowance = margin_allowance(net64, aset64, torch.zeros(5, dtype=torch.long), torch.float32)
     observed = (low - exact).abs()
     assert observed.max() > 0  # rounding did happen
@@ -181,18 +191,10 @@ def test_allowance_covers_float32_evaluations_through_activations(act):
             p.mul_(8)
     images = torch.rand(5, 2, 4, 4)
     pert = load_registry().perturbation("bias-field")(0.2, order=1)
-    aset = pert.affine_set(images)
-    coeffs = aset.sample(64, generator=torch.Generator().manual_seed(0))
-    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, 2, 4, 4)
-    net64 = compile_network(copy.deepcopy(net).double())
-    assert all(getattr(net64.frame(pert.affine_set(images.double())).rule(i), "lipschitz", 1.0) is not None
-               for i in range(1, 8) if net64.frame(pert.affine_set(images.double())).is_activation(i))
-    aset64 = pert.affine_set(images.double())
-    with torch.no_grad():
-        low = net(pixels).reshape(5, 64, 4).double()
-        exact = net64(pixels.double()).reshape(5, 64, 4)
-        frame = net64.frame(aset64)
-        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(5, 1, 4)
+    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, images)
+    frame = net64.frame(aset64)
+    assert all(getattr(frame.rule(i), "lipschitz", 1.0) is not None
+               for i in range(1, len(frame.nodes)) if frame.is_activation(i))
     observed = (low - exact).abs()
     assert observed.max() > 0
     assert (observed <= errors).all()
@@ -217,17 +219,9 @@ def test_allowance_covers_float32_evaluations_through_maxpool_and_products():
             p.mul_(20)
     images = torch.rand(5, 2, 5, 5)
     pert = load_registry().perturbation("bias-field")(0.3, order=1)
-    aset = pert.affine_set(images)
-    coeffs = aset.sample(64, generator=torch.Generator().manual_seed(0))
-    pixels = aset.clipped(aset.images(coeffs)).reshape(-1, 2, 5, 5)
-    net64 = compile_network(copy.deepcopy(net).double())
-    aset64 = pert.affine_set(images.double())
-    with torch.no_grad():
-        low = net(pixels).reshape(5, 64, 4).double()
-        exact = net64(pixels.double()).reshape(5, 64, 4)
-        frame = net64.frame(aset64)
-        assert any(frame.is_relaxed(i) for i in range(1, len(frame.nodes)))
-        errors = logit_errors(frame, forward_pass(frame, aset64), 2.0 ** -24 + 2.0 ** -53).reshape(5, 1, 4)
+    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, images)
+    frame = net64.frame(aset64)
+    assert any(frame.is_relaxed(i) for i in range(1, len(frame.nodes)))
     observed = (low - exact).abs()
     assert observed.max() > 0
     assert (observed <= errors).all()
