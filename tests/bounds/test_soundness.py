@@ -163,6 +163,14 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
     """The same property through the real import path: torch -> ONNX -> onnx2torch -> normalize_graph,
     so the engine sees onnx2torch's modules (OnnxBinaryMathOperation Sub/Div/Mul/Add by constants,
     OnnxPadStatic/OnnxPadDynamic, BatchNormalization kept unfolded, two-tensor Add)."""
+    _check_through_onnx(recipe, opset=opset, seed=opset, do_constant_folding=False,
+                        input_names=["x"], output_names=["y"])
+
+
+def _check_through_onnx(recipe: Recipe, opset: int, seed: int, **export_options) -> None:
+    """Export ``build(recipe)`` to ONNX at ``opset``, import it (onnx2torch + normalize_graph),
+    check it computes the same, then bound it under a bias field and linf: sound by sampling
+    the original module, and ordered."""
     onnx = pytest.importorskip("onnx")
     onnx2torch = pytest.importorskip("onnx2torch")
 
@@ -171,10 +179,9 @@ def test_onnx_imported_networks_sound_and_ordered(recipe, opset):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset,
-                          do_constant_folding=False, input_names=["x"], output_names=["y"])
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset, **export_options)
     imported = normalize_graph(onnx2torch.convert(onnx.load_from_string(buffer.getvalue())), example).eval()
-    gen = torch.Generator().manual_seed(opset)
+    gen = torch.Generator().manual_seed(seed)
     images = torch.rand(2, recipe.channels, *recipe.size, generator=gen)
     labels = torch.tensor([0, recipe.classes - 1])
     torch.testing.assert_close(imported(images), module(images), rtol=1e-5, atol=1e-5)
@@ -246,24 +253,5 @@ OP_IMPORTED = [Recipe("maxpool", 2, (7, 6), 3, 4, True, "subdiv", False, False, 
 def test_onnx_imported_networks_with_the_new_ops_sound_and_ordered(recipe):
     """Issue 12's ops as onnx2torch imports them at opset 17: MaxPool (1d, 2d), Mul of two
     perturbed tensors, ReduceMean/ReduceSum, Split (+ getitem), Concat, Slice, Gather, Resize."""
-    onnx = pytest.importorskip("onnx")
-    onnx2torch = pytest.importorskip("onnx2torch")
-
-    module = build(recipe)
-    example = torch.rand(1, recipe.channels, *recipe.size)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    imported = normalize_graph(onnx2torch.convert(onnx.load_from_string(buffer.getvalue())), example).eval()
-    gen = torch.Generator().manual_seed(recipe.seed)
-    images = torch.rand(2, recipe.channels, *recipe.size, generator=gen)
-    labels = torch.tensor([0, recipe.classes - 1])
-    torch.testing.assert_close(imported(images), module(images), rtol=1e-5, atol=1e-5)
-    for pert_id in ("bias-both-o1", "linf"):
-        aset = make_set(pert_id, images, 0.1, clip=True)
-        bounds = _bounds(imported, aset, labels, _methods(pert_id), recipe.classes)
-        context = f"onnx opset 17, {pert_id}, {recipe}"
-        check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
-        check_order(bounds, context)
+    _check_through_onnx(recipe, opset=17, seed=recipe.seed,
+                        input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
