@@ -165,12 +165,13 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
     result = InstanceResult(str(onnx_path), str(vnnlib_path), prop.label, prop.targets, float(found[0]))
     deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), aset.lower.dtype)
     aset64 = _to(aset, device, BOUND_DTYPE)
+    with torch.no_grad(), full_precision():  # the same for every method: computed once
+        net64 = _bound_copy(net)
+        allowance = margin_allowance(net64, aset64, labels, deployed)[0, columns].cpu().numpy()
     for method in bound_methods:
         start = time.perf_counter()
         with torch.no_grad(), full_precision():
-            net64 = _bound_copy(net)
             lower = method.margin_lower(net64, aset64, labels)[0, columns].cpu().numpy()
-            allowance = margin_allowance(net64, aset64, labels, deployed)[0, columns].cpu().numpy()
         verified = bool((lower > allowance).all())
         falsified = result.attack_margin <= 0
         if verified and falsified:
