@@ -44,11 +44,17 @@ class _KillAfterFirstEpoch:
             raise KeyboardInterrupt
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
+def _uninterrupted_run(tmp_path, capsys):
+    """A digits model and a two-epoch harden of it run to the end: (model, harden args, result)."""
     model = digits_model(tmp_path / "m.onnx")
     args = (*FAST, "--epochs", "2", "--max-train", "96", "--batch-size", "32", "--eps", "0.1")
     full = invoke(capsys, "harden", model, *args, "--out", tmp_path / "full", "--json")
     assert full.code == 0, full.err
+    return model, args, full
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, capsys):
+    model, args, full = _uninterrupted_run(tmp_path, capsys)
 
     killed = tmp_path / "killed"
     options = Options(model=str(model), dataset="digits", eps=0.1, order=1, max_test=40, attack_steps=3,
@@ -109,10 +115,7 @@ class _KillWithinEpoch2:
 
 
 def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
-    args = (*FAST, "--epochs", "2", "--max-train", "96", "--batch-size", "32", "--eps", "0.1")
-    full = invoke(capsys, "harden", model, *args, "--out", tmp_path / "full", "--json")
-    assert full.code == 0, full.err
+    model, args, full = _uninterrupted_run(tmp_path, capsys)
 
     killed = tmp_path / "killed"
     options = Options(model=str(model), dataset="digits", eps=0.1, order=1, max_test=40, attack_steps=3,
