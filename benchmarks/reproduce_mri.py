@@ -96,6 +96,8 @@ def harden_command(args: argparse.Namespace, model: Path, method: str, eps: floa
                "--cert-method", "rsip-ssip", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                "--cert-batch-size", str(args.cert_batch_size), "--radius", "--radius-max", f"{2 * eps:g}",
                "--radius-precision", f"{eps / 20:g}", "--device", args.device, "--seed", str(args.seed),
+               # The paper trains without a clean-accuracy budget: keep the best validation epoch at ε.
+               "--max-clean-drop", "none",
                "--out", str(out)]
     if args.max_train:
         command += ["--max-train", str(args.max_train)]
