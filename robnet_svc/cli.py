@@ -265,6 +265,7 @@ def export_vnnlib_cmd(certificate: str, model: str, out: str, dataset: str | Non
     """Export each certified sample as a VNN-COMP instance (ONNX on the coefficients + VNN-LIB), checked."""
     from robnet_svc.vnnlib_export import export_vnnlib
 
+    _tune_allocator()
     with Ui() as ui:
         summary = export_vnnlib(certificate, model, out, dataset=dataset, data_dir=data_dir, samples=samples,
                                 timeout=timeout, force=force, device=device, log=ui.log)
@@ -309,6 +310,7 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
         names = sorted((row["name"] for row in load_registry().listing()["bound_methods"]),
                        key=lambda n: (order.index(n) if n in order else len(order), n))
     settings = AttackSettings(steps=attack_steps, restarts=attack_restarts, seed=seed)
+    _tune_allocator()
     with Ui() as ui:
         results = [verify_instance(net, prop, names, attack=settings, device=device, log=ui.log)
                    for net, prop in pairs]
@@ -402,6 +404,7 @@ def demo_cmd(out: str, fast: bool, force: bool, device: str, threads: int | None
     from robnet_svc.demo import run_demo
 
     thread_pools.configure(threads)
+    _tune_allocator()
     with Ui() as ui:
         report = run_demo(out, fast=fast, force=force, device=device, ui=ui)
     _print_summary(report, as_json)
@@ -493,6 +496,14 @@ class Ui:
             click.echo(f"robnet-svc: warning: {message}", err=True)
 
 
+def _tune_allocator() -> None:
+    """The opt-in to the allocator tuning of the bound passes (robnet_svc/bounds/alloc.py), made by
+    every command that computes bounds: its process is robnet-svc's own, the library never tunes."""
+    from robnet_svc.bounds.alloc import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def _run(ctx: click.Context, story, params: dict):
     """Build pipeline options from the resolved parameters and run ``story`` with progress on stderr
     (in this process's place of a torchrun job, if any); return (report, whether this is rank 0)."""
@@ -509,6 +520,7 @@ def _run(ctx: click.Context, story, params: dict):
     args = sys.argv[1:] if ctx.obj.get("argv") is None else ctx.obj["argv"]
     command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *args])
     dist = distributed.from_env()
+    _tune_allocator()
     try:
         with Ui(quiet=not dist.is_main) as ui:
             report = story(options, effective_config(ctx), command_line, ui, dist=dist)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from robnet_svc import __version__, threads
+from robnet_svc.bounder import Bounder
 from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.certify import (BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, RadiusSettings,
                                 certify_model)
@@ -57,11 +58,9 @@ class Plan:
     """Everything checked and loaded before any work starts."""
 
     options: Options
-    imported: Any                 # onnx_io.ImportedModel
-    perturbation: Any             # Perturbation at the target radius
-    cert_method: Any
-    train_method: Any | None
-    rules: dict
+    imported: Any                 # onnx_io.ImportedModel (its module on ``device``)
+    certifier: Bounder            # the input model, --cert-method, the perturbation at the target radius
+    trainer: Bounder | None       # the same network with --method (ordered=False); None: certify only
     splits: Any                   # datasets.Splits
     test_index: np.ndarray        # positions in the dataset's test split that are certified
     device: torch.device
@@ -69,6 +68,11 @@ class Plan:
     data: TrainData | None = None
     dist: Dist = field(default_factory=Dist)
     resume_state: dict | None = None  # the checkpoint --resume continues from (rank 0; read in prepare)
+
+    @property
+    def perturbation(self):
+        """The perturbation at the target radius."""
+        return self.certifier.perturbation
 
 
 # --------------------------------------------------------------------------- the two stories
@@ -96,22 +100,21 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
             checkpoint.unlink()  # --force: a stale checkpoint must not be resumed by accident later
 
     state = plan.dist.broadcast(plan.resume_state) if options.resume else None
-    module = plan.imported.module.to(plan.device)
     before_key = _before_key(plan)
     before = _certificates_from_state(state, "before", before_key)
     if before is None:
         ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
-        before = _certify(plan, module, ui, "before")
+        before = _certify(plan, plan.certifier, ui, "before")
     else:
         ui.log(f"before: kept from {checkpoint} (certified {100 * before.summary()['certified_accuracy']:.1f}%)")
 
     ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
            + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
-    net = _compile(module, plan.rules)
-    history, selection = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
-                    checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
-                    progress=ui.progress, log=ui.log, dist=plan.dist, checkpoint_every=options.checkpoint_every,
-                    phases={"before": _certificates_to_state(before, before_key)}, state=state)
+    history, selection = train(plan.trainer, plan.data, _train_settings(options),
+                               checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
+                               progress=ui.progress, log=ui.log, dist=plan.dist,
+                               checkpoint_every=options.checkpoint_every,
+                               phases={"before": _certificates_to_state(before, before_key)}, state=state)
     selected = selection_summary(selection.record(), plan.splits.class_names)
     ui.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
            f"{_percent(selected['val_clean_accuracy'])}, certified {_percent(selected['val_certified_accuracy'])}): "
@@ -124,12 +127,12 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
     model_path = plan.out / MODEL_FILE
     partial_path = plan.out / PARTIAL_MODEL_FILE  # the final name only once the certificate is written
     try:
-        robust = _export(plan, module, partial_path, {
+        robust = _export(plan, plan.trainer.module, partial_path, {
             "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
             "robnet_svc.train_method": options.method})  # no config: it holds paths (it is in the certificate)
         robust.path = model_path  # what the certificate names: where the file ends up
         ui.log(f"certifying the hardened model ({options.cert_method})")
-        after = _certify(plan, robust.module.to(plan.device), ui, "after")
+        after = _certify(plan, plan.certifier.for_module(robust.module.to(plan.device)), ui, "after")
 
         report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
                          config, command_line, history, selected)
@@ -172,7 +175,7 @@ def certify(options: Options, config: dict[str, Any], command_line: str, ui, dis
 def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
     options = plan.options
     ui.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
-    certs = _certify(plan, plan.imported.module.to(plan.device), ui, "model")
+    certs = _certify(plan, plan.certifier, ui, "model")
     report = _report(plan, "certify", {"model": (certs, plan.imported)}, config, command_line, [])
     if plan.out is not None and plan.dist.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
@@ -203,11 +206,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     registry = load_registry()
     perturbation = _perturbation(registry, options)
     cert_method = registry.bound_method(options.cert_method)()
-    train_method = registry.bound_method(options.method)() if training else None
-    if train_method is not None:
-        # Training needs sound bounds, not the cross-method ordering guarantees that cost
-        # extra passes (robnet_svc/bounds/methods.py); certification keeps them.
-        train_method.ordered = False
+    # Training needs sound bounds, not the cross-method ordering guarantees that cost extra
+    # passes (robnet_svc/bounds/methods.py); certification keeps them.
+    train_method = registry.bound_method(options.method)(ordered=False) if training else None
     dataset_cls = registry.dataset(options.dataset)
     if dataset_cls.needs_data_dir and not options.data_dir:
         raise RobnetError(f"dataset {options.dataset!r} needs --data-dir")
@@ -222,16 +223,17 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
         raise RobnetError(f"model {options.model} has no weights robnet-svc can fine-tune (it trains the "
                           "weights of Gemm, Conv and BatchNormalization nodes; this model has none): nothing "
                           "to harden; `robnet-svc certify` still certifies it")
-    probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
-        if method is None:
-            continue
-        if getattr(method, "needs_dense", False) and not perturbation.affine_set(probe).supports_dense:
-            raise RobnetError(f"{flag} {method.name!r} needs a small number of perturbation coefficients; "
-                              f"perturbation {options.perturbation!r} has "
-                              f"{perturbation.num_coeffs(imported.image_shape)}: use ibp, rsip-ibp or rsip")
-    rules = registry.rules()
-    _compile(imported.module, rules)  # unsupported operations are reported now, not after training
+        reason = method.check(perturbation, imported.image_shape) if method is not None else None
+        if reason is not None:
+            raise RobnetError(f"{flag} {method.name!r} {reason}: "
+                              f"use {_fitting_methods(registry, perturbation, imported.image_shape)}")
+    # The network is compiled now (unsupported operations are reported before any work), on the
+    # device it is bounded on (a compiled copy would keep buffers moved later where they were);
+    # the service's check leaves the model where it is.
+    module = imported.module if check_only else imported.module.to(device)
+    certifier = Bounder(module, cert_method, perturbation, imported.image_shape, rules=registry.rules())
+    trainer = Bounder(certifier.net, train_method, perturbation, imported.image_shape) if training else None
     radius = radius_settings(options)
     if radius is not None:
         from robnet_svc.certify import check_radius_support
@@ -244,8 +246,7 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     splits = dataset.load(imported.image_shape, progress=dist.is_main)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)
-    plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out,
-                dist=dist)
+    plan = Plan(options, imported, certifier, trainer, splits, test_index, device, out, dist=dist)
     if training:
         plan.data = _train_data(splits, options, device)
         if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
@@ -356,6 +357,13 @@ def _check_out(options: Options, training: bool) -> Path | None:
     return out
 
 
+def _fitting_methods(registry, perturbation, image_shape) -> str:
+    """The registered bound methods whose contract check accepts ``perturbation`` ("a, b or c")."""
+    names = [name for name, entry in registry.bound_methods.items()
+             if entry.obj().check(perturbation, image_shape) is None]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names) or "none"
+
+
 def _perturbation(registry, options: Options):
     cls = registry.perturbation(options.perturbation)
     given = {"order": options.order, "mode": options.mode, "coef_scale": options.coef_scale}
@@ -371,12 +379,6 @@ def _device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise RobnetError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
-
-
-def _compile(module, rules):
-    from robnet_svc.bounds import compile_network
-
-    return compile_network(module, rules=rules)
 
 
 def _check_data(splits, imported, options: Options) -> None:
@@ -432,8 +434,8 @@ def _fingerprint(plan: Plan) -> str:
 # --------------------------------------------------------------------------- certification and outputs
 
 
-def _certify(plan: Plan, module, ui, label: str) -> Certificates:
-    """Certificates of ``module`` on the test samples ``plan.test_index``, in that order.
+def _certify(plan: Plan, bounder: Bounder, ui, label: str) -> Certificates:
+    """Certificates of ``bounder``'s model on the test samples ``plan.test_index``, in that order.
 
     Distributed: each rank certifies a contiguous share and the shares are gathered in rank
     order; attacks are seeded per sample (its position in the test split), not per rank."""
@@ -445,7 +447,6 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
                                                                                plan.splits.test_labels))
     else:
         images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
-    net = _compile(module, plan.rules)
     task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
     done = {"samples": 0, "certified": 0}
 
@@ -455,7 +456,7 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
         ui.progress.update(task, advance=n, stats=f"cert {done['certified'] / done['samples']:.3f}")
 
     certs = certify_model(
-        module, net, plan.cert_method, plan.perturbation, images, labels,
+        bounder, images, labels,
         batch_size=o.cert_batch_size, device=plan.device, sample_ids=index, radius=radius_settings(o),
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
         on_batch=on_batch if task is not None else None,

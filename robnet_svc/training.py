@@ -151,13 +151,14 @@ def certified_mask(margin_lower: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor,
-             batch_size: int, dist: Dist = Dist()) -> tuple[float, float]:
-    """Clean and certified accuracy (eval mode, the perturbation's own radius); (nan, nan) when empty.
+def evaluate(bounder, images: Tensor, labels: Tensor, batch_size: int, dist: Dist = Dist()) -> tuple[float, float]:
+    """Clean and certified accuracy of ``bounder.module`` (eval mode; certified: every margin lower
+    bound of ``bounder`` > 0 at the perturbation's own radius); (nan, nan) when empty.
 
     Distributed: each rank evaluates its contiguous share, the counts are summed over ranks."""
     if images.shape[0] == 0:
         return math.nan, math.nan
+    module = bounder.module
     mine = dist.shard(images.shape[0])
     counts = torch.zeros(2, dtype=torch.float64, device=images.device)  # correct, certified
     with eval_mode(module):
@@ -167,7 +168,7 @@ def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, label
             ok = module(x).argmax(-1) == y
             counts[0] += ok.sum()
             if ok.any():
-                margin = method.margin_lower(net, perturbation.affine_set(x[ok]), y[ok])
+                margin = bounder.margin_lower(x[ok], y[ok])
                 counts[1] += certified_mask(margin).sum()
     correct, certified = dist.sum(counts).tolist()
     return correct / images.shape[0], certified / images.shape[0]
@@ -301,19 +302,18 @@ class RobustObjective(nn.Module):
     With ``world_size = 1`` and the whole batch this is Eq. 7 (a batch mean); with DDP's
     gradient average over ranks it is the gradient of Eq. 7 on the global batch of
     ``global_size`` samples. ``stats``: sums of this shard in ``STAT_FIELDS`` order.
-    ``net``, ``method``, ``perturbation`` are held outside the module tree (``net`` reads
-    ``module``'s live parameters; DDP must not see them twice).
+    ``bounder`` (a ``robnet_svc.bounder.Bounder``, not a module) is held outside the module tree:
+    its compiled network reads ``bounder.module``'s live parameters, which DDP must not see twice.
     """
 
-    def __init__(self, module: nn.Module, net, method, perturbation, alpha: float, world_size: int = 1):
+    def __init__(self, bounder, alpha: float, world_size: int = 1):
         super().__init__()
-        self.module = module
-        self.bounds = (net, method, perturbation)  # a tuple: not registered as submodules
+        self.module = bounder.module
+        self.bounder = bounder
         self.alpha = alpha
         self.world_size = world_size
 
     def forward(self, x: Tensor, y: Tensor, eps: float, global_size: int) -> tuple[Tensor, Tensor]:
-        net, method, perturbation = self.bounds
         zero = torch.zeros((), device=x.device)
         if x.shape[0] == 0:  # an empty shard (last global batch smaller than the world): zero gradients,
             # but every parameter still takes part, as DDP's reducer expects
@@ -325,7 +325,7 @@ class RobustObjective(nn.Module):
         robust_sum, certified = zero, zero
         if self.alpha > 0 and bool(correct.any()):
             with eval_mode(self.module):  # bounds use running statistics (what is exported and certified)
-                margin = method.margin_lower(net, perturbation.affine_set(x[correct], eps=eps), y[correct])
+                margin = self.bounder.margin_lower(x[correct], y[correct], eps=eps)
             robust_sum = robust_loss(margin).sum()
             certified = certified_mask(margin.detach()).sum()
         loss = (ce_sum + self.alpha * robust_sum) * (self.world_size / global_size)
@@ -334,17 +334,18 @@ class RobustObjective(nn.Module):
         return loss, stats
 
 
-def train(module: nn.Module, net, method, perturbation, data: TrainData, settings: TrainSettings, *,
+def train(bounder, data: TrainData, settings: TrainSettings, *,
           checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
           progress=None, log: Callable[[str], None] = lambda _msg: None,
           dist: Dist = Dist(), checkpoint_every: float = CHECKPOINT_EVERY,
           phases: dict[str, Any] | None = None,
           state: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], Selection]:
-    """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``)
-    and the ``Selection``, whose chosen state ``module`` holds on return.
+    """Fine-tune ``bounder.module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``)
+    and the ``Selection``, whose chosen state the module holds on return.
 
-    ``net``: the compiled form of ``module`` for ``method`` (it reads the live parameters);
-    ``perturbation``: at the target radius (``settings.eps``); all tensors in ``data`` on the
+    ``bounder``: a ``robnet_svc.bounder.Bounder`` of the module, the training method (built
+    with ``ordered=False``) and the perturbation at the target radius (``settings.eps``); its
+    compiled network reads the module's live parameters. All tensors in ``data`` on the
     training device (every rank holds the whole split). ``checkpoint``: file written at the
     start, after every epoch and every ``checkpoint_every`` seconds within one (rank 0 only);
     with ``resume`` the run continues from it (same settings and ``fingerprint`` required;
@@ -354,6 +355,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
     ``progress``: a rich ``Progress`` or None. ``dist``: this process's place in a
     distributed run (the default: one process, no process group).
     """
+    module = bounder.module
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     history: list[dict[str, float]] = []
     start_epoch, start_step, partial = 0, 0, None
@@ -368,8 +370,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
             + (f" and {start_step} step(s) of epoch {start_epoch + 1}" if start_step else ""))
 
     else:  # the input model's validation numbers: the budget's reference, measured once
-        val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
-                                       settings.batch_size, dist)
+        val_clean, val_cert = evaluate(bounder, data.val_images, data.val_labels, settings.batch_size, dist)
         selection = Selection.start(module, settings, val_clean, val_cert, class_accuracy(
             module, data.val_images, data.val_labels, num_classes, settings.batch_size, dist))
         log(f"input model on the validation split: clean {val_clean:.3f} certified {val_cert:.3f}")
@@ -383,8 +384,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
         save(0)  # the finished phases are kept even if the first epoch is interrupted
     last_saved = time.monotonic()
     device = data.images.device
-    objective = dist.wrap(RobustObjective(module, net, method, perturbation, settings.alpha, dist.world_size),
-                          device)
+    objective = dist.wrap(RobustObjective(bounder, settings.alpha, dist.world_size), device)
 
     steps_per_epoch = math.ceil(data.images.shape[0] / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -426,8 +426,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                 progress.update(task, advance=1, **running, stats=(
                     f"loss {running['loss']:.3f} acc {running['train_accuracy']:.2f} "
                     f"cert {running['certified_accuracy']:.2f} eps {eps:.2g}"))
-        val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
-                                       settings.batch_size, dist)
+        val_clean, val_cert = evaluate(bounder, data.val_images, data.val_labels, settings.batch_size, dist)
         n = max(len(batches), 1)
         history.append({
             "epoch": epoch + 1, "eps": eps, "lr": lr,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robnet_svc.certify import BOUND_DTYPE, AttackSettings, _bound_copy, attack_margin
+from robnet_svc.certify import BOUND_DTYPE, AttackSettings, attack_margin
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.perturbations.base import AffineSet, DenseAffineSet, IdentityAffineSet
 from robnet_svc.precision import full_precision
@@ -138,6 +138,7 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
                     log=None) -> InstanceResult:
     """Bound the property with each method in ``methods`` and attack it once (see module docstring);
     ``log(line)`` gets one line per method."""
+    from robnet_svc.bounder import network_copy
     from robnet_svc.bounds import compile_network
     from robnet_svc.plugins import load_registry
 
@@ -166,7 +167,7 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
     deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), aset.lower.dtype)
     aset64 = _to(aset, device, BOUND_DTYPE)
     with torch.no_grad(), full_precision():  # the same for every method: computed once
-        net64 = _bound_copy(net)
+        net64 = network_copy(net, BOUND_DTYPE)
         allowance = margin_allowance(net64, aset64, labels, deployed)[0, columns].cpu().numpy()
     for method in bound_methods:
         start = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_support import FAST, digits_model, invoke
+from robnet_svc.bounder import Bounder
 from robnet_svc.certify import (AttackSettings, RadiusSettings, certify_model, check_radius_support,
                                 check_radius_soundness)
 from robnet_svc.errors import RobnetError, SoundnessError
@@ -41,7 +42,8 @@ def engine(tmp_path_factory):
 def _certify(engine, method_name: str, eps: float, radius=None, attack=NO_ATTACK):
     registry, module, net, images, labels = engine
     pert = registry.perturbation("bias-field")(eps, order=1)
-    return certify_model(module, net, registry.bound_method(method_name)(), pert, images, labels, batch_size=16,
+    bounder = Bounder(net, registry.bound_method(method_name)(), pert, tuple(images.shape[1:]))
+    return certify_model(bounder, images, labels, batch_size=16,
                          attack=attack, device=torch.device("cpu"), radius=radius)
 
 
@@ -64,7 +66,8 @@ def test_radius_agrees_with_fixed_eps_certification(engine, method, eps):
     for r in np.unique(radius[inside]):
         rows = np.flatnonzero(inside & (radius == r))
         pert = registry.perturbation("bias-field")(float(r) + settings.precision, order=1)
-        above = certify_model(module, net, registry.bound_method(method)(), pert, images[rows], labels[rows],
+        bounder = Bounder(net, registry.bound_method(method)(), pert, tuple(images.shape[1:]))
+        above = certify_model(bounder, images[rows], labels[rows],
                               batch_size=16, attack=NO_ATTACK, device=torch.device("cpu"))
         assert not above.certified.any(), (method, r)
     # the attack's smallest successful radius lies above the certified radius

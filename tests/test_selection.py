@@ -55,8 +55,7 @@ def _run(tmp_path, epochs: int, wreck_epoch: int, max_clean_drop: float | None):
         if line.startswith("epoch "):
             seen[int(line.split()[1].split("/")[0])] = {k: v.clone() for k, v in module.state_dict().items()}
 
-    history, selection = train(module, pipeline._compile(module, plan.rules), plan.train_method,
-                               plan.perturbation, plan.data, pipeline._train_settings(options),
+    history, selection = train(plan.trainer, plan.data, pipeline._train_settings(options),
                                progress=_WreckLastStep(module, wreck_epoch), log=log)
     return module, history, selection, seen, start, plan
 

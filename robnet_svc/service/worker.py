@@ -199,8 +199,11 @@ def _exit_with_server() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from robnet_svc.bounds.alloc import keep_freed_memory
+
     state_dir, job_id, attempt, roots = Path(argv[0]), argv[1], int(argv[2]), json.loads(argv[3])
     _exit_with_server()
+    keep_freed_memory()  # the job's own process, like the command line's (bounds/alloc.py)
     store = JobStore(state_dir)
     job_dir = state_dir / "jobs" / job_id
     with (job_dir / "lock").open("a") as lock:
