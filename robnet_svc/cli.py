@@ -239,7 +239,7 @@ def report_show_cmd(file: str, as_json: bool) -> None:
 
     report = read_report(file)
     if as_json:
-        click.echo(json.dumps({"summary": report.summary(), "provenance": report.provenance,
+        click.echo(json.dumps({"summary": report.summary(), "provenance": report.provenance.as_dict(),
                                "per_class": report.per_class()}, indent=2, default=str))
         return
     from rich.console import Console
@@ -575,21 +575,18 @@ def _print_summary(report, as_json: bool) -> None:
         table.add_row(name, f"{100 * s['clean_accuracy']:.1f}%", f"{100 * s['certified_accuracy']:.1f}%",
                       f"{100 * s['empirical_robust_accuracy']:.1f}%", str(s["num_samples"]))
     console.print(table)
-    if report.provenance.get("output_model"):
-        click.echo(f"wrote {report.provenance['output_model']} (sha256 {report.provenance['output_model_sha256']})")
+    if report.provenance.output_model:
+        click.echo(f"wrote {report.provenance.output_model} (sha256 {report.provenance.output_model_sha256})")
 
 
-def _describe_perturbation(provenance: dict) -> str:
-    """``bias-field eps=0.3 (order=2, mode=mult)`` from the certificate's provenance."""
-    try:
-        spec = json.loads(provenance.get("perturbation_json") or "{}")
-    except ValueError:
-        return str(provenance.get("perturbation_json"))
+def _describe_perturbation(provenance) -> str:
+    """``bias-field eps=0.3 (order=2, mode=mult)`` from the certificate's ``Provenance``."""
+    spec = dict(provenance.perturbation)
     name, eps = spec.pop("name", "?"), spec.pop("eps", "?")
     spec.pop("clip", None)
     options = ", ".join(f"{k}={v}" for k, v in spec.items() if v is not None)
-    methods = ", ".join(f"{k.replace('_', ' ')} {provenance[k]}" for k in ("train_method", "cert_method")
-                        if provenance.get(k))
+    methods = ", ".join(f"{k.replace('_', ' ')} {getattr(provenance, k)}" for k in ("train_method", "cert_method")
+                        if getattr(provenance, k))
     return f"{name} eps={eps}" + (f" ({options})" if options else "") + (f"; {methods}" if methods else "")
 
 

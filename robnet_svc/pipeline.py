@@ -42,7 +42,7 @@ from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
 from robnet_svc.perturbations.base import check_field_range
-from robnet_svc.report import Report, write_json, write_report
+from robnet_svc.report import Provenance, Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
 MODEL_FILE = "model.robust.onnx"
@@ -499,36 +499,35 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
     probe = plan.perturbation.affine_set(plan.splits.test_images[:1])
     image_shape = tuple(plan.imported.image_shape)
     output = sections.get("after", (None, None))[1]
-    provenance = {
-        "tool": "robnet-svc",
-        "tool_version": __version__,
-        "torch_version": torch.__version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command_line": command_line,
-        "config_json": json.dumps(_resolved_config(plan, config), sort_keys=True),
-        "input_model": str(plan.imported.path),
-        "input_model_sha256": plan.imported.sha256,
-        "output_model": str(output.path) if output is not None else "",
-        "output_model_sha256": output.sha256 if output is not None else "",
-        "dataset": o.dataset,
-        "dataset_source": plan.splits.source,
-        "class_names_json": json.dumps(list(plan.splits.class_names)),
-        "image_shape": list(image_shape),
-        "perturbation_json": json.dumps(plan.perturbation.describe()),
-        "coeff_names_json": json.dumps(plan.perturbation.coeff_names(image_shape)),
-        "coeff_lower": probe.lower[0].double().numpy(),
-        "coeff_upper": probe.upper[0].double().numpy(),
-        "train_method": o.method if kind == "harden" else "",
-        "cert_method": o.cert_method,
-        "attack_json": json.dumps(asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed))),
-        "device": str(plan.device),
-        "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
-        "deployed_dtype": str(plan.imported.input_dtype),
-        "certified_rule": CERTIFIED_RULE,
-        "radius_json": json.dumps(asdict(radius_settings(o))) if o.radius else "",
-        "selection_json": json.dumps(selection) if selection is not None else "",
+    provenance = Provenance(
+        tool_version=__version__,
+        torch_version=torch.__version__,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command_line=command_line,
+        config=_resolved_config(plan, config),
+        input_model=str(plan.imported.path),
+        input_model_sha256=plan.imported.sha256,
+        output_model=str(output.path) if output is not None else None,
+        output_model_sha256=output.sha256 if output is not None else None,
+        dataset=o.dataset,
+        dataset_source=plan.splits.source,
+        class_names=list(plan.splits.class_names),
+        image_shape=image_shape,
+        perturbation=plan.perturbation.describe(),
+        coeff_names=plan.perturbation.coeff_names(image_shape),
+        coeff_lower=probe.lower[0].double().numpy(),
+        coeff_upper=probe.upper[0].double().numpy(),
+        train_method=o.method if kind == "harden" else None,
+        cert_method=o.cert_method,
+        attack=asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed)),
+        device=str(plan.device),
+        bound_dtype=str(BOUND_DTYPE).removeprefix("torch."),
+        deployed_dtype=str(plan.imported.input_dtype),
+        certified_rule=CERTIFIED_RULE,
+        radius=asdict(radius_settings(o)) if o.radius else None,
+        selection=selection,
         **peak_memory(),
-    }
+    )
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}
     hist = {key: np.array([row[key] for row in history], dtype=np.float64) for key in (history[0] if history else {})}

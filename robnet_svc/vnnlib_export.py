@@ -137,10 +137,10 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
     certs = report.sections[section]
     rows = select_rows(certs, samples, section)
 
-    image_shape = "x".join(str(int(s)) for s in prov.get("image_shape", []))
+    image_shape = "x".join(str(s) for s in prov.image_shape)
     imported = load_model(model, image_shape=image_shape or None)
-    config = json.loads(prov.get("config_json") or "{}")
-    recorded = prov.get("dataset")
+    config = prov.config
+    recorded = prov.dataset
     if dataset is not None and dataset != recorded:
         raise RobnetError(f"--dataset {dataset} differs from the certificate's dataset {recorded!r}")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
@@ -162,19 +162,19 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
         raise RobnetError(f"test sample {int(index[i])} of dataset {recorded!r} has label {int(labels[i])} but the "
                           f"certificate says {int(certs.label[rows][i])}: not the dataset that was certified")
 
-    spec = json.loads(prov.get("perturbation_json") or "{}")
+    spec = dict(prov.perturbation)
     name, eps, clip = spec.pop("name", None), spec.pop("eps", None), spec.pop("clip", None)
     perturbation = registry.perturbation(name)(eps, clip=tuple(clip) if clip else None,
                                                **{k: v for k, v in spec.items() if v is not None})
     images = splits.test_images[torch.from_numpy(index)]
     probe = perturbation.affine_set(images[:1])
     for key, got in (("coeff_lower", probe.lower[0]), ("coeff_upper", probe.upper[0])):
-        recorded_box = np.asarray(prov.get(key, []), dtype=np.float64)
+        recorded_box = getattr(prov, key)
         if recorded_box.shape != tuple(got.shape) or not np.array_equal(recorded_box, got.double().numpy()):
-            raise RobnetError(f"the perturbation rebuilt from the certificate ({prov.get('perturbation_json')}) "
+            raise RobnetError(f"the perturbation rebuilt from the certificate ({prov.json_text('perturbation')}) "
                               f"gives another coefficient box than the recorded {key}; this robnet-svc or "
                               "perturbation plugin differs from the one that certified")
-    method = report.section_attrs[section].get("method") or prov.get("cert_method")
+    method = report.section_attrs[section].get("method") or prov.cert_method
     return Sources(report, section, imported, source, perturbation, method, images, rows)
 
 
@@ -360,10 +360,10 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
         (tmp / "instances.csv").write_text("".join(f"{i['onnx']},{i['vnnlib']},{timeout:g}\n" for i in instances))
         summary = {
             "certificate": str(certificate), "certificate_sha256": certificate_sha, "section": src.section,
-            "model": str(model), "model_sha256": src.imported.sha256, "dataset": prov.get("dataset"),
-            "perturbation": json.loads(prov.get("perturbation_json") or "{}"), "method": src.cert_method,
-            "num_coefficients": int(len(prov.get("coeff_lower", []))),
-            "coefficient_names": json.loads(prov.get("coeff_names_json") or "[]"),
+            "model": str(model), "model_sha256": src.imported.sha256, "dataset": prov.dataset,
+            "perturbation": prov.perturbation, "method": src.cert_method,
+            "num_coefficients": int(len(prov.coeff_lower)),
+            "coefficient_names": prov.coeff_names,
             "input_name": INPUT_NAME, "opset": _opset(src.source), "added_ops": _added_ops(aset),
             "timeout": timeout, "num_instances": len(instances),
             "num_certified": int(sum(i["certified"] for i in instances)),
@@ -403,16 +403,16 @@ def _export_chunk(src: Sources, rows: np.ndarray, images: torch.Tensor, referenc
         network = coefficient_network(
             src.source, src.imported, None if weights is None else weights[b], offset[b], aset.clip,
             {"robnet_svc.certificate_sha256": certificate_sha, "robnet_svc.sample_index": str(index),
-             "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.get("perturbation_json", "")})
+             "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.json_text("perturbation")})
         data = network.SerializeToString()
         (tmp / onnx_rel).write_bytes(data)
         name = f" ({class_names[label]})" if label < len(class_names) else ""
         (tmp / vnnlib_rel).write_text(property_text(
             aset.lower[b].double().numpy(), aset.upper[b].double().numpy(), label, src.imported.num_classes,
-            [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.get('dataset')}, label {label}{name}",
+            [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.dataset}, label {label}{name}",
              f"certificate sha256 {certificate_sha}, section {src.section}, method {src.cert_method}",
-             f"perturbation {prov.get('perturbation_json')}",
-             f"inputs X_0..X_{k - 1}: coefficients {_names(json.loads(prov.get('coeff_names_json', '[]')))}"]))
+             f"perturbation {prov.json_text('perturbation')}",
+             f"inputs X_0..X_{k - 1}: coefficients {_names(prov.coeff_names)}"]))
 
         # checks 1 and 2: onnxruntime, exported network vs the model
         session = ort_session(data)

@@ -134,7 +134,7 @@ def write_format_1(path, report) -> None:
         f.attrs["format_version"] = "1"
         f.attrs["kind"] = report.kind
         prov = f.create_group("provenance")
-        for key, value in report.provenance.items():
+        for key, value in report.provenance.as_dict().items():
             if key != "radius_json":
                 prov.attrs[key] = value if not isinstance(value, (list, tuple)) else np.asarray(value)
         summary = f.create_group("summary")

@@ -249,9 +249,9 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
 
     report = read_report(download / "certificate.h5")
     model_sha = _sha256(download / "model.robust.onnx")
-    assert report.provenance["output_model_sha256"] == model_sha == summary["output_model_sha256"]
+    assert report.provenance.output_model_sha256 == model_sha == summary["output_model_sha256"]
     assert report.section_attrs["after"]["model_sha256"] == model_sha
-    assert report.provenance["input_model_sha256"] == _sha256(model_file)
+    assert report.provenance.input_model_sha256 == _sha256(model_file)
     # the client's file name never reached the file system
     assert sorted(p.name for p in (server.state_dir / "jobs" / job_id).iterdir()) == \
         ["input.onnx", "lock", "out", "worker.log"]
