@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
 from robnet_svc.bounder import Bounder
 from robnet_svc.bounds import compile_network
 from robnet_svc.certify import BOUND_DTYPE
@@ -108,11 +108,11 @@ def test_compiling_without_a_table_uses_the_plugins_op_rules(tmp_path, monkeypat
     assert (bound <= torch.stack([logits[0, 0] - logits[0, 1:], logits[1, 1] - logits[1, [0, 2]]]) + 1e-6).all()
 
 
-def test_the_pipelines_certificate_is_the_engines_bound(tmp_path, capsys):
+def test_the_pipelines_certificate_is_the_engines_bound(digits_onnx, tmp_path, capsys):
     """``robnet-svc certify`` on a small digits model stores, for every sample, exactly what the
     low-level engine computes: the method's float64 bound over the perturbation's set, the
     rounding allowance, and the decision (the seam between pipeline and engine changes nothing)."""
-    model = digits_model(tmp_path / "m.onnx")
+    model = digits_onnx
     run = invoke(capsys, "certify", model, *FAST, "--cert-method", "rsip-ssip", "--out", tmp_path / "out")
     assert run.code == 0, run.err
     section = read_report(tmp_path / "out" / "certificate.h5").sections["model"]

@@ -15,11 +15,6 @@ from robnet_svc.plugins import load_registry
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return load_registry()
-
-
-@pytest.fixture(scope="module")
 def setup(registry):
     """A small random CNN, 24 random 1x8x8 images labelled by the net itself (so most are correct)."""
     torch.manual_seed(0)

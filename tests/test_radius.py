@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
 from robnet_svc.bounder import Bounder
 from robnet_svc.certify import (AttackSettings, RadiusSettings, certify_model, check_radius_support,
                                 check_radius_soundness)
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.onnx_io import load_model
 from robnet_svc.perturbations.bias_field import BiasField
-from robnet_svc.plugins import load_registry
 from robnet_svc.report import read_report
 
 SETTINGS = RadiusSettings(max=0.8, precision=0.02)
@@ -25,11 +24,9 @@ NO_ATTACK = AttackSettings(steps=0, restarts=0)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(digits_onnx, registry):
     """A tiny digits CNN (ONNX, re-imported), 40 test samples, the registry's rsip-ssip and ibp."""
-    path = digits_model(tmp_path_factory.mktemp("radius") / "m.onnx")
-    registry = load_registry()
-    imported = load_model(path)
+    imported = load_model(digits_onnx)
     splits = registry.dataset("digits")(None).load(imported.image_shape, progress=False)
     pick = torch.arange(0, splits.test_labels.shape[0], splits.test_labels.shape[0] // 40)[:40]
     from robnet_svc.bounds import compile_network
@@ -103,8 +100,8 @@ def test_radius_needs_a_box_linear_in_eps():
         check_radius_support(_Quadratic(0.1, order=1), torch.rand(2, 1, 6, 6), SETTINGS)
 
 
-def test_certify_radius_is_stored_and_summarised(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_certify_radius_is_stored_and_summarised(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     run = invoke(capsys, "certify", model, *FAST, "--radius", "--radius-max", "0.5", "--radius-precision", "0.05",
                  "--out", out)
@@ -150,8 +147,8 @@ def write_format_1(path, report) -> None:
                 group.create_dataset(field, data=getattr(certs, field), compression="gzip", shuffle=True)
 
 
-def test_format_1_certificates_still_read(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_format_1_certificates_still_read(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     assert invoke(capsys, "certify", model, *FAST, "--out", out).code == 0
     old = tmp_path / "old.h5"

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
 from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
 from robnet_svc.report import FORMAT_VERSION, Provenance, Report, read_report, write_report
@@ -87,8 +87,8 @@ def test_format_1_certificates_are_still_read(tmp_path):
     assert back.rounding_allowance.shape == certs.margin_lower.shape and not back.rounding_allowance.any()
 
 
-def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_report_show_prints_summary_provenance_and_classes(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     assert invoke(capsys, "certify", model, *FAST, "--out", out).code == 0
     shown = invoke(capsys, "report", "show", out / "certificate.h5")

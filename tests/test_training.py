@@ -142,19 +142,19 @@ def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys)
                                                                      if k != "seconds"}
 
 
-def test_resume_refuses_other_settings(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_resume_refuses_other_settings(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "run"
     assert invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", out).code == 0
     r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--alpha", "2", "--out", out, "--resume")
     assert r.code == 2 and "alpha" in r.err and len(r.err.strip().splitlines()) == 1
 
 
-def test_resume_with_force_is_refused_before_anything_runs(tmp_path, capsys):
+def test_resume_with_force_is_refused_before_anything_runs(digits_onnx, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / CHECKPOINT_FILE).write_bytes(b"kept")
-    r = invoke(capsys, "harden", digits_model(tmp_path / "m.onnx"), *FAST, *FAST_TRAIN, "--out", out,
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN, "--out", out,
                "--resume", "--force")
     assert r.code == 2 and "--resume and --force" in r.err and len(r.err.strip().splitlines()) == 1
     assert (out / CHECKPOINT_FILE).read_bytes() == b"kept"

@@ -28,9 +28,6 @@ from torch import Tensor
 
 from robnet_svc.errors import RobnetError
 
-Clip = "tuple[float, float] | None"
-
-
 class AffineSet(ABC):
     """The per-sample affine perturbation set ``{clip(W a + c) : a in [lower, upper]}``.
 
