@@ -28,6 +28,7 @@ from torch import Tensor
 
 from robnet_svc.errors import RobnetError
 
+
 class AffineSet(ABC):
     """The per-sample affine perturbation set ``{clip(W a + c) : a in [lower, upper]}``.
 
