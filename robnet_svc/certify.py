@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.precision import full_precision
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.rounding import margin_allowance
 
 #: The dtype of every bound pass of certification (the deployed model's float32 converts exactly).
@@ -297,7 +297,7 @@ def radii(module: nn.Module, bounder, x: Tensor, y: Tensor, prediction: Tensor,
 def certify_model(bounder, images: Tensor, labels: Tensor, *,
                   batch_size: int, attack: AttackSettings, device: torch.device,
                   sample_ids: Tensor | None = None, radius: "RadiusSettings | None" = None,
-                  on_batch: Callable[[int], None] | None = None) -> Certificates:
+                  reporter: Reporter = SILENT, description: str = "certify") -> Certificates:
     """Certify ``images [N, C, H, W]`` with labels ``[N]`` and attack them.
 
     ``sample_ids [N]`` int64: the samples' ids (seeds of their attacks; default ``0..N-1``),
@@ -309,8 +309,7 @@ def certify_model(bounder, images: Tensor, labels: Tensor, *,
     (``bounder.bound_copy``). Everything runs under ``full_precision()`` (no TF32).
     ``radius``: also compute each sample's certified radius and the attack's smallest
     successful radius (``radii``; about ``2 + radius.rounds`` times the work of one radius).
-    ``on_batch(n, certified)`` is called after each batch of ``n`` samples, ``certified`` of them
-    certified (progress).
+    ``reporter``: the progress of a task ``description`` (samples done, the share certified).
     Raises SoundnessError when a certified sample is successfully attacked (at the fixed
     radius, or at a radius below its certified radius).
     """
@@ -320,7 +319,8 @@ def certify_model(bounder, images: Tensor, labels: Tensor, *,
     ids = torch.arange(images.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
     out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS
                                     if f != "index"}
-    with full_precision():
+    done = {"samples": 0, "certified": 0}
+    with full_precision(), reporter.task(description, total=images.shape[0]) as task:
         bounder64 = bounder.bound_copy(BOUND_DTYPE)
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
@@ -347,8 +347,9 @@ def certify_model(bounder, images: Tensor, labels: Tensor, *,
             out["attack_success"].append(success)
             out["attack_margin"].append(found)
             out["attack_coeffs"].append(point)
-            if on_batch is not None:
-                on_batch(x.shape[0], int(certified.sum()))
+            done["samples"] += x.shape[0]
+            done["certified"] += int(certified.sum())
+            task.advance(x.shape[0], stats=f"cert {done['certified'] / done['samples']:.3f}")
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros((0, 0), np.float64), np.zeros(0, bool), np.zeros(0, np.float32),

@@ -263,12 +263,13 @@ def report_show_cmd(file: str, as_json: bool) -> None:
 def export_vnnlib_cmd(certificate: str, model: str, out: str, dataset: str | None, data_dir: str | None,
                       samples: str, timeout: float, force: bool, device: str, as_json: bool) -> None:
     """Export each certified sample as a VNN-COMP instance (ONNX on the coefficients + VNN-LIB), checked."""
+    from robnet_svc.progress import console_reporter
     from robnet_svc.vnnlib_export import export_vnnlib
 
     _tune_allocator()
-    with Ui() as ui:
+    with console_reporter() as reporter:
         summary = export_vnnlib(certificate, model, out, dataset=dataset, data_dir=data_dir, samples=samples,
-                                timeout=timeout, force=force, device=device, log=ui.log)
+                                timeout=timeout, force=force, device=device, reporter=reporter)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -296,6 +297,7 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
     from robnet_svc.certify import AttackSettings
     from robnet_svc.errors import RobnetError
     from robnet_svc.plugins import load_registry
+    from robnet_svc.progress import console_reporter
     from robnet_svc.vnnlib import read_instances
     from robnet_svc.vnnlib_verify import verify_instance
 
@@ -311,8 +313,8 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
                        key=lambda n: (order.index(n) if n in order else len(order), n))
     settings = AttackSettings(steps=attack_steps, restarts=attack_restarts, seed=seed)
     _tune_allocator()
-    with Ui() as ui:
-        results = [verify_instance(net, prop, names, attack=settings, device=device, log=ui.log)
+    with console_reporter() as reporter:
+        results = [verify_instance(net, prop, names, attack=settings, device=device, reporter=reporter)
                    for net, prop in pairs]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
@@ -355,7 +357,11 @@ def report_plot_cmd(file: str, out: str, samples: str | None, num_samples: int, 
     source = None
     report_plot.choose_samples(report, chosen, num_samples)  # a bad --samples fails before any loading
     if not no_samples and (chosen or num_samples):
-        source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir)
+        from robnet_svc.progress import console_reporter
+
+        with console_reporter() as reporter:
+            source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir,
+                                             reporter=reporter)
     page = report_plot.write_page(report, out, source=source, samples=chosen, num_worst=num_samples,
                                   note="Sample pictures skipped (--no-samples)." if no_samples else "")
     click.echo(f"wrote {page}")
@@ -402,11 +408,12 @@ def demo_cmd(out: str, fast: bool, force: bool, device: str, threads: int | None
     """Train a small classifier on the embedded digits, export it, harden it, certify before/after."""
     from robnet_svc import threads as thread_pools
     from robnet_svc.demo import run_demo
+    from robnet_svc.progress import console_reporter
 
     thread_pools.configure(threads)
     _tune_allocator()
-    with Ui() as ui:
-        report = run_demo(out, fast=fast, force=force, device=device, ui=ui)
+    with console_reporter() as reporter:
+        report = run_demo(out, fast=fast, force=force, device=device, reporter=reporter)
     _print_summary(report, as_json)
 
 
@@ -463,39 +470,6 @@ _SERVER_SIDE = {"data_dir", "out", "force", "resume", "strict"}
 submit_cmd.params.extend(p for p in harden_cmd.params if p.name not in _SERVER_SIDE)
 
 
-class Ui:
-    """Progress bars, log lines and warnings on stderr (stdout stays free for ``--json``).
-    ``quiet``: none of them (the ranks other than 0 of a distributed run)."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-
-    def __enter__(self) -> "Ui":
-        from rich.console import Console
-
-        from robnet_svc.progress import for_stderr
-
-        self.console = Console(stderr=True)
-        # A terminal gets rich bars (80 columns); a log gets plain lines at a steady interval.
-        self.progress = for_stderr(quiet=self.quiet)
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(f"robnet-svc: {message}", highlight=False, soft_wrap=True)
-
-    def warn(self, message: str) -> None:
-        """A warning line like ``robnet-svc plugins`` prints for a broken plugin."""
-        if not self.quiet:
-            click.echo(f"robnet-svc: warning: {message}", err=True)
-
-
 def _tune_allocator() -> None:
     """The opt-in to the allocator tuning of the bound passes (robnet_svc/bounds/alloc.py), made by
     every command that computes bounds: its process is robnet-svc's own, the library never tunes."""
@@ -512,6 +486,7 @@ def _run(ctx: click.Context, story, params: dict):
     from robnet_svc import distributed, threads
     from robnet_svc.config import effective_config
     from robnet_svc.options import Options
+    from robnet_svc.progress import console_reporter
 
     fields = set(Options.__dataclass_fields__)
     options = Options(**{k: v for k, v in params.items() if k in fields},
@@ -522,8 +497,8 @@ def _run(ctx: click.Context, story, params: dict):
     dist = distributed.from_env()
     _tune_allocator()
     try:
-        with Ui(quiet=not dist.is_main) as ui:
-            report = story(options, effective_config(ctx), command_line, ui, dist=dist)
+        with console_reporter(quiet=not dist.is_main) as reporter:
+            report = story(options, effective_config(ctx), command_line, reporter, dist=dist)
     except KeyboardInterrupt as exc:
         hint = _resume_command(args, options) if story.__name__ == "harden" else None
         raise KeyboardInterrupt(hint) if hint else exc

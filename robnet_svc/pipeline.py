@@ -42,6 +42,7 @@ from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
 from robnet_svc.perturbations.base import check_field_range
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.report import Provenance, Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
@@ -78,20 +79,21 @@ class Plan:
 # --------------------------------------------------------------------------- the two stories
 
 
-def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
+def harden(options: Options, config: dict[str, Any], command_line: str, reporter: Reporter,
+           dist: Dist | None = None) -> Report:
     """Fine-tune ``options.model`` to be certifiably robust and write the three outputs to ``options.out``.
 
-    ``config``: the effective config (stored in the certificate); ``ui``: progress and log
-    sink (``robnet_svc.cli.Ui``-like: ``.progress``, ``.log(msg)``, optional ``.warn(msg)``);
+    ``config``: the effective config (stored in the certificate); ``reporter``: where log
+    lines, warnings and progress go (robnet_svc/progress.py);
     ``dist``: this process's place in a torchrun job (None: one process). Every rank returns
     the same report; only rank 0 writes.
     """
-    plan = prepare(options, training=True, dist=dist, warn=getattr(ui, "warn", None))
+    plan = prepare(options, training=True, dist=dist, reporter=reporter)
     with _no_empty_folder(plan.out if plan.dist.is_main else None):
-        return _harden(plan, config, command_line, ui)
+        return _harden(plan, config, command_line, reporter)
 
 
-def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+def _harden(plan: Plan, config: dict[str, Any], command_line: str, reporter: Reporter) -> Report:
     options = plan.options
     checkpoint = plan.out / CHECKPOINT_FILE
     if plan.dist.is_main:
@@ -103,26 +105,27 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
     before_key = _before_key(plan)
     before = _certificates_from_state(state, "before", before_key)
     if before is None:
-        ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
-        before = _certify(plan, plan.certifier, ui, "before")
+        reporter.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
+        before = _certify(plan, plan.certifier, reporter, "before")
     else:
-        ui.log(f"before: kept from {checkpoint} (certified {100 * before.summary()['certified_accuracy']:.1f}%)")
+        reporter.log(f"before: kept from {checkpoint} "
+                     f"(certified {100 * before.summary()['certified_accuracy']:.1f}%)")
 
-    ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
+    reporter.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
            + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
     history, selection = train(plan.trainer, plan.data, _train_settings(options),
                                checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
-                               progress=ui.progress, log=ui.log, dist=plan.dist,
+                               reporter=reporter, dist=plan.dist,
                                checkpoint_every=options.checkpoint_every,
                                phases={"before": _certificates_to_state(before, before_key)}, state=state)
     selected = selection_summary(selection.record(), plan.splits.class_names)
-    ui.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
+    reporter.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
            f"{_percent(selected['val_clean_accuracy'])}, certified {_percent(selected['val_certified_accuracy'])}): "
            f"{selected['reason']}")
     if plan.dist.is_main:
         for line in selection_warnings(selected, options.max_class_drop,
                                        max((row["eps"] for row in history), default=0.0)):
-            (getattr(ui, "warn", None) or ui.log)(line)
+            reporter.warn(line)
 
     model_path = plan.out / MODEL_FILE
     partial_path = plan.out / PARTIAL_MODEL_FILE  # the final name only once the certificate is written
@@ -131,8 +134,8 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
             "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
             "robnet_svc.train_method": options.method})  # no config: it holds paths (it is in the certificate)
         robust.path = model_path  # what the certificate names: where the file ends up
-        ui.log(f"certifying the hardened model ({options.cert_method})")
-        after = _certify(plan, plan.certifier.for_module(robust.module.to(plan.device)), ui, "after")
+        reporter.log(f"certifying the hardened model ({options.cert_method})")
+        after = _certify(plan, plan.certifier.for_module(robust.module.to(plan.device)), reporter, "after")
 
         report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
                          config, command_line, history, selected)
@@ -143,11 +146,11 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
         if plan.dist.is_main:
             partial_path.unlink(missing_ok=True)
     if plan.dist.is_main and options.report_page:
-        _write_page(plan, report, ui)
+        _write_page(plan, report, reporter)
     return report
 
 
-def _write_page(plan: Plan, report: Report, ui) -> None:
+def _write_page(plan: Plan, report: Report, reporter: Reporter) -> None:
     """Figures and report.html in ``--out/report`` (``robnet-svc report plot``). The model and the
     certificate are written already: a failure here is a warning, not a failed run."""
     from robnet_svc import report_plot
@@ -157,25 +160,26 @@ def _write_page(plan: Plan, report: Report, ui) -> None:
         source = report_plot.load_source(report, splits=plan.splits)
         page = report_plot.write_page(report, folder, source=source)
     except Exception as exc:  # noqa: BLE001 - the run's outputs stand; say how to draw them later
-        (getattr(ui, "warn", None) or ui.log)(
+        reporter.warn(
             f"report page not written ({type(exc).__name__}: {exc}); "
             f"draw it with: robnet-svc report plot {plan.out / CERTIFICATE_FILE} --out {folder}")
         return
-    ui.log(f"wrote {page}")
+    reporter.log(f"wrote {page}")
 
 
-def certify(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
+def certify(options: Options, config: dict[str, Any], command_line: str, reporter: Reporter,
+            dist: Dist | None = None) -> Report:
     """Certify ``options.model`` on the test split; write certificate + summary to ``options.out`` if given
     (rank 0 only; the test set is sharded over the ranks of a distributed run)."""
-    plan = prepare(options, training=False, dist=dist, warn=getattr(ui, "warn", None))
+    plan = prepare(options, training=False, dist=dist, reporter=reporter)
     with _no_empty_folder(plan.out if plan.dist.is_main else None):
-        return _certify_story(plan, config, command_line, ui)
+        return _certify_story(plan, config, command_line, reporter)
 
 
-def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, reporter: Reporter) -> Report:
     options = plan.options
-    ui.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
-    certs = _certify(plan, plan.certifier, ui, "model")
+    reporter.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
+    certs = _certify(plan, plan.certifier, reporter, "model")
     report = _report(plan, "certify", {"model": (certs, plan.imported)}, config, command_line, [])
     if plan.out is not None and plan.dist.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +190,7 @@ def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) ->
 # --------------------------------------------------------------------------- validation
 
 
-def prepare(options: Options, training: bool, dist: Dist | None = None, warn=None,
+def prepare(options: Options, training: bool, dist: Dist | None = None, reporter: Reporter = SILENT,
             check_only: bool = False) -> Plan | None:
     """Check every input and load model and data; RobnetError (one line) before anything is written.
 
@@ -195,7 +199,7 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
 
     Distributed: every rank checks everything (so a bad input fails on every rank, before
     any collective) except ``--out``, which only rank 0 writes and checks; the process group
-    is joined last. ``warn(line)``: where broken plugins are reported (rank 0), once every
+    is joined last. ``reporter``: where broken plugins are reported (rank 0), once every
     check has passed.
     """
     from robnet_svc.onnx_io import load_model
@@ -243,7 +247,7 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     dataset = dataset_cls(options.data_dir, **options.dataset_options)
     if check_only:
         return None
-    splits = dataset.load(imported.image_shape, progress=dist.is_main)
+    splits = dataset.load(imported.image_shape, reporter=reporter if dist.is_main else SILENT)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)
     plan = Plan(options, imported, certifier, trainer, splits, test_index, device, out, dist=dist)
@@ -251,9 +255,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
         plan.data = _train_data(splits, options, device)
         if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
             plan.resume_state = read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
-    if warn is not None and dist.is_main:  # after the checks: a failed check stays one line (it names
-        for line in registry.broken:       # broken plugins itself when they matter)
-            warn(line)
+    if dist.is_main:  # after the checks: a failed check stays one line (it names broken plugins
+        for line in registry.broken:  # itself when they matter)
+            reporter.warn(line)
     dist.start(device)  # the first collective of the run comes after every check
     return plan
 
@@ -434,7 +438,7 @@ def _fingerprint(plan: Plan) -> str:
 # --------------------------------------------------------------------------- certification and outputs
 
 
-def _certify(plan: Plan, bounder: Bounder, ui, label: str) -> Certificates:
+def _certify(plan: Plan, bounder: Bounder, reporter: Reporter, label: str) -> Certificates:
     """Certificates of ``bounder``'s model on the test samples ``plan.test_index``, in that order.
 
     Distributed: each rank certifies a contiguous share and the shares are gathered in rank
@@ -447,29 +451,19 @@ def _certify(plan: Plan, bounder: Bounder, ui, label: str) -> Certificates:
                                                                                plan.splits.test_labels))
     else:
         images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
-    task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
-    done = {"samples": 0, "certified": 0}
-
-    def on_batch(n: int, certified: int) -> None:
-        done["samples"] += n
-        done["certified"] += certified
-        ui.progress.update(task, advance=n, stats=f"cert {done['certified'] / done['samples']:.3f}")
-
     certs = certify_model(
         bounder, images, labels,
         batch_size=o.cert_batch_size, device=plan.device, sample_ids=index, radius=radius_settings(o),
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
-        on_batch=on_batch if task is not None else None,
+        reporter=reporter, description=f"certify {label}",
     )
-    if task is not None:
-        ui.progress.remove_task(task)
     certs = Certificates.concat(plan.dist.gather(certs))
     release_free_memory()  # the bound passes' free heap goes back before the next phase (bounds/alloc.py)
     s = certs.summary()
-    ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
+    reporter.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
     if certs.radius is not None and certs.num_samples:
-        ui.log(f"{label}: median certified radius {float(np.median(certs.radius)):.4g} (of correct samples: "
+        reporter.log(f"{label}: median certified radius {float(np.median(certs.radius)):.4g} (of correct samples: "
                f"{float(np.median(certs.radius[certs.prediction == certs.label])) if s['clean_accuracy'] else 0:.4g})")
     return certs
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 
 from robnet_svc.atomic import atomic_path
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.report import eps_grid
 
 PAGE_FILE = "report.html"
@@ -58,7 +58,7 @@ class SampleSource:
 
 
 def load_source(report, *, models: dict[str, str] | None = None, dataset: str | None = None,
-                data_dir: str | None = None, splits=None) -> SampleSource:
+                data_dir: str | None = None, splits=None, reporter: Reporter = SILENT) -> SampleSource:
     """The test images and the section models of ``report``.
 
     Defaults come from the certificate: each section's ``model`` attribute, and the
@@ -66,7 +66,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
     (section -> path), ``dataset`` and ``data_dir`` override them; ``splits``: already
     loaded ``datasets.Splits`` (``harden``). Every model must be the file the section was
     computed on (same sha256) and the test labels must match the certificate's:
-    RobnetError (one line) otherwise.
+    RobnetError (one line) otherwise. ``reporter``: where loading the dataset reports.
     """
     import torch
 
@@ -99,7 +99,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
         if folder and not Path(folder).is_dir():
             raise RobnetError(f"--data-dir {folder} is not a folder")
         given = config.get("dataset_options") or dataset_options(config.get("dataset_option") or ())  # demo: a dict
-        splits = dataset_cls(folder, **given).load(image_shape, progress=False)
+        splits = dataset_cls(folder, **given).load(image_shape, reporter=reporter)
         origin = f"dataset {name!r}" + (f" in {folder}" if folder else "")
     else:
         origin = "the run's own test split"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_the_pipelines_certificate_is_the_engines_bound(digits_onnx, tmp_path, c
 
     registry = load_registry()
     imported = load_model(model)
-    splits = registry.dataset("digits")(None).load(imported.image_shape, progress=False)
+    splits = registry.dataset("digits")(None).load(imported.image_shape)
     index = torch.from_numpy(section.index)
     x, y = splits.test_images[index], splits.test_labels[index]
     module = imported.module.eval()
@@ -134,3 +135,40 @@ def test_the_pipelines_certificate_is_the_engines_bound(digits_onnx, tmp_path, c
     certified = (prediction == y) & (lower > allowance).all(-1)
     np.testing.assert_array_equal(section.certified, certified.numpy())
     assert section.certified.any() and not section.certified.all()  # both kinds: a meaningful comparison
+
+
+_ALLOCATOR_PROBE = """
+import sys, torch
+from robnet_svc.bounds import alloc
+from robnet_svc.bounder import Bounder
+from robnet_svc.plugins import load_registry
+
+registry = load_registry()
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+bounder = Bounder(net, registry.bound_method("ibp")(), registry.perturbation("brightness")(0.1), (1, 4, 4))
+bounder.margin_lower(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+print("library", alloc._state.get("tuned"))
+from robnet_svc.cli import main
+try:  # the command opts in at its start, before it checks its input (a missing model: exit 2)
+    main(["certify", "no-such-model.onnx", "--dataset", "digits"])
+except SystemExit as exc:
+    assert exc.code == 2, exc.code
+print("command line", alloc._state.get("tuned"))
+"""
+
+
+def test_allocator_tuning_is_the_command_lines_opt_in_not_the_librarys(tmp_path):
+    """Computing bounds from the library leaves the process's allocator alone; the command line
+    opts in at its start (robnet_svc/bounds/alloc.py). A fresh process each: the tuning is per process."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ROBNET_SVC_MALLOC_TUNING": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("library", "command line"))]
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert lines == ["library None", f"command line {glibc}"]

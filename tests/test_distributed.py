@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_support import FAST, digits_model
+from cli_support import FAST, digits_model, interrupt_at
 from robnet_svc.bounder import Bounder
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
 from robnet_svc.cli import main
@@ -126,7 +126,7 @@ def runs(tmp_path_factory):
     try:
         one = _in_process(model, root / "one")
         with pytest.raises(KeyboardInterrupt):
-            harden(_options(model, root / "resumed"), {}, "test", _KillAfterFirstEpoch())
+            harden(_options(model, root / "resumed"), {}, "test", interrupt_at("epoch 1/"))
     finally:
         torch.set_num_threads(threads)
     two = _torchrun("harden", model, *ARGS, "--out", root / "two")
@@ -150,16 +150,6 @@ def _in_process(model: Path, out: Path) -> str:
         except SystemExit as exc:
             assert exc.code in (0, None)
     return stdout.getvalue()
-
-
-class _KillAfterFirstEpoch:
-    """Stands in for a killed process: raises right after epoch 1's checkpoint is written."""
-
-    progress = None
-
-    def log(self, message: str) -> None:
-        if message.startswith("epoch 1/"):
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("run", ["two", "resumed"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import FAST, FAST_TRAIN, invoke
+from cli_support import FAST, FAST_TRAIN, interrupt_at, invoke
 from robnet_svc import threads
 from robnet_svc.atomic import atomic_path
 from robnet_svc.pipeline import CHECKPOINT_FILE, MODEL_FILE, PARTIAL_MODEL_FILE, Options, harden
@@ -117,28 +117,15 @@ def test_rich_bars_fit_80_columns():
 # --------------------------------------------------------------------------- 3. interruptions
 
 
-class _InterruptAt:
-    """Stands in for Ctrl-C: raises when the run logs a message starting with ``prefix``."""
-
-    progress = None
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def log(self, message: str) -> None:
-        if message.startswith(self.prefix):
-            raise KeyboardInterrupt
-
-
 def _options(digits_onnx, out, **extra) -> Options:
-    return Options(digits_onnx=str(digits_onnx), dataset="digits", eps=0.05, order=1, max_test=40, attack_steps=3,
+    return Options(model=str(digits_onnx), dataset="digits", eps=0.05, order=1, max_test=40, attack_steps=3,
                    attack_restarts=2, device="cpu", epochs=1, max_train=128, batch_size=32, out=str(out), **extra)
 
 
 def test_interrupt_in_the_final_certification_leaves_no_uncertified_model(digits_onnx, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        harden(_options(digits_onnx, out), {}, "test", _InterruptAt("certifying the hardened model"))
+        harden(_options(digits_onnx, out), {}, "test", interrupt_at("certifying the hardened model"))
     assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_FILE]  # no model, no partial file
     assert not (out / MODEL_FILE).exists() and not (out / PARTIAL_MODEL_FILE).exists()
 
@@ -146,7 +133,7 @@ def test_interrupt_in_the_final_certification_leaves_no_uncertified_model(digits
 def test_failure_before_anything_is_written_leaves_no_empty_folder(digits_onnx, tmp_path):
     out = tmp_path / "new" / "out"
     with pytest.raises(KeyboardInterrupt):
-        harden(_options(digits_onnx, out), {}, "test", _InterruptAt("certifying the input model"))
+        harden(_options(digits_onnx, out), {}, "test", interrupt_at("certifying the input model"))
     assert not out.exists()
 
 

@@ -27,7 +27,7 @@ NO_ATTACK = AttackSettings(steps=0, restarts=0)
 def engine(digits_onnx, registry):
     """A tiny digits CNN (ONNX, re-imported), 40 test samples, the registry's rsip-ssip and ibp."""
     imported = load_model(digits_onnx)
-    splits = registry.dataset("digits")(None).load(imported.image_shape, progress=False)
+    splits = registry.dataset("digits")(None).load(imported.image_shape)
     pick = torch.arange(0, splits.test_labels.shape[0], splits.test_labels.shape[0] // 40)[:40]
     from robnet_svc.bounds import compile_network
 
