@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.precision import full_precision
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.rounding import margin_allowance
 
 #: The dtype of every bound pass of certification (the deployed model's float32 converts exactly).
@@ -213,12 +213,13 @@ def check_radius_support(perturbation, probe: Tensor, settings: RadiusSettings) 
                               "so per-sample radii cannot be searched in one batch; certify at fixed --eps values")
 
 
-def certified_radius(net, method, aset, labels: Tensor, prediction: Tensor, known: Tensor,
+def certified_radius(bounder, aset, labels: Tensor, prediction: Tensor, known: Tensor,
                      settings: RadiusSettings, deployed: torch.dtype) -> Tensor:
     """Largest ε ≤ ``settings.max`` at which each sample is certified, to ``settings.precision``: ``[B]`` float64.
 
-    ``net``/``aset``: the compiled network and the samples' set at ε = ``settings.max``, in the
-    bound dtype (``deployed``: the model's own dtype, for the rounding allowance); ``prediction [B]``: the clean prediction
+    ``bounder``/``aset``: the ``Bounder`` on the network in the bound dtype and the samples' set
+    at ε = ``settings.max`` in that dtype (``deployed``: the model's own dtype, for the rounding
+    allowance); ``prediction [B]``: the clean prediction
     (the radius of a misclassified sample is 0); ``known [B]``: an ε already certified (0 if none).
     Each round takes the certified decision of fixed-ε certification (``is_certified``).
     Bisection, batched: the set at ``max`` first, then ``settings.rounds`` rounds, each one
@@ -234,8 +235,8 @@ def certified_radius(net, method, aset, labels: Tensor, prediction: Tensor, know
     def certified_at(eps: Tensor) -> Tensor:
         scaled = scaled_set(aset, eps / settings.max)
         with torch.no_grad():
-            margin = method.margin_lower(net, scaled, labels)
-            allowance = margin_allowance(net, scaled, labels, deployed)
+            margin = bounder.margin_lower_over(scaled, labels)
+            allowance = margin_allowance(bounder.net, scaled, labels, deployed)
         return is_certified(prediction, labels, margin, allowance)
 
     at_max = certified_at(top)
@@ -273,13 +274,14 @@ def attack_radius(module: nn.Module, aset, labels: Tensor, known: Tensor, settin
     return torch.where(broken, hi, torch.full_like(hi, float("inf")))
 
 
-def radii(module: nn.Module, net, method, perturbation, x: Tensor, y: Tensor, prediction: Tensor,
+def radii(module: nn.Module, bounder, x: Tensor, y: Tensor, prediction: Tensor,
           certified: Tensor, broken: Tensor, settings: RadiusSettings, attack: AttackSettings,
           sample_ids: Tensor, deployed: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(certified_radius, attack_radius)`` ``[B]`` of one batch, seeded with what certification at
     the fixed ε (``perturbation.eps``) found (``certified``, ``broken`` [B] bool): certified there ->
-    radius ≥ min(ε, max); broken there and ε ≤ max -> attack radius ≤ ε. ``net``: the compiled
-    network in the bound dtype (the set is built in its dtype); ``module``: the model as deployed."""
+    radius ≥ min(ε, max); broken there and ε ≤ max -> attack radius ≤ ε. ``bounder``: on the
+    network in the bound dtype (the set is built in it); ``module``: the model as deployed."""
+    perturbation = bounder.perturbation
     eps = float(perturbation.eps)
     aset = perturbation.affine_set(x, eps=settings.max)
     aset_bound = perturbation.affine_set(x.to(BOUND_DTYPE), eps=settings.max)
@@ -287,37 +289,39 @@ def radii(module: nn.Module, net, method, perturbation, x: Tensor, y: Tensor, pr
     zeros = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     known_cert = torch.where(certified, zeros + min(eps, settings.max), zeros)
     known_attack = torch.where(broken & (eps <= settings.max), zeros + eps, zeros + float("inf"))
-    radius = certified_radius(net, method, aset_bound, y, prediction, known_cert, settings, deployed)
+    radius = certified_radius(bounder, aset_bound, y, prediction, known_cert, settings, deployed)
     upper = attack_radius(module, aset, y, torch.where(correct, known_attack, zeros), settings, attack, sample_ids)
     return radius, upper
 
 
-def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor, *,
+def certify_model(bounder, images: Tensor, labels: Tensor, *,
                   batch_size: int, attack: AttackSettings, device: torch.device,
                   sample_ids: Tensor | None = None, radius: "RadiusSettings | None" = None,
-                  on_batch: Callable[[int], None] | None = None) -> Certificates:
+                  reporter: Reporter = SILENT, description: str = "certify") -> Certificates:
     """Certify ``images [N, C, H, W]`` with labels ``[N]`` and attack them.
 
     ``sample_ids [N]`` int64: the samples' ids (seeds of their attacks; default ``0..N-1``),
     also the returned ``index``.
-    ``module``: the classifier (put in eval mode here; it and the images keep their dtype for
-    the prediction and the attack, the deployed precision); ``net``: its compiled form for
-    the bound ``method`` (bounded in a float64 copy); ``perturbation``: a ``Perturbation`` at
-    the certification radius. Everything runs under ``full_precision()`` (no TF32).
+    ``bounder``: a ``robnet_svc.bounder.Bounder`` of the classifier, the certification method
+    and the perturbation at the certification radius. The classifier (``bounder.module``) is
+    put in eval mode here; it and the images keep their dtype for the prediction and the
+    attack (the deployed precision); the bounds are computed on a float64 copy
+    (``bounder.bound_copy``). Everything runs under ``full_precision()`` (no TF32).
     ``radius``: also compute each sample's certified radius and the attack's smallest
     successful radius (``radii``; about ``2 + radius.rounds`` times the work of one radius).
-    ``on_batch(n, certified)`` is called after each batch of ``n`` samples, ``certified`` of them
-    certified (progress).
+    ``reporter``: the progress of a task ``description`` (samples done, the share certified).
     Raises SoundnessError when a certified sample is successfully attacked (at the fixed
     radius, or at a radius below its certified radius).
     """
+    module, perturbation, method = bounder.module, bounder.perturbation, bounder.method
     module.eval()
     deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), images.dtype)
     ids = torch.arange(images.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
     out: dict[str, list[Tensor]] = {f: [] for f in Certificates.FIELDS + Certificates.OPTIONAL_FIELDS
                                     if f != "index"}
-    with full_precision():
-        net64 = _bound_copy(net)
+    done = {"samples": 0, "certified": 0}
+    with full_precision(), reporter.task(description, total=images.shape[0]) as task:
+        bounder64 = bounder.bound_copy(BOUND_DTYPE)
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
             y = labels[start:start + batch_size].to(device)
@@ -326,13 +330,13 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
             aset64 = perturbation.affine_set(x.to(BOUND_DTYPE))
             with torch.no_grad():
                 prediction = module(x).argmax(-1)
-                margin_lower = method.margin_lower(net64, aset64, y)
-                allowance = margin_allowance(net64, aset64, y, deployed)
+                margin_lower = bounder64.margin_lower_over(aset64, y)
+                allowance = margin_allowance(bounder64.net, aset64, y, deployed)
             found, success, point = attack_margin(module, aset, y, attack, batch_ids, return_point=True)
             certified = is_certified(prediction, y, margin_lower, allowance)
             if radius is not None:
-                r, a = radii(module, net64, method, perturbation, x, y, prediction, certified, success, radius,
-                             attack, batch_ids, deployed)
+                r, a = radii(module, bounder64, x, y, prediction, certified, success, radius, attack, batch_ids,
+                             deployed)
                 out["radius"].append(r)
                 out["attack_radius"].append(a)
             out["label"].append(y)
@@ -343,8 +347,9 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
             out["attack_success"].append(success)
             out["attack_margin"].append(found)
             out["attack_coeffs"].append(point)
-            if on_batch is not None:
-                on_batch(x.shape[0], int(certified.sum()))
+            done["samples"] += x.shape[0]
+            done["certified"] += int(certified.sum())
+            task.advance(x.shape[0], stats=f"cert {done['certified'] / done['samples']:.3f}")
     if not out["label"]:  # an empty shard of a distributed run (margin_lower's width unknown: 0)
         return Certificates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros((0, 0), np.float64), np.zeros(0, bool), np.zeros(0, np.float32),
@@ -366,18 +371,6 @@ def certify_model(module: nn.Module, net, method, perturbation, images: Tensor, 
     check_soundness(certs, method_name=getattr(method, "name", "?"))
     check_radius_soundness(certs, method_name=getattr(method, "name", "?"))
     return certs
-
-
-def _bound_copy(net):
-    """A float64 copy of the compiled network ``net`` for the bound passes (the model itself is
-    left as it is: its prediction and the attack run in the deployed precision). The module is
-    copied and compiled again with the same rules: copying the compiled plan would walk the fx
-    graph's linked nodes recursively (Python's recursion limit on deep networks)."""
-    from robnet_svc.bounds.graph import compile_network
-
-    net = compile_network(net)
-    module = copy.deepcopy(net.module).to(BOUND_DTYPE)  # parameters and floating buffers (folded constants)
-    return compile_network(module, rules=net.rules)
 
 
 def check_soundness(certs: Certificates, method_name: str) -> None:

@@ -239,7 +239,7 @@ def report_show_cmd(file: str, as_json: bool) -> None:
 
     report = read_report(file)
     if as_json:
-        click.echo(json.dumps({"summary": report.summary(), "provenance": report.provenance,
+        click.echo(json.dumps({"summary": report.summary(), "provenance": report.provenance.as_dict(),
                                "per_class": report.per_class()}, indent=2, default=str))
         return
     from rich.console import Console
@@ -263,11 +263,13 @@ def report_show_cmd(file: str, as_json: bool) -> None:
 def export_vnnlib_cmd(certificate: str, model: str, out: str, dataset: str | None, data_dir: str | None,
                       samples: str, timeout: float, force: bool, device: str, as_json: bool) -> None:
     """Export each certified sample as a VNN-COMP instance (ONNX on the coefficients + VNN-LIB), checked."""
+    from robnet_svc.progress import console_reporter
     from robnet_svc.vnnlib_export import export_vnnlib
 
-    with Ui() as ui:
+    _tune_allocator()
+    with console_reporter() as reporter:
         summary = export_vnnlib(certificate, model, out, dataset=dataset, data_dir=data_dir, samples=samples,
-                                timeout=timeout, force=force, device=device, log=ui.log)
+                                timeout=timeout, force=force, device=device, reporter=reporter)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -295,6 +297,7 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
     from robnet_svc.certify import AttackSettings
     from robnet_svc.errors import RobnetError
     from robnet_svc.plugins import load_registry
+    from robnet_svc.progress import console_reporter
     from robnet_svc.vnnlib import read_instances
     from robnet_svc.vnnlib_verify import verify_instance
 
@@ -309,8 +312,9 @@ def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tu
         names = sorted((row["name"] for row in load_registry().listing()["bound_methods"]),
                        key=lambda n: (order.index(n) if n in order else len(order), n))
     settings = AttackSettings(steps=attack_steps, restarts=attack_restarts, seed=seed)
-    with Ui() as ui:
-        results = [verify_instance(net, prop, names, attack=settings, device=device, log=ui.log)
+    _tune_allocator()
+    with console_reporter() as reporter:
+        results = [verify_instance(net, prop, names, attack=settings, device=device, reporter=reporter)
                    for net, prop in pairs]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
@@ -353,7 +357,11 @@ def report_plot_cmd(file: str, out: str, samples: str | None, num_samples: int, 
     source = None
     report_plot.choose_samples(report, chosen, num_samples)  # a bad --samples fails before any loading
     if not no_samples and (chosen or num_samples):
-        source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir)
+        from robnet_svc.progress import console_reporter
+
+        with console_reporter() as reporter:
+            source = report_plot.load_source(report, models=model_paths, dataset=dataset, data_dir=data_dir,
+                                             reporter=reporter)
     page = report_plot.write_page(report, out, source=source, samples=chosen, num_worst=num_samples,
                                   note="Sample pictures skipped (--no-samples)." if no_samples else "")
     click.echo(f"wrote {page}")
@@ -400,10 +408,12 @@ def demo_cmd(out: str, fast: bool, force: bool, device: str, threads: int | None
     """Train a small classifier on the embedded digits, export it, harden it, certify before/after."""
     from robnet_svc import threads as thread_pools
     from robnet_svc.demo import run_demo
+    from robnet_svc.progress import console_reporter
 
     thread_pools.configure(threads)
-    with Ui() as ui:
-        report = run_demo(out, fast=fast, force=force, device=device, ui=ui)
+    _tune_allocator()
+    with console_reporter() as reporter:
+        report = run_demo(out, fast=fast, force=force, device=device, reporter=reporter)
     _print_summary(report, as_json)
 
 
@@ -460,37 +470,12 @@ _SERVER_SIDE = {"data_dir", "out", "force", "resume", "strict"}
 submit_cmd.params.extend(p for p in harden_cmd.params if p.name not in _SERVER_SIDE)
 
 
-class Ui:
-    """Progress bars, log lines and warnings on stderr (stdout stays free for ``--json``).
-    ``quiet``: none of them (the ranks other than 0 of a distributed run)."""
+def _tune_allocator() -> None:
+    """The opt-in to the allocator tuning of the bound passes (robnet_svc/bounds/alloc.py), made by
+    every command that computes bounds: its process is robnet-svc's own, the library never tunes."""
+    from robnet_svc.bounds.alloc import keep_freed_memory
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-
-    def __enter__(self) -> "Ui":
-        from rich.console import Console
-
-        from robnet_svc.progress import for_stderr
-
-        self.console = Console(stderr=True)
-        # A terminal gets rich bars (80 columns); a log gets plain lines at a steady interval.
-        self.progress = for_stderr(quiet=self.quiet)
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(f"robnet-svc: {message}", highlight=False, soft_wrap=True)
-
-    def warn(self, message: str) -> None:
-        """A warning line like ``robnet-svc plugins`` prints for a broken plugin."""
-        if not self.quiet:
-            click.echo(f"robnet-svc: warning: {message}", err=True)
+    keep_freed_memory()
 
 
 def _run(ctx: click.Context, story, params: dict):
@@ -501,6 +486,7 @@ def _run(ctx: click.Context, story, params: dict):
     from robnet_svc import distributed, threads
     from robnet_svc.config import effective_config
     from robnet_svc.options import Options
+    from robnet_svc.progress import console_reporter
 
     fields = set(Options.__dataclass_fields__)
     options = Options(**{k: v for k, v in params.items() if k in fields},
@@ -509,9 +495,10 @@ def _run(ctx: click.Context, story, params: dict):
     args = sys.argv[1:] if ctx.obj.get("argv") is None else ctx.obj["argv"]
     command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *args])
     dist = distributed.from_env()
+    _tune_allocator()
     try:
-        with Ui(quiet=not dist.is_main) as ui:
-            report = story(options, effective_config(ctx), command_line, ui, dist=dist)
+        with console_reporter(quiet=not dist.is_main) as reporter:
+            report = story(options, effective_config(ctx), command_line, reporter, dist=dist)
     except KeyboardInterrupt as exc:
         hint = _resume_command(args, options) if story.__name__ == "harden" else None
         raise KeyboardInterrupt(hint) if hint else exc
@@ -563,21 +550,18 @@ def _print_summary(report, as_json: bool) -> None:
         table.add_row(name, f"{100 * s['clean_accuracy']:.1f}%", f"{100 * s['certified_accuracy']:.1f}%",
                       f"{100 * s['empirical_robust_accuracy']:.1f}%", str(s["num_samples"]))
     console.print(table)
-    if report.provenance.get("output_model"):
-        click.echo(f"wrote {report.provenance['output_model']} (sha256 {report.provenance['output_model_sha256']})")
+    if report.provenance.output_model:
+        click.echo(f"wrote {report.provenance.output_model} (sha256 {report.provenance.output_model_sha256})")
 
 
-def _describe_perturbation(provenance: dict) -> str:
-    """``bias-field eps=0.3 (order=2, mode=mult)`` from the certificate's provenance."""
-    try:
-        spec = json.loads(provenance.get("perturbation_json") or "{}")
-    except ValueError:
-        return str(provenance.get("perturbation_json"))
+def _describe_perturbation(provenance) -> str:
+    """``bias-field eps=0.3 (order=2, mode=mult)`` from the certificate's ``Provenance``."""
+    spec = dict(provenance.perturbation)
     name, eps = spec.pop("name", "?"), spec.pop("eps", "?")
     spec.pop("clip", None)
     options = ", ".join(f"{k}={v}" for k, v in spec.items() if v is not None)
-    methods = ", ".join(f"{k.replace('_', ' ')} {provenance[k]}" for k in ("train_method", "cert_method")
-                        if provenance.get(k))
+    methods = ", ".join(f"{k.replace('_', ' ')} {getattr(provenance, k)}" for k in ("train_method", "cert_method")
+                        if getattr(provenance, k))
     return f"{name} eps={eps}" + (f" ({options})" if options else "") + (f"; {methods}" if methods else "")
 
 

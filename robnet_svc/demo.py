@@ -16,6 +16,7 @@ import torch
 from robnet_svc.errors import RobnetError
 from robnet_svc.models import export_onnx, tiny_cnn
 from robnet_svc.pipeline import Options, _device, harden
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.report import Report
 from robnet_svc.training import train_standard
 
@@ -43,7 +44,7 @@ def train_input_model(path: Path, image_shape: tuple[int, int, int] = IMAGE_SHAP
     at ``path``; returns the dataset's ``Splits``."""
     from robnet_svc.plugins import load_registry
 
-    splits = load_registry().dataset("digits")(None).load(image_shape, progress=False)
+    splits = load_registry().dataset("digits")(None).load(image_shape)
     torch.manual_seed(seed)  # the initial weights
     model = tiny_cnn(in_channels=image_shape[0], num_classes=splits.num_classes, image_size=image_shape[1],
                      width=width)
@@ -52,15 +53,16 @@ def train_input_model(path: Path, image_shape: tuple[int, int, int] = IMAGE_SHAP
     return splits
 
 
-def run_demo(out: str | Path, *, fast: bool = False, force: bool = False, device: str = "cpu", ui) -> Report:
+def run_demo(out: str | Path, *, fast: bool = False, force: bool = False, device: str = "cpu",
+             reporter: Reporter = SILENT) -> Report:
     """Run the demo into folder ``out`` (refused when it exists, is not empty and not ``force``)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise RobnetError(f"--out {out} exists and is not empty; use --force to overwrite or choose another --out")
     _device(device)  # a bad --device is one line now, not after training the input model
     out.mkdir(parents=True, exist_ok=True)
-    ui.log("training a small CNN normally on the embedded digits (scikit-learn)")
+    reporter.log("training a small CNN normally on the embedded digits (scikit-learn)")
     train_input_model(out / INPUT_MODEL, epochs=3 if fast else 12)
     options = demo_options(out, fast, device)
     config = {k: v for k, v in vars(options).items() if k not in ("force", "resume")}
-    return harden(options, config, f"robnet-svc demo --out {out}" + (" --fast" if fast else ""), ui)
+    return harden(options, config, f"robnet-svc demo --out {out}" + (" --fast" if fast else ""), reporter)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from robnet_svc import __version__, threads
+from robnet_svc.bounder import Bounder
 from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.certify import (BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Certificates, RadiusSettings,
                                 certify_model)
@@ -41,7 +42,8 @@ from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
 from robnet_svc.options import Options
 from robnet_svc.perturbations.base import check_field_range
-from robnet_svc.report import Report, write_json, write_report
+from robnet_svc.progress import SILENT, Reporter
+from robnet_svc.report import Provenance, Report, write_json, write_report
 from robnet_svc.training import TrainData, TrainSettings, read_checkpoint, train
 
 MODEL_FILE = "model.robust.onnx"
@@ -57,11 +59,9 @@ class Plan:
     """Everything checked and loaded before any work starts."""
 
     options: Options
-    imported: Any                 # onnx_io.ImportedModel
-    perturbation: Any             # Perturbation at the target radius
-    cert_method: Any
-    train_method: Any | None
-    rules: dict
+    imported: Any                 # onnx_io.ImportedModel (its module on ``device``)
+    certifier: Bounder            # the input model, --cert-method, the perturbation at the target radius
+    trainer: Bounder | None       # the same network with --method (ordered=False); None: certify only
     splits: Any                   # datasets.Splits
     test_index: np.ndarray        # positions in the dataset's test split that are certified
     device: torch.device
@@ -70,24 +70,30 @@ class Plan:
     dist: Dist = field(default_factory=Dist)
     resume_state: dict | None = None  # the checkpoint --resume continues from (rank 0; read in prepare)
 
+    @property
+    def perturbation(self):
+        """The perturbation at the target radius."""
+        return self.certifier.perturbation
+
 
 # --------------------------------------------------------------------------- the two stories
 
 
-def harden(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
+def harden(options: Options, config: dict[str, Any], command_line: str, reporter: Reporter,
+           dist: Dist | None = None) -> Report:
     """Fine-tune ``options.model`` to be certifiably robust and write the three outputs to ``options.out``.
 
-    ``config``: the effective config (stored in the certificate); ``ui``: progress and log
-    sink (``robnet_svc.cli.Ui``-like: ``.progress``, ``.log(msg)``, optional ``.warn(msg)``);
+    ``config``: the effective config (stored in the certificate); ``reporter``: where log
+    lines, warnings and progress go (robnet_svc/progress.py);
     ``dist``: this process's place in a torchrun job (None: one process). Every rank returns
     the same report; only rank 0 writes.
     """
-    plan = prepare(options, training=True, dist=dist, warn=getattr(ui, "warn", None))
+    plan = prepare(options, training=True, dist=dist, reporter=reporter)
     with _no_empty_folder(plan.out if plan.dist.is_main else None):
-        return _harden(plan, config, command_line, ui)
+        return _harden(plan, config, command_line, reporter)
 
 
-def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+def _harden(plan: Plan, config: dict[str, Any], command_line: str, reporter: Reporter) -> Report:
     options = plan.options
     checkpoint = plan.out / CHECKPOINT_FILE
     if plan.dist.is_main:
@@ -96,40 +102,40 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
             checkpoint.unlink()  # --force: a stale checkpoint must not be resumed by accident later
 
     state = plan.dist.broadcast(plan.resume_state) if options.resume else None
-    module = plan.imported.module.to(plan.device)
     before_key = _before_key(plan)
     before = _certificates_from_state(state, "before", before_key)
     if before is None:
-        ui.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
-        before = _certify(plan, module, ui, "before")
+        reporter.log(f"certifying the input model on {len(plan.test_index)} test samples ({options.cert_method})")
+        before = _certify(plan, plan.certifier, reporter, "before")
     else:
-        ui.log(f"before: kept from {checkpoint} (certified {100 * before.summary()['certified_accuracy']:.1f}%)")
+        reporter.log(f"before: kept from {checkpoint} "
+                     f"(certified {100 * before.summary()['certified_accuracy']:.1f}%)")
 
-    ui.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
+    reporter.log(f"robust fine-tuning with {options.method} for {options.epochs} epoch(s) on {plan.device}"
            + (f" x {plan.dist.world_size} processes" if plan.dist.active else ""))
-    net = _compile(module, plan.rules)
-    history, selection = train(module, net, plan.train_method, plan.perturbation, plan.data, _train_settings(options),
-                    checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
-                    progress=ui.progress, log=ui.log, dist=plan.dist, checkpoint_every=options.checkpoint_every,
-                    phases={"before": _certificates_to_state(before, before_key)}, state=state)
+    history, selection = train(plan.trainer, plan.data, _train_settings(options),
+                               checkpoint=checkpoint, resume=options.resume, fingerprint=_fingerprint(plan),
+                               reporter=reporter, dist=plan.dist,
+                               checkpoint_every=options.checkpoint_every,
+                               phases={"before": _certificates_to_state(before, before_key)}, state=state)
     selected = selection_summary(selection.record(), plan.splits.class_names)
-    ui.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
+    reporter.log(f"selected epoch {selected['epoch']} (eps {selected['eps']:.4g}, validation clean "
            f"{_percent(selected['val_clean_accuracy'])}, certified {_percent(selected['val_certified_accuracy'])}): "
            f"{selected['reason']}")
     if plan.dist.is_main:
         for line in selection_warnings(selected, options.max_class_drop,
                                        max((row["eps"] for row in history), default=0.0)):
-            (getattr(ui, "warn", None) or ui.log)(line)
+            reporter.warn(line)
 
     model_path = plan.out / MODEL_FILE
     partial_path = plan.out / PARTIAL_MODEL_FILE  # the final name only once the certificate is written
     try:
-        robust = _export(plan, module, partial_path, {
+        robust = _export(plan, plan.trainer.module, partial_path, {
             "robnet_svc.perturbation": json.dumps(plan.perturbation.describe()),
             "robnet_svc.train_method": options.method})  # no config: it holds paths (it is in the certificate)
         robust.path = model_path  # what the certificate names: where the file ends up
-        ui.log(f"certifying the hardened model ({options.cert_method})")
-        after = _certify(plan, robust.module.to(plan.device), ui, "after")
+        reporter.log(f"certifying the hardened model ({options.cert_method})")
+        after = _certify(plan, plan.certifier.for_module(robust.module.to(plan.device)), reporter, "after")
 
         report = _report(plan, "harden", {"before": (before, plan.imported), "after": (after, robust)},
                          config, command_line, history, selected)
@@ -140,11 +146,11 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report
         if plan.dist.is_main:
             partial_path.unlink(missing_ok=True)
     if plan.dist.is_main and options.report_page:
-        _write_page(plan, report, ui)
+        _write_page(plan, report, reporter)
     return report
 
 
-def _write_page(plan: Plan, report: Report, ui) -> None:
+def _write_page(plan: Plan, report: Report, reporter: Reporter) -> None:
     """Figures and report.html in ``--out/report`` (``robnet-svc report plot``). The model and the
     certificate are written already: a failure here is a warning, not a failed run."""
     from robnet_svc import report_plot
@@ -154,25 +160,26 @@ def _write_page(plan: Plan, report: Report, ui) -> None:
         source = report_plot.load_source(report, splits=plan.splits)
         page = report_plot.write_page(report, folder, source=source)
     except Exception as exc:  # noqa: BLE001 - the run's outputs stand; say how to draw them later
-        (getattr(ui, "warn", None) or ui.log)(
+        reporter.warn(
             f"report page not written ({type(exc).__name__}: {exc}); "
             f"draw it with: robnet-svc report plot {plan.out / CERTIFICATE_FILE} --out {folder}")
         return
-    ui.log(f"wrote {page}")
+    reporter.log(f"wrote {page}")
 
 
-def certify(options: Options, config: dict[str, Any], command_line: str, ui, dist: Dist | None = None) -> Report:
+def certify(options: Options, config: dict[str, Any], command_line: str, reporter: Reporter,
+            dist: Dist | None = None) -> Report:
     """Certify ``options.model`` on the test split; write certificate + summary to ``options.out`` if given
     (rank 0 only; the test set is sharded over the ranks of a distributed run)."""
-    plan = prepare(options, training=False, dist=dist, warn=getattr(ui, "warn", None))
+    plan = prepare(options, training=False, dist=dist, reporter=reporter)
     with _no_empty_folder(plan.out if plan.dist.is_main else None):
-        return _certify_story(plan, config, command_line, ui)
+        return _certify_story(plan, config, command_line, reporter)
 
 
-def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) -> Report:
+def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, reporter: Reporter) -> Report:
     options = plan.options
-    ui.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
-    certs = _certify(plan, plan.imported.module.to(plan.device), ui, "model")
+    reporter.log(f"certifying {options.model} on {len(plan.test_index)} test samples ({options.cert_method})")
+    certs = _certify(plan, plan.certifier, reporter, "model")
     report = _report(plan, "certify", {"model": (certs, plan.imported)}, config, command_line, [])
     if plan.out is not None and plan.dist.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +190,7 @@ def _certify_story(plan: Plan, config: dict[str, Any], command_line: str, ui) ->
 # --------------------------------------------------------------------------- validation
 
 
-def prepare(options: Options, training: bool, dist: Dist | None = None, warn=None,
+def prepare(options: Options, training: bool, dist: Dist | None = None, reporter: Reporter = SILENT,
             check_only: bool = False) -> Plan | None:
     """Check every input and load model and data; RobnetError (one line) before anything is written.
 
@@ -192,7 +199,7 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
 
     Distributed: every rank checks everything (so a bad input fails on every rank, before
     any collective) except ``--out``, which only rank 0 writes and checks; the process group
-    is joined last. ``warn(line)``: where broken plugins are reported (rank 0), once every
+    is joined last. ``reporter``: where broken plugins are reported (rank 0), once every
     check has passed.
     """
     from robnet_svc.onnx_io import load_model
@@ -203,11 +210,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     registry = load_registry()
     perturbation = _perturbation(registry, options)
     cert_method = registry.bound_method(options.cert_method)()
-    train_method = registry.bound_method(options.method)() if training else None
-    if train_method is not None:
-        # Training needs sound bounds, not the cross-method ordering guarantees that cost
-        # extra passes (robnet_svc/bounds/methods.py); certification keeps them.
-        train_method.ordered = False
+    # Training needs sound bounds, not the cross-method ordering guarantees that cost extra
+    # passes (robnet_svc/bounds/methods.py); certification keeps them.
+    train_method = registry.bound_method(options.method)(ordered=False) if training else None
     dataset_cls = registry.dataset(options.dataset)
     if dataset_cls.needs_data_dir and not options.data_dir:
         raise RobnetError(f"dataset {options.dataset!r} needs --data-dir")
@@ -222,16 +227,17 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
         raise RobnetError(f"model {options.model} has no weights robnet-svc can fine-tune (it trains the "
                           "weights of Gemm, Conv and BatchNormalization nodes; this model has none): nothing "
                           "to harden; `robnet-svc certify` still certifies it")
-    probe = torch.zeros(1, *imported.image_shape)
     for flag, method in (("--cert-method", cert_method), ("--method", train_method)):
-        if method is None:
-            continue
-        if getattr(method, "needs_dense", False) and not perturbation.affine_set(probe).supports_dense:
-            raise RobnetError(f"{flag} {method.name!r} needs a small number of perturbation coefficients; "
-                              f"perturbation {options.perturbation!r} has "
-                              f"{perturbation.num_coeffs(imported.image_shape)}: use ibp, rsip-ibp or rsip")
-    rules = registry.rules()
-    _compile(imported.module, rules)  # unsupported operations are reported now, not after training
+        reason = method.check(perturbation, imported.image_shape) if method is not None else None
+        if reason is not None:
+            raise RobnetError(f"{flag} {method.name!r} {reason}: "
+                              f"use {_fitting_methods(registry, perturbation, imported.image_shape)}")
+    # The network is compiled now (unsupported operations are reported before any work), on the
+    # device it is bounded on (a compiled copy would keep buffers moved later where they were);
+    # the service's check leaves the model where it is.
+    module = imported.module if check_only else imported.module.to(device)
+    certifier = Bounder(module, cert_method, perturbation, imported.image_shape, rules=registry.rules())
+    trainer = Bounder(certifier.net, train_method, perturbation, imported.image_shape) if training else None
     radius = radius_settings(options)
     if radius is not None:
         from robnet_svc.certify import check_radius_support
@@ -241,18 +247,17 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, warn=Non
     dataset = dataset_cls(options.data_dir, **options.dataset_options)
     if check_only:
         return None
-    splits = dataset.load(imported.image_shape, progress=dist.is_main)
+    splits = dataset.load(imported.image_shape, reporter=reporter if dist.is_main else SILENT)
     _check_data(splits, imported, options)
     test_index = _subsample(splits.test_labels.shape[0], options.max_test)
-    plan = Plan(options, imported, perturbation, cert_method, train_method, rules, splits, test_index, device, out,
-                dist=dist)
+    plan = Plan(options, imported, certifier, trainer, splits, test_index, device, out, dist=dist)
     if training:
         plan.data = _train_data(splits, options, device)
         if options.resume and dist.is_main:  # another run's checkpoint is refused now, not after "before"
             plan.resume_state = read_checkpoint(out / CHECKPOINT_FILE, _train_settings(options), _fingerprint(plan))
-    if warn is not None and dist.is_main:  # after the checks: a failed check stays one line (it names
-        for line in registry.broken:       # broken plugins itself when they matter)
-            warn(line)
+    if dist.is_main:  # after the checks: a failed check stays one line (it names broken plugins
+        for line in registry.broken:  # itself when they matter)
+            reporter.warn(line)
     dist.start(device)  # the first collective of the run comes after every check
     return plan
 
@@ -356,6 +361,13 @@ def _check_out(options: Options, training: bool) -> Path | None:
     return out
 
 
+def _fitting_methods(registry, perturbation, image_shape) -> str:
+    """The registered bound methods whose contract check accepts ``perturbation`` ("a, b or c")."""
+    names = [name for name, entry in registry.bound_methods.items()
+             if entry.obj().check(perturbation, image_shape) is None]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names) or "none"
+
+
 def _perturbation(registry, options: Options):
     cls = registry.perturbation(options.perturbation)
     given = {"order": options.order, "mode": options.mode, "coef_scale": options.coef_scale}
@@ -371,12 +383,6 @@ def _device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise RobnetError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
-
-
-def _compile(module, rules):
-    from robnet_svc.bounds import compile_network
-
-    return compile_network(module, rules=rules)
 
 
 def _check_data(splits, imported, options: Options) -> None:
@@ -432,8 +438,8 @@ def _fingerprint(plan: Plan) -> str:
 # --------------------------------------------------------------------------- certification and outputs
 
 
-def _certify(plan: Plan, module, ui, label: str) -> Certificates:
-    """Certificates of ``module`` on the test samples ``plan.test_index``, in that order.
+def _certify(plan: Plan, bounder: Bounder, reporter: Reporter, label: str) -> Certificates:
+    """Certificates of ``bounder``'s model on the test samples ``plan.test_index``, in that order.
 
     Distributed: each rank certifies a contiguous share and the shares are gathered in rank
     order; attacks are seeded per sample (its position in the test split), not per rank."""
@@ -445,30 +451,19 @@ def _certify(plan: Plan, module, ui, label: str) -> Certificates:
                                                                                plan.splits.test_labels))
     else:
         images, labels = plan.splits.test_images[index], plan.splits.test_labels[index]
-    net = _compile(module, plan.rules)
-    task = ui.progress.add_task(f"certify {label}", total=images.shape[0], stats="") if ui.progress else None
-    done = {"samples": 0, "certified": 0}
-
-    def on_batch(n: int, certified: int) -> None:
-        done["samples"] += n
-        done["certified"] += certified
-        ui.progress.update(task, advance=n, stats=f"cert {done['certified'] / done['samples']:.3f}")
-
     certs = certify_model(
-        module, net, plan.cert_method, plan.perturbation, images, labels,
+        bounder, images, labels,
         batch_size=o.cert_batch_size, device=plan.device, sample_ids=index, radius=radius_settings(o),
         attack=AttackSettings(steps=o.attack_steps, restarts=o.attack_restarts, seed=o.seed),
-        on_batch=on_batch if task is not None else None,
+        reporter=reporter, description=f"certify {label}",
     )
-    if task is not None:
-        ui.progress.remove_task(task)
     certs = Certificates.concat(plan.dist.gather(certs))
     release_free_memory()  # the bound passes' free heap goes back before the next phase (bounds/alloc.py)
     s = certs.summary()
-    ui.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
+    reporter.log(f"{label}: clean {100 * s['clean_accuracy']:.1f}%  certified {100 * s['certified_accuracy']:.1f}%  "
            f"empirical robust {100 * s['empirical_robust_accuracy']:.1f}%  (n={s['num_samples']})")
     if certs.radius is not None and certs.num_samples:
-        ui.log(f"{label}: median certified radius {float(np.median(certs.radius)):.4g} (of correct samples: "
+        reporter.log(f"{label}: median certified radius {float(np.median(certs.radius)):.4g} (of correct samples: "
                f"{float(np.median(certs.radius[certs.prediction == certs.label])) if s['clean_accuracy'] else 0:.4g})")
     return certs
 
@@ -498,36 +493,35 @@ def _report(plan: Plan, kind: str, sections: dict[str, tuple[Certificates, Any]]
     probe = plan.perturbation.affine_set(plan.splits.test_images[:1])
     image_shape = tuple(plan.imported.image_shape)
     output = sections.get("after", (None, None))[1]
-    provenance = {
-        "tool": "robnet-svc",
-        "tool_version": __version__,
-        "torch_version": torch.__version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command_line": command_line,
-        "config_json": json.dumps(_resolved_config(plan, config), sort_keys=True),
-        "input_model": str(plan.imported.path),
-        "input_model_sha256": plan.imported.sha256,
-        "output_model": str(output.path) if output is not None else "",
-        "output_model_sha256": output.sha256 if output is not None else "",
-        "dataset": o.dataset,
-        "dataset_source": plan.splits.source,
-        "class_names_json": json.dumps(list(plan.splits.class_names)),
-        "image_shape": list(image_shape),
-        "perturbation_json": json.dumps(plan.perturbation.describe()),
-        "coeff_names_json": json.dumps(plan.perturbation.coeff_names(image_shape)),
-        "coeff_lower": probe.lower[0].double().numpy(),
-        "coeff_upper": probe.upper[0].double().numpy(),
-        "train_method": o.method if kind == "harden" else "",
-        "cert_method": o.cert_method,
-        "attack_json": json.dumps(asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed))),
-        "device": str(plan.device),
-        "bound_dtype": str(BOUND_DTYPE).removeprefix("torch."),
-        "deployed_dtype": str(plan.imported.input_dtype),
-        "certified_rule": CERTIFIED_RULE,
-        "radius_json": json.dumps(asdict(radius_settings(o))) if o.radius else "",
-        "selection_json": json.dumps(selection) if selection is not None else "",
+    provenance = Provenance(
+        tool_version=__version__,
+        torch_version=torch.__version__,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command_line=command_line,
+        config=_resolved_config(plan, config),
+        input_model=str(plan.imported.path),
+        input_model_sha256=plan.imported.sha256,
+        output_model=str(output.path) if output is not None else None,
+        output_model_sha256=output.sha256 if output is not None else None,
+        dataset=o.dataset,
+        dataset_source=plan.splits.source,
+        class_names=list(plan.splits.class_names),
+        image_shape=image_shape,
+        perturbation=plan.perturbation.describe(),
+        coeff_names=plan.perturbation.coeff_names(image_shape),
+        coeff_lower=probe.lower[0].double().numpy(),
+        coeff_upper=probe.upper[0].double().numpy(),
+        train_method=o.method if kind == "harden" else None,
+        cert_method=o.cert_method,
+        attack=asdict(AttackSettings(o.attack_steps, o.attack_restarts, o.seed)),
+        device=str(plan.device),
+        bound_dtype=str(BOUND_DTYPE).removeprefix("torch."),
+        deployed_dtype=str(plan.imported.input_dtype),
+        certified_rule=CERTIFIED_RULE,
+        radius=asdict(radius_settings(o)) if o.radius else None,
+        selection=selection,
         **peak_memory(),
-    }
+    )
     section_attrs = {name: {"model": str(model.path), "model_sha256": model.sha256, "method": o.cert_method}
                      for name, (_certs, model) in sections.items()}
     hist = {key: np.array([row[key] for row in history], dtype=np.float64) for key in (history[0] if history else {})}

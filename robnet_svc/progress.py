@@ -1,4 +1,14 @@
-"""Progress on stderr: rich bars on a terminal, plain lines at a steady interval elsewhere.
+"""The one reporting channel (``Reporter``), and progress on stderr: rich bars on a terminal,
+plain lines at a steady interval elsewhere.
+
+Everything the library tells its user goes through a ``Reporter`` passed down the call:
+log lines, warnings, and the progress of tasks (``with reporter.task(...) as task:
+task.advance(n)``): the pipeline, certification, training, the datasets' decoding, the
+VNN-LIB commands. The base ``Reporter()`` (``SILENT``) reports nothing, which is what a
+library call gets by default; the command line's is ``console_reporter()`` (stderr), the
+service's writes its job's live progress to the job store (robnet_svc/service/worker.py).
+A reporter's progress sink is anything with the part of ``rich.progress.Progress`` used
+here (``add_task``, ``update``, ``remove_task``).
 
 Piped to a log (CI, a service, ``nohup``) a bar shows nothing, and a phase can last many
 minutes; ``LineProgress`` then prints one line per task every ``interval`` seconds::
@@ -108,6 +118,82 @@ class LineProgress:
         return ", ".join(parts + ([stats] if stats else []))
 
 
+class Task:
+    """One task of a ``Reporter``: ``advance(n, **fields)`` after ``n`` more units of work,
+    ``update(completed=..., **fields)``. The fields reach the progress sink (``stats``: the short
+    text a bar or line shows; the service reads training's numbers from the others)."""
+
+    def __init__(self, sink, task_id: Any):
+        self._sink, self._id = sink, task_id
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        if self._sink is not None:
+            self._sink.update(self._id, advance=n, **fields)
+
+    def update(self, **fields: Any) -> None:
+        if self._sink is not None:
+            self._sink.update(self._id, **fields)
+
+
+class Reporter:
+    """Log lines, warnings and task progress for the user; the base class (``SILENT``) reports nothing.
+
+    ``progress``: a progress sink (``rich.progress.Progress``-like) or None; ``log(line)`` and
+    ``warn(line)``: where log lines and warnings go (None: nowhere; a warning without ``warn``
+    goes to ``log`` as ``warning: ...``).
+    """
+
+    def __init__(self, progress=None, log: Callable[[str], None] | None = None,
+                 warn: Callable[[str], None] | None = None):
+        self._progress, self._log, self._warn = progress, log, warn
+
+    def log(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+    def warn(self, message: str) -> None:
+        if self._warn is not None:
+            self._warn(message)
+        else:
+            self.log(f"warning: {message}")
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None, **fields: Any) -> Iterator[Task]:
+        """A task shown while the block runs (``total`` units of work; ``fields`` as in ``Task``)."""
+        if self._progress is None:
+            yield Task(None, None)
+            return
+        task_id = self._progress.add_task(description, total=total, **{"stats": "", **fields})
+        try:
+            yield Task(self._progress, task_id)
+        finally:
+            self._progress.remove_task(task_id)
+
+
+#: The reporter of a library call that was given none: it reports nothing.
+SILENT = Reporter()
+
+
+@contextmanager
+def console_reporter(quiet: bool = False) -> Iterator[Reporter]:
+    """The command line's reporter: log lines and warnings on stderr, progress as rich bars on a
+    terminal or plain lines in a log (``for_stderr``); ``quiet``: nothing at all (the ranks other
+    than 0 of a distributed run)."""
+    if quiet:
+        yield SILENT
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    bars = for_stderr()
+    bars.start()
+    try:
+        yield Reporter(bars, log=lambda line: console.print(f"robnet-svc: {line}", highlight=False, soft_wrap=True),
+                       warn=lambda line: print(f"robnet-svc: warning: {line}", file=sys.stderr, flush=True))
+    finally:
+        bars.stop()
+
+
 def rich_progress(console):
     """A rich ``Progress`` on ``console`` whose line fits 80 columns (bar, count, ETA, short stats)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -117,36 +203,9 @@ def rich_progress(console):
                     console=console, transient=True)
 
 
-def for_stderr(quiet: bool = False):
-    """The progress sink of a run: None when ``quiet``, rich bars on a terminal, else plain lines."""
-    if quiet:
-        return None
+def for_stderr():
+    """The progress sink of a run: rich bars on a terminal, else plain lines."""
     from rich.console import Console
 
     console = Console(stderr=True)
     return rich_progress(console) if console.is_terminal else LineProgress()
-
-
-@contextmanager
-def task(label: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A progress task of its own on stderr (rich bar or plain lines), yielding ``advance(n)``.
-
-    Used where no run-wide progress is at hand (dataset decoding). Inside the command line's
-    own live display rich nests the bar (rich >= 14); where it cannot, no bar rather than an error.
-    """
-    from rich.errors import LiveError
-
-    bar = for_stderr(quiet=not enabled)
-    if bar is not None:
-        try:
-            bar.start()
-        except LiveError:
-            bar = None
-    if bar is None:
-        yield lambda _n: None
-        return
-    task_id = bar.add_task(label, total=total, stats="")
-    try:
-        yield lambda n: bar.update(task_id, advance=n)
-    finally:
-        bar.stop()

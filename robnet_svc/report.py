@@ -1,30 +1,27 @@
 """The HDF5 certificate (schema: ``docs/report-format.md``, version ``FORMAT_VERSION``):
 write it atomically, read it back, and turn it into the summary and tables people read.
 
-Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model`` for ``certify``)::
+The module owns the schema: ``Provenance`` is the typed record of ``/provenance`` (encoded
+to HDF5 attributes only by ``write_report``, decoded once by ``read_report``), ``Report``
+the whole file. Layout (``S`` = a section: ``before``/``after`` for ``harden``, ``model``
+for ``certify``)::
 
     /                      attrs: format_version, kind ("harden" | "certify")
-    /provenance            attrs: tool, tool_version, created_utc, command_line, config_json,
-                                  input_model, input_model_sha256, output_model, output_model_sha256,
-                                  dataset, dataset_source, class_names_json, image_shape,
-                                  perturbation_json, coeff_names_json, coeff_lower, coeff_upper,
-                                  train_method, cert_method, device, bound_dtype, deployed_dtype,
-                                  certified_rule, radius_json, selection_json (harden),
-                                  peak_rss_mib, peak_gpu_mib
+    /provenance            attrs: one per ``Provenance`` field (``Provenance.encode`` names them)
     /summary               attrs: sections_json, and "<S>.<metric>" for every section and metric
-    /certificates/<S>      attrs: the section's metrics, model_sha256, method
+    /certificates/<S>      attrs: the section's metrics, model, model_sha256, method;
+                                  radius_eps, radius_certified_accuracy,
+                                  radius_empirical_robust_accuracy (with --radius)
                            datasets: index, label, prediction, certified, margin_lower [N, K-1],
                                      attack_success, attack_margin, rounding_allowance [N, K-1],
-                                     attack_coeffs [N, k];
-                                     radius, attack_radius (with --radius); attrs radius_eps,
-                                     radius_certified_accuracy, radius_empirical_robust_accuracy
+                                     attack_coeffs [N, k]; radius, attack_radius (with --radius)
     /history               datasets, one value per epoch (harden only): see HISTORY_FIELDS
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +44,105 @@ HISTORY_FIELDS = ("epoch", "eps", "lr", "loss", "ce_loss", "robust_loss", "train
 
 
 @dataclass
+class Provenance:
+    """Where a certificate comes from: the ``/provenance`` attributes, typed.
+
+    Fields are stored under their own name, except the JSON ones, stored as a JSON string
+    under ``<name>_json`` (``config``, ``class_names``, ``perturbation``, ``coeff_names``,
+    ``attack``, ``radius``, ``selection``); None is stored as an empty string.
+    ``docs/report-format.md`` says what each one means. ``unknown``: attributes of a newer
+    file this version does not know, kept as read (and written back as they were).
+    """
+
+    tool: str = "robnet-svc"
+    tool_version: str = ""
+    torch_version: str = ""
+    created_utc: str = ""
+    command_line: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the effective config
+    input_model: str = ""
+    input_model_sha256: str = ""
+    output_model: str | None = None  # harden only
+    output_model_sha256: str | None = None
+    dataset: str = ""
+    dataset_source: str = ""
+    class_names: list[str] = field(default_factory=list)
+    image_shape: tuple[int, ...] = ()
+    perturbation: dict[str, Any] = field(default_factory=dict)  # Perturbation.describe()
+    coeff_names: list[str] = field(default_factory=list)
+    coeff_lower: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [k]
+    coeff_upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    train_method: str | None = None  # harden only
+    cert_method: str = ""
+    attack: dict[str, Any] | None = None  # AttackSettings: steps, restarts, seed
+    device: str = ""
+    bound_dtype: str = ""
+    deployed_dtype: str = ""
+    certified_rule: str = ""
+    radius: dict[str, float] | None = None  # {"max", "precision"} of --radius
+    selection: dict[str, Any] | None = None  # harden only: the exported epoch and why
+    peak_rss_mib: float | None = None
+    peak_gpu_mib: float | None = None
+    unknown: dict[str, Any] = field(default_factory=dict)
+
+    #: Fields stored as JSON under ``<name>_json``: whether their keys are sorted (else as given).
+    JSON_FIELDS = {"config": True, "class_names": False, "perturbation": False, "coeff_names": False,
+                   "attack": False, "radius": False, "selection": False}
+
+    def encode(self) -> dict[str, Any]:
+        """The HDF5 attributes (name -> str, number or numpy array)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "unknown":
+                continue
+            value = getattr(self, f.name)
+            if f.name in self.JSON_FIELDS:
+                out[f"{f.name}_json"] = self.json_text(f.name)
+            elif f.name == "image_shape":
+                out[f.name] = np.asarray([int(v) for v in value], dtype=np.int64)
+            elif f.name in ("coeff_lower", "coeff_upper"):
+                out[f.name] = np.asarray(value, dtype=np.float64)
+            else:  # str subclasses (torch.__version__, numpy strings) as plain str: h5py stores those
+                out[f.name] = "" if value is None else str(value) if isinstance(value, str) else value
+        return {**out, **self.unknown}
+
+    def json_text(self, name: str) -> str:
+        """The stored text of JSON field ``name`` (attribute ``<name>_json``; empty for None)."""
+        value = getattr(self, name)
+        return "" if value is None else json.dumps(value, sort_keys=self.JSON_FIELDS[name])
+
+    @classmethod
+    def decode(cls, attrs: dict[str, Any]) -> "Provenance":
+        """The record of ``/provenance`` attributes (as h5py reads them; older files may lack some)."""
+        attrs = {key: _plain(value) for key, value in attrs.items()}
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f"{f.name}_json" if f.name in cls.JSON_FIELDS else f.name
+            if f.name == "unknown" or key not in attrs:
+                continue
+            value = attrs.pop(key)
+            if f.name in cls.JSON_FIELDS:
+                value = json.loads(value) if value != "" else (None if f.default is None else f.default_factory())
+            elif f.name == "image_shape":
+                value = tuple(int(v) for v in value)
+            elif f.name in ("coeff_lower", "coeff_upper"):
+                value = np.asarray(value, dtype=np.float64)
+            elif value == "" and f.default is None:
+                value = None
+            known[f.name] = value
+        return cls(**known, unknown=attrs)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The attributes as plain JSON values, by name (``report show --json``)."""
+        return {key: _plain(value) for key, value in sorted(self.encode().items())}
+
+
+@dataclass
 class Report:
     """A certificate as read back: everything in the file, as plain Python and numpy."""
 
     kind: str
-    provenance: dict[str, Any]
+    provenance: Provenance
     sections: dict[str, Certificates]
     section_attrs: dict[str, dict[str, Any]]
     history: dict[str, np.ndarray] = field(default_factory=dict)
@@ -59,13 +150,12 @@ class Report:
 
     @property
     def class_names(self) -> list[str]:
-        return json.loads(self.provenance.get("class_names_json", "[]"))
+        return self.provenance.class_names
 
     @property
     def radius_settings(self) -> dict[str, float] | None:
         """``{"max", "precision"}`` of the radius search, or None (no ``--radius``, or format 1)."""
-        text = self.provenance.get("radius_json") or ""
-        return json.loads(text) if text else None
+        return self.provenance.radius
 
     def radius_curve(self, section: str) -> dict[str, list[float]] | None:
         """Certified and empirical robust accuracy at ``RADIUS_SUMMARY_STEPS + 1`` equally spaced ε
@@ -81,19 +171,19 @@ class Report:
         return {
             "format_version": self.format_version,
             "kind": self.kind,
-            "input_model": prov.get("input_model"),
-            "input_model_sha256": prov.get("input_model_sha256"),
-            "output_model": prov.get("output_model") or None,
-            "output_model_sha256": prov.get("output_model_sha256") or None,
-            "dataset": prov.get("dataset"),
-            "perturbation": json.loads(prov.get("perturbation_json", "{}")),
-            "train_method": prov.get("train_method") or None,
-            "cert_method": prov.get("cert_method"),
+            "input_model": prov.input_model,
+            "input_model_sha256": prov.input_model_sha256,
+            "output_model": prov.output_model or None,
+            "output_model_sha256": prov.output_model_sha256 or None,
+            "dataset": prov.dataset,
+            "perturbation": prov.perturbation,
+            "train_method": prov.train_method or None,
+            "cert_method": prov.cert_method,
             "sections": {name: {**certs.summary(), **({"radius": curve} if curve else {})}
                          for name, certs in self.sections.items() for curve in [self.radius_curve(name)]},
-            "selection": json.loads(prov["selection_json"]) if prov.get("selection_json") else None,
-            "peak_rss_mib": prov.get("peak_rss_mib") or None,  # None in older certificates
-            "peak_gpu_mib": prov.get("peak_gpu_mib") or None,
+            "selection": prov.selection,
+            "peak_rss_mib": prov.peak_rss_mib or None,  # None in older certificates
+            "peak_gpu_mib": prov.peak_gpu_mib or None,
         }
 
     def per_class(self) -> dict[str, list[dict[str, Any]]]:
@@ -122,8 +212,8 @@ def write_report(path: str | Path, report: Report) -> Path:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["kind"] = report.kind
             prov = f.create_group("provenance")
-            for key, value in report.provenance.items():
-                prov.attrs[key] = _attr(value)
+            for key, value in report.provenance.encode().items():
+                prov.attrs[key] = value
             summary = f.create_group("summary")
             summary.attrs["sections_json"] = json.dumps(list(report.sections))
             certs_group = f.create_group("certificates")
@@ -188,7 +278,11 @@ def read_report(path: str | Path) -> Report:
         if str(version) not in READABLE_VERSIONS:
             raise RobnetError(f"{path} has certificate format {version}; this robnet-svc reads formats "
                               f"{', '.join(READABLE_VERSIONS)}: upgrade robnet-svc")
-        provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
+        try:
+            provenance = Provenance.decode(dict(f["provenance"].attrs))
+        except (ValueError, TypeError) as exc:
+            raise RobnetError(f"{path}: its /provenance attributes cannot be read ({type(exc).__name__}: "
+                              f"{exc}); is it a certificate written by robnet-svc?") from None
         order = json.loads(_plain(f["summary"].attrs["sections_json"]))
         sections, section_attrs = {}, {}
         for name in order:
@@ -216,7 +310,7 @@ def render(report: Report, console) -> None:
     """Print summary, provenance and the per-class table with rich on ``console``."""
     from rich.table import Table
 
-    prov = report.provenance
+    prov = report.provenance.as_dict()
     summary = Table(title=f"certificate ({report.kind}, format {report.format_version})", title_justify="left")
     summary.add_column("section")
     for metric in METRICS:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 
 from robnet_svc.atomic import atomic_path
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.report import eps_grid
 
 PAGE_FILE = "report.html"
@@ -58,7 +58,7 @@ class SampleSource:
 
 
 def load_source(report, *, models: dict[str, str] | None = None, dataset: str | None = None,
-                data_dir: str | None = None, splits=None) -> SampleSource:
+                data_dir: str | None = None, splits=None, reporter: Reporter = SILENT) -> SampleSource:
     """The test images and the section models of ``report``.
 
     Defaults come from the certificate: each section's ``model`` attribute, and the
@@ -66,7 +66,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
     (section -> path), ``dataset`` and ``data_dir`` override them; ``splits``: already
     loaded ``datasets.Splits`` (``harden``). Every model must be the file the section was
     computed on (same sha256) and the test labels must match the certificate's:
-    RobnetError (one line) otherwise.
+    RobnetError (one line) otherwise. ``reporter``: where loading the dataset reports.
     """
     import torch
 
@@ -74,8 +74,8 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
     from robnet_svc.onnx_io import load_model
     from robnet_svc.plugins import load_registry
 
-    config = json.loads(report.provenance.get("config_json") or "{}")
-    image_shape = tuple(int(v) for v in report.provenance["image_shape"])
+    config = report.provenance.config
+    image_shape = report.provenance.image_shape
     registry = load_registry()
     perturbation = perturbation_of(report, registry)
     modules = {}
@@ -91,7 +91,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
                               f"the certificate says {expected[:12]}...)")
         modules[section] = imported.module.eval().to("cpu")
     if splits is None:
-        name = dataset or config.get("dataset") or report.provenance.get("dataset")
+        name = dataset or config.get("dataset") or report.provenance.dataset
         folder = data_dir if data_dir is not None else config.get("data_dir")
         dataset_cls = registry.dataset(name)
         if dataset_cls.needs_data_dir and not folder:
@@ -99,7 +99,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
         if folder and not Path(folder).is_dir():
             raise RobnetError(f"--data-dir {folder} is not a folder")
         given = config.get("dataset_options") or dataset_options(config.get("dataset_option") or ())  # demo: a dict
-        splits = dataset_cls(folder, **given).load(image_shape, progress=False)
+        splits = dataset_cls(folder, **given).load(image_shape, reporter=reporter)
         origin = f"dataset {name!r}" + (f" in {folder}" if folder else "")
     else:
         origin = "the run's own test split"
@@ -114,10 +114,10 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
 
 
 def perturbation_of(report, registry=None):
-    """The certificate's perturbation, rebuilt from its ``perturbation_json``."""
+    """The certificate's perturbation, rebuilt from its recorded description."""
     from robnet_svc.plugins import load_registry
 
-    spec = json.loads(report.provenance.get("perturbation_json") or "{}")
+    spec = dict(report.provenance.perturbation)
     registry = registry or load_registry()
     name, eps = spec.pop("name"), spec.pop("eps")
     clip = spec.pop("clip", None)
@@ -205,13 +205,13 @@ def _png(fig) -> bytes:
 
 
 def _eps_label(report) -> str:
-    spec = json.loads(report.provenance.get("perturbation_json") or "{}")
+    spec = report.provenance.perturbation
     details = ", ".join(f"{k} {spec[k]}" for k in ("order", "mode") if spec.get(k) is not None)
     return f"radius ε ({spec.get('name', '?')}" + (f", {details}" if details else "") + ")"
 
 
 def _cert_eps(report) -> float:
-    return float(json.loads(report.provenance.get("perturbation_json") or "{}").get("eps", float("nan")))
+    return float(report.provenance.perturbation.get("eps", float("nan")))
 
 
 def accuracy_figure(report):
@@ -246,7 +246,7 @@ def accuracy_figure(report):
         ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"Certified ({report.provenance.get('cert_method', '?')}) and empirical robust accuracy vs ε")
+    ax.set_title(f"Certified ({report.provenance.cert_method or '?'}) and empirical robust accuracy vs ε")
     return fig
 
 
@@ -447,7 +447,7 @@ def _samples_caption(report, worst: bool, source: SampleSource) -> str:
 
 def _html(report, figures, notes) -> str:
     e = html.escape
-    prov = report.provenance
+    prov = report.provenance.as_dict()
     rows = []
     for name, certs in report.sections.items():
         s = certs.summary()

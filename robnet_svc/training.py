@@ -54,7 +54,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ from robnet_svc.atomic import atomic_path
 from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 
 CHECKPOINT_FORMAT = 4  # 4: carries the model selection (baseline, best state so far); 3: re-seeded per step,
 #                           may be written within an epoch, carries finished phases
@@ -151,13 +152,14 @@ def certified_mask(margin_lower: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, labels: Tensor,
-             batch_size: int, dist: Dist = Dist()) -> tuple[float, float]:
-    """Clean and certified accuracy (eval mode, the perturbation's own radius); (nan, nan) when empty.
+def evaluate(bounder, images: Tensor, labels: Tensor, batch_size: int, dist: Dist = Dist()) -> tuple[float, float]:
+    """Clean and certified accuracy of ``bounder.module`` (eval mode; certified: every margin lower
+    bound of ``bounder`` > 0 at the perturbation's own radius); (nan, nan) when empty.
 
     Distributed: each rank evaluates its contiguous share, the counts are summed over ranks."""
     if images.shape[0] == 0:
         return math.nan, math.nan
+    module = bounder.module
     mine = dist.shard(images.shape[0])
     counts = torch.zeros(2, dtype=torch.float64, device=images.device)  # correct, certified
     with eval_mode(module):
@@ -167,7 +169,7 @@ def evaluate(module: nn.Module, net, method, perturbation, images: Tensor, label
             ok = module(x).argmax(-1) == y
             counts[0] += ok.sum()
             if ok.any():
-                margin = method.margin_lower(net, perturbation.affine_set(x[ok]), y[ok])
+                margin = bounder.margin_lower(x[ok], y[ok])
                 counts[1] += certified_mask(margin).sum()
     correct, certified = dist.sum(counts).tolist()
     return correct / images.shape[0], certified / images.shape[0]
@@ -301,19 +303,18 @@ class RobustObjective(nn.Module):
     With ``world_size = 1`` and the whole batch this is Eq. 7 (a batch mean); with DDP's
     gradient average over ranks it is the gradient of Eq. 7 on the global batch of
     ``global_size`` samples. ``stats``: sums of this shard in ``STAT_FIELDS`` order.
-    ``net``, ``method``, ``perturbation`` are held outside the module tree (``net`` reads
-    ``module``'s live parameters; DDP must not see them twice).
+    ``bounder`` (a ``robnet_svc.bounder.Bounder``, not a module) is held outside the module tree:
+    its compiled network reads ``bounder.module``'s live parameters, which DDP must not see twice.
     """
 
-    def __init__(self, module: nn.Module, net, method, perturbation, alpha: float, world_size: int = 1):
+    def __init__(self, bounder, alpha: float, world_size: int = 1):
         super().__init__()
-        self.module = module
-        self.bounds = (net, method, perturbation)  # a tuple: not registered as submodules
+        self.module = bounder.module
+        self.bounder = bounder
         self.alpha = alpha
         self.world_size = world_size
 
     def forward(self, x: Tensor, y: Tensor, eps: float, global_size: int) -> tuple[Tensor, Tensor]:
-        net, method, perturbation = self.bounds
         zero = torch.zeros((), device=x.device)
         if x.shape[0] == 0:  # an empty shard (last global batch smaller than the world): zero gradients,
             # but every parameter still takes part, as DDP's reducer expects
@@ -325,7 +326,7 @@ class RobustObjective(nn.Module):
         robust_sum, certified = zero, zero
         if self.alpha > 0 and bool(correct.any()):
             with eval_mode(self.module):  # bounds use running statistics (what is exported and certified)
-                margin = method.margin_lower(net, perturbation.affine_set(x[correct], eps=eps), y[correct])
+                margin = self.bounder.margin_lower(x[correct], y[correct], eps=eps)
             robust_sum = robust_loss(margin).sum()
             certified = certified_mask(margin.detach()).sum()
         loss = (ce_sum + self.alpha * robust_sum) * (self.world_size / global_size)
@@ -334,26 +335,27 @@ class RobustObjective(nn.Module):
         return loss, stats
 
 
-def train(module: nn.Module, net, method, perturbation, data: TrainData, settings: TrainSettings, *,
+def train(bounder, data: TrainData, settings: TrainSettings, *,
           checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
-          progress=None, log: Callable[[str], None] = lambda _msg: None,
-          dist: Dist = Dist(), checkpoint_every: float = CHECKPOINT_EVERY,
+          reporter: Reporter = SILENT, dist: Dist = Dist(), checkpoint_every: float = CHECKPOINT_EVERY,
           phases: dict[str, Any] | None = None,
           state: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], Selection]:
-    """Fine-tune ``module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``)
-    and the ``Selection``, whose chosen state ``module`` holds on return.
+    """Fine-tune ``bounder.module`` in place; return the per-epoch history (see ``report.HISTORY_FIELDS``)
+    and the ``Selection``, whose chosen state the module holds on return.
 
-    ``net``: the compiled form of ``module`` for ``method`` (it reads the live parameters);
-    ``perturbation``: at the target radius (``settings.eps``); all tensors in ``data`` on the
+    ``bounder``: a ``robnet_svc.bounder.Bounder`` of the module, the training method (built
+    with ``ordered=False``) and the perturbation at the target radius (``settings.eps``); its
+    compiled network reads the module's live parameters. All tensors in ``data`` on the
     training device (every rank holds the whole split). ``checkpoint``: file written at the
     start, after every epoch and every ``checkpoint_every`` seconds within one (rank 0 only);
     with ``resume`` the run continues from it (same settings and ``fingerprint`` required;
     rank 0 reads it and sends it to the others, any world size), or from ``state`` when the
     caller read it already. ``phases``: results of finished phases, stored in every
     checkpoint (plain tensors, numbers, strings, lists, dicts).
-    ``progress``: a rich ``Progress`` or None. ``dist``: this process's place in a
+    ``reporter``: log lines and a progress task per epoch. ``dist``: this process's place in a
     distributed run (the default: one process, no process group).
     """
+    module = bounder.module
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     history: list[dict[str, float]] = []
     start_epoch, start_step, partial = 0, 0, None
@@ -364,15 +366,14 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
         start_epoch, history = restore_checkpoint(state, module, optimizer)
         start_step, partial = int(state.get("step", 0)), state.get("partial")
         selection = Selection.from_state(state["selection"])
-        log(f"resuming from {checkpoint} after epoch {start_epoch}"
+        reporter.log(f"resuming from {checkpoint} after epoch {start_epoch}"
             + (f" and {start_step} step(s) of epoch {start_epoch + 1}" if start_step else ""))
 
     else:  # the input model's validation numbers: the budget's reference, measured once
-        val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
-                                       settings.batch_size, dist)
+        val_clean, val_cert = evaluate(bounder, data.val_images, data.val_labels, settings.batch_size, dist)
         selection = Selection.start(module, settings, val_clean, val_cert, class_accuracy(
             module, data.val_images, data.val_labels, num_classes, settings.batch_size, dist))
-        log(f"input model on the validation split: clean {val_clean:.3f} certified {val_cert:.3f}")
+        reporter.log(f"input model on the validation split: clean {val_clean:.3f} certified {val_cert:.3f}")
 
     def save(epoch: int, step: int = 0, partial: dict | None = None) -> None:
         if dist.is_main and checkpoint is not None:
@@ -383,8 +384,7 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
         save(0)  # the finished phases are kept even if the first epoch is interrupted
     last_saved = time.monotonic()
     device = data.images.device
-    objective = dist.wrap(RobustObjective(module, net, method, perturbation, settings.alpha, dist.world_size),
-                          device)
+    objective = dist.wrap(RobustObjective(bounder, settings.alpha, dist.world_size), device)
 
     steps_per_epoch = math.ceil(data.images.shape[0] / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -395,56 +395,52 @@ def train(module: nn.Module, net, method, perturbation, data: TrainData, setting
                         for i in range(steps_per_epoch)]
         batches = epoch_batches(data.images.shape[0], settings.batch_size, settings.seed, epoch,
                                 dist.rank, dist.world_size)
-        task = progress.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches), stats="",
-                                 epoch=epoch + 1, epochs=settings.epochs) if progress is not None else None
-        if task is not None and skip:
-            progress.update(task, completed=skip)
-        sums = dict(partial["sums"]) if skip else {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0,
-                                                   "certified": 0, "seen": 0}
-        for i, (idx, global_size) in enumerate(zip(batches, global_sizes)):
-            if i < skip:
-                continue
-            step = epoch * steps_per_epoch + i
-            torch.manual_seed((settings.seed * 1_000_003 + step) * 1_009 + dist.rank)  # dropout: per step and rank
-            eps = eps_at(step, steps_per_epoch, settings)
-            lr = lr_at(step / total_steps, settings.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = idx.to(device)
-            stats = train_step(objective, optimizer, data.images[idx], data.labels[idx], eps=eps,
-                               alpha=settings.alpha, global_size=global_size, dist=dist)
-            for key, value in stats.items():
-                sums[key] += value
-            if i + 1 < len(batches) and time.monotonic() - last_saved >= checkpoint_every:
-                save(epoch, i + 1, {"sums": dict(sums), "seconds": time.perf_counter() - began})
-                last_saved = time.monotonic()
-            if task is not None:
+        with reporter.task(f"epoch {epoch + 1}/{settings.epochs}", total=len(batches), epoch=epoch + 1,
+                           epochs=settings.epochs) as task:
+            if skip:
+                task.update(completed=skip)
+            sums = dict(partial["sums"]) if skip else {"loss": 0.0, "ce_loss": 0.0, "robust_loss": 0.0, "correct": 0,
+                                                       "certified": 0, "seen": 0}
+            for i, (idx, global_size) in enumerate(zip(batches, global_sizes)):
+                if i < skip:
+                    continue
+                step = epoch * steps_per_epoch + i
+                torch.manual_seed((settings.seed * 1_000_003 + step) * 1_009 + dist.rank)  # dropout: per step and rank
+                eps = eps_at(step, steps_per_epoch, settings)
+                lr = lr_at(step / total_steps, settings.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = idx.to(device)
+                stats = train_step(objective, optimizer, data.images[idx], data.labels[idx], eps=eps,
+                                   alpha=settings.alpha, global_size=global_size, dist=dist)
+                for key, value in stats.items():
+                    sums[key] += value
+                if i + 1 < len(batches) and time.monotonic() - last_saved >= checkpoint_every:
+                    save(epoch, i + 1, {"sums": dict(sums), "seconds": time.perf_counter() - began})
+                    last_saved = time.monotonic()
                 seen = sums["seen"]
                 # the numbers also go as task fields: the service's job progress reads them
                 running = {"loss": sums["loss"] / (i + 1), "train_accuracy": sums["correct"] / max(seen, 1),
                            "certified_accuracy": sums["certified"] / max(seen, 1), "eps": eps}
-                progress.update(task, advance=1, **running, stats=(
+                task.advance(1, **running, stats=(
                     f"loss {running['loss']:.3f} acc {running['train_accuracy']:.2f} "
                     f"cert {running['certified_accuracy']:.2f} eps {eps:.2g}"))
-        val_clean, val_cert = evaluate(module, net, method, perturbation, data.val_images, data.val_labels,
-                                       settings.batch_size, dist)
-        n = max(len(batches), 1)
-        history.append({
-            "epoch": epoch + 1, "eps": eps, "lr": lr,
-            "loss": sums["loss"] / n, "ce_loss": sums["ce_loss"] / n, "robust_loss": sums["robust_loss"] / n,
-            "train_clean_accuracy": sums["correct"] / max(sums["seen"], 1),
-            "train_certified_accuracy": sums["certified"] / max(sums["seen"], 1),
-            "val_clean_accuracy": val_clean, "val_certified_accuracy": val_cert,
-            "seconds": time.perf_counter() - began,
-        })
-        selection.offer(module, history[-1], class_accuracy(module, data.val_images, data.val_labels,
-                                                            num_classes, settings.batch_size, dist))
-        if task is not None:
-            progress.remove_task(task)
+            val_clean, val_cert = evaluate(bounder, data.val_images, data.val_labels, settings.batch_size, dist)
+            n = max(len(batches), 1)
+            history.append({
+                "epoch": epoch + 1, "eps": eps, "lr": lr,
+                "loss": sums["loss"] / n, "ce_loss": sums["ce_loss"] / n, "robust_loss": sums["robust_loss"] / n,
+                "train_clean_accuracy": sums["correct"] / max(sums["seen"], 1),
+                "train_certified_accuracy": sums["certified"] / max(sums["seen"], 1),
+                "val_clean_accuracy": val_clean, "val_certified_accuracy": val_cert,
+                "seconds": time.perf_counter() - began,
+            })
+            selection.offer(module, history[-1], class_accuracy(module, data.val_images, data.val_labels,
+                                                                num_classes, settings.batch_size, dist))
         save(epoch + 1)
         last_saved = time.monotonic()
         release_free_memory()  # the heap's fragmentation stays within one epoch (bounds/alloc.py)
-        log(_epoch_line(history[-1], settings.epochs))
+        reporter.log(_epoch_line(history[-1], settings.epochs))
     module.load_state_dict(selection.best["model"])
     return history, selection
 

@@ -48,6 +48,7 @@ from onnx import helper, numpy_helper
 from robnet_svc.atomic import atomic_folder
 from robnet_svc.certify import AttackSettings
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.vnnlib import property_text
 
 #: Coefficient vectors checked per sample besides the nominal one.
@@ -118,8 +119,9 @@ def select_rows(certs, samples: str, section: str) -> np.ndarray:
 
 
 def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | None, data_dir: str | None,
-                 samples: str) -> Sources:
-    """Read and cross-check certificate, model and dataset (RobnetError, one line, on any mismatch)."""
+                 samples: str, reporter: Reporter = SILENT) -> Sources:
+    """Read and cross-check certificate, model and dataset (RobnetError, one line, on any mismatch);
+    ``reporter``: where loading the dataset reports."""
     from robnet_svc.onnx_io import load_model, read_onnx
     from robnet_svc.plugins import load_registry
     from robnet_svc.report import read_report
@@ -137,10 +139,10 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
     certs = report.sections[section]
     rows = select_rows(certs, samples, section)
 
-    image_shape = "x".join(str(int(s)) for s in prov.get("image_shape", []))
+    image_shape = "x".join(str(s) for s in prov.image_shape)
     imported = load_model(model, image_shape=image_shape or None)
-    config = json.loads(prov.get("config_json") or "{}")
-    recorded = prov.get("dataset")
+    config = prov.config
+    recorded = prov.dataset
     if dataset is not None and dataset != recorded:
         raise RobnetError(f"--dataset {dataset} differs from the certificate's dataset {recorded!r}")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
@@ -150,7 +152,7 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
         raise RobnetError(f"dataset {recorded!r} needs --data-dir (the certificate does not record one)")
     if data_dir and not Path(data_dir).is_dir():
         raise RobnetError(f"--data-dir {data_dir} is not a folder")
-    splits = dataset_cls(data_dir, **_dataset_options(config)).load(imported.image_shape, progress=False)
+    splits = dataset_cls(data_dir, **_dataset_options(config)).load(imported.image_shape, reporter=reporter)
     index = certs.index[rows]
     if index.max() >= splits.test_labels.shape[0]:
         raise RobnetError(f"the certificate names test sample {int(index.max())} but dataset {recorded!r} has "
@@ -162,19 +164,19 @@ def load_sources(certificate: str | Path, model: str | Path, *, dataset: str | N
         raise RobnetError(f"test sample {int(index[i])} of dataset {recorded!r} has label {int(labels[i])} but the "
                           f"certificate says {int(certs.label[rows][i])}: not the dataset that was certified")
 
-    spec = json.loads(prov.get("perturbation_json") or "{}")
+    spec = dict(prov.perturbation)
     name, eps, clip = spec.pop("name", None), spec.pop("eps", None), spec.pop("clip", None)
     perturbation = registry.perturbation(name)(eps, clip=tuple(clip) if clip else None,
                                                **{k: v for k, v in spec.items() if v is not None})
     images = splits.test_images[torch.from_numpy(index)]
     probe = perturbation.affine_set(images[:1])
     for key, got in (("coeff_lower", probe.lower[0]), ("coeff_upper", probe.upper[0])):
-        recorded_box = np.asarray(prov.get(key, []), dtype=np.float64)
+        recorded_box = getattr(prov, key)
         if recorded_box.shape != tuple(got.shape) or not np.array_equal(recorded_box, got.double().numpy()):
-            raise RobnetError(f"the perturbation rebuilt from the certificate ({prov.get('perturbation_json')}) "
+            raise RobnetError(f"the perturbation rebuilt from the certificate ({prov.json_text('perturbation')}) "
                               f"gives another coefficient box than the recorded {key}; this robnet-svc or "
                               "perturbation plugin differs from the one that certified")
-    method = report.section_attrs[section].get("method") or prov.get("cert_method")
+    method = report.section_attrs[section].get("method") or prov.cert_method
     return Sources(report, section, imported, source, perturbation, method, images, rows)
 
 
@@ -330,7 +332,7 @@ def _agree(got: np.ndarray, expected: np.ndarray) -> float:
 
 def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *, dataset: str | None = None,
                   data_dir: str | None = None, samples: str = "certified", timeout: float = 300.0,
-                  force: bool = False, device: str = "cpu", log=None) -> dict:
+                  force: bool = False, device: str = "cpu", reporter: Reporter = SILENT) -> dict:
     """Write the instances of the selected samples to folder ``out`` (see the module docstring);
     return the summary stored as ``export.json``."""
     out = Path(out)
@@ -340,12 +342,11 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
         raise RobnetError(f"--out {out} exists and is not empty; use --force to overwrite")
     if not out.parent.is_dir():
         raise RobnetError(f"--out {out}: folder {out.parent} does not exist")
-    src = load_sources(certificate, model, dataset=dataset, data_dir=data_dir, samples=samples)
+    src = load_sources(certificate, model, dataset=dataset, data_dir=data_dir, samples=samples, reporter=reporter)
     prov = src.report.provenance
     certificate_sha = _sha256(Path(certificate))
     reference = _Reference(src.imported, src.source)
-    if log is not None:
-        log(f"exporting {len(src.rows)} sample(s) of section {src.section!r} ({src.cert_method}) to {out}")
+    reporter.log(f"exporting {len(src.rows)} sample(s) of section {src.section!r} ({src.cert_method}) to {out}")
     instances: list[dict] = []
     with atomic_folder(out, replace=force) as tmp:
         (tmp / "onnx").mkdir()
@@ -353,17 +354,16 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
         for start in range(0, len(src.rows), CHUNK):
             part = slice(start, start + CHUNK)
             entries, aset = _export_chunk(src, src.rows[part], src.images[part], reference, tmp, certificate_sha,
-                                          device, log)
+                                          device, reporter)
             instances += entries
-            if log is not None:
-                log(f"  {len(instances)}/{len(src.rows)} exported and checked")
+            reporter.log(f"  {len(instances)}/{len(src.rows)} exported and checked")
         (tmp / "instances.csv").write_text("".join(f"{i['onnx']},{i['vnnlib']},{timeout:g}\n" for i in instances))
         summary = {
             "certificate": str(certificate), "certificate_sha256": certificate_sha, "section": src.section,
-            "model": str(model), "model_sha256": src.imported.sha256, "dataset": prov.get("dataset"),
-            "perturbation": json.loads(prov.get("perturbation_json") or "{}"), "method": src.cert_method,
-            "num_coefficients": int(len(prov.get("coeff_lower", []))),
-            "coefficient_names": json.loads(prov.get("coeff_names_json") or "[]"),
+            "model": str(model), "model_sha256": src.imported.sha256, "dataset": prov.dataset,
+            "perturbation": prov.perturbation, "method": src.cert_method,
+            "num_coefficients": int(len(prov.coeff_lower)),
+            "coefficient_names": prov.coeff_names,
             "input_name": INPUT_NAME, "opset": _opset(src.source), "added_ops": _added_ops(aset),
             "timeout": timeout, "num_instances": len(instances),
             "num_certified": int(sum(i["certified"] for i in instances)),
@@ -379,7 +379,7 @@ def export_vnnlib(certificate: str | Path, model: str | Path, out: str | Path, *
 
 
 def _export_chunk(src: Sources, rows: np.ndarray, images: torch.Tensor, reference: _Reference, tmp: Path,
-                  certificate_sha: str, device: str, log=None) -> tuple[list[dict], object]:
+                  certificate_sha: str, device: str, reporter: Reporter) -> tuple[list[dict], object]:
     """Write and check the instances of certificate ``rows`` (test images ``images``); return their
     export.json entries and their affine set."""
     from robnet_svc.onnx_io import ort_session
@@ -403,16 +403,16 @@ def _export_chunk(src: Sources, rows: np.ndarray, images: torch.Tensor, referenc
         network = coefficient_network(
             src.source, src.imported, None if weights is None else weights[b], offset[b], aset.clip,
             {"robnet_svc.certificate_sha256": certificate_sha, "robnet_svc.sample_index": str(index),
-             "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.get("perturbation_json", "")})
+             "robnet_svc.label": str(label), "robnet_svc.perturbation": prov.json_text("perturbation")})
         data = network.SerializeToString()
         (tmp / onnx_rel).write_bytes(data)
         name = f" ({class_names[label]})" if label < len(class_names) else ""
         (tmp / vnnlib_rel).write_text(property_text(
             aset.lower[b].double().numpy(), aset.upper[b].double().numpy(), label, src.imported.num_classes,
-            [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.get('dataset')}, label {label}{name}",
+            [f"robnet-svc export-vnnlib: test sample {index} of dataset {prov.dataset}, label {label}{name}",
              f"certificate sha256 {certificate_sha}, section {src.section}, method {src.cert_method}",
-             f"perturbation {prov.get('perturbation_json')}",
-             f"inputs X_0..X_{k - 1}: coefficients {_names(json.loads(prov.get('coeff_names_json', '[]')))}"]))
+             f"perturbation {prov.json_text('perturbation')}",
+             f"inputs X_0..X_{k - 1}: coefficients {_names(prov.coeff_names)}"]))
 
         # checks 1 and 2: onnxruntime, exported network vs the model
         session = ort_session(data)
@@ -430,14 +430,14 @@ def _export_chunk(src: Sources, rows: np.ndarray, images: torch.Tensor, referenc
                                       attack=AttackSettings(steps=0, restarts=0), device=device).methods[0]
         was = bool(certs.certified[row])
         agree = (recertified.verdict == "verified") == was
-        if not agree and log is not None:
+        if not agree:
             # Both are sound bounds of the same margins; the certificate's may be tighter, since
             # certification bounds the clipping layer from the set directly while the export
             # bounds it as the plain ONNX ops a verifier reads. Recorded, not fatal.
-            log(f"  note: test sample {index}: the certificate says {'certified' if was else 'not certified'} "
-                f"(smallest margin lower bound {float(certs.margin_lower[row].min()):.6g}), {src.cert_method} "
-                f"on the exported network gives {recertified.verdict} "
-                f"(smallest {min(recertified.margin_lower):.6g})")
+            reporter.log(f"  note: test sample {index}: the certificate says "
+                         f"{'certified' if was else 'not certified'} (smallest margin lower bound "
+                         f"{float(certs.margin_lower[row].min()):.6g}), {src.cert_method} on the exported network "
+                         f"gives {recertified.verdict} (smallest {min(recertified.margin_lower):.6g})")
         difference = np.abs(np.asarray(recertified.margin_lower) - certs.margin_lower[row].astype(np.float64))
         entries.append({
             "onnx": onnx_rel, "vnnlib": vnnlib_rel, "sample_index": index, "label": label,

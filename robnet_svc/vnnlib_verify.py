@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robnet_svc.certify import BOUND_DTYPE, AttackSettings, _bound_copy, attack_margin
+from robnet_svc.certify import BOUND_DTYPE, AttackSettings, attack_margin
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.perturbations.base import AffineSet, DenseAffineSet, IdentityAffineSet
 from robnet_svc.precision import full_precision
+from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.rounding import margin_allowance
 from robnet_svc.vnnlib import Property, read_property
 
@@ -135,9 +136,10 @@ class _Restricted(nn.Module):
 
 def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: list[str], *,
                     attack: AttackSettings = AttackSettings(), device: str | torch.device = "cpu",
-                    log=None) -> InstanceResult:
+                    reporter: Reporter = SILENT) -> InstanceResult:
     """Bound the property with each method in ``methods`` and attack it once (see module docstring);
-    ``log(line)`` gets one line per method."""
+    ``reporter`` gets one log line per method."""
+    from robnet_svc.bounder import network_copy
     from robnet_svc.bounds import compile_network
     from robnet_svc.plugins import load_registry
 
@@ -166,7 +168,7 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
     deployed = next((p.dtype for p in module.parameters() if p.is_floating_point()), aset.lower.dtype)
     aset64 = _to(aset, device, BOUND_DTYPE)
     with torch.no_grad(), full_precision():  # the same for every method: computed once
-        net64 = _bound_copy(net)
+        net64 = network_copy(net, BOUND_DTYPE)
         allowance = margin_allowance(net64, aset64, labels, deployed)[0, columns].cpu().numpy()
     for method in bound_methods:
         start = time.perf_counter()
@@ -181,9 +183,8 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, methods: lis
         verdict = "verified" if verified else "falsified-by-attack" if falsified else "unknown"
         result.methods.append(MethodResult(method.name, verdict, [float(v) for v in lower],
                                            time.perf_counter() - start))
-        if log is not None:
-            log(f"{Path(vnnlib_path).name} on {Path(onnx_path).name}: {method.name} {verdict} "
-                f"(smallest margin lower bound {lower.min():.4g}, {result.methods[-1].seconds:.1f} s)")
+        reporter.log(f"{Path(vnnlib_path).name} on {Path(onnx_path).name}: {method.name} {verdict} "
+                     f"(smallest margin lower bound {lower.min():.4g}, {result.methods[-1].seconds:.1f} s)")
     return result
 
 

@@ -42,3 +42,15 @@ def digits_model(path: Path, image_size: int = 8, epochs: int = 4, width: int = 
 FAST = ("--dataset", "digits", "--eps", "0.05", "--order", "1", "--max-test", "40",
         "--attack-steps", "3", "--attack-restarts", "2", "--device", "cpu")
 FAST_TRAIN = ("--epochs", "1", "--max-train", "128", "--batch-size", "32")
+
+
+def interrupt_at(prefix: str):
+    """Stands in for Ctrl-C or a killed process: a ``Reporter`` that raises KeyboardInterrupt when
+    the run logs a line starting with ``prefix``."""
+    from robnet_svc.progress import Reporter
+
+    def log(message: str) -> None:
+        if message.startswith(prefix):
+            raise KeyboardInterrupt
+
+    return Reporter(log=log)

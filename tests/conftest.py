@@ -21,3 +21,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent")
     return SHARED.resolve()
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """The plugin registry (built-ins and every installed plugin), loaded once per test module."""
+    from robnet_svc.plugins import load_registry
+
+    return load_registry()
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory) -> Path:
+    """The tiny digits CNN of ``cli_support.digits_model``, trained and exported once per session;
+    tests read it and never write to it."""
+    from cli_support import digits_model
+
+    return digits_model(tmp_path_factory.mktemp("digits-model") / "digits.onnx")

@@ -7,16 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from robnet_svc.bounds import compile_network
+from robnet_svc.bounder import Bounder
 from robnet_svc.certify import (AttackSettings, Certificates, attack_margin, box_corners, certify_model,
                                 check_soundness, margins)
 from robnet_svc.errors import SoundnessError
 from robnet_svc.plugins import load_registry
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +38,10 @@ def test_certificates_are_consistent_deterministic_and_sound(registry, setup):
     net, images, labels = setup
     method = registry.bound_method("rsip-ssip")()
     pert = registry.perturbation("bias-field")(0.15, order=1)
-    compiled = compile_network(net, rules=registry.rules())
+    bounder = Bounder(net, method, pert, tuple(images.shape[1:]), rules=registry.rules())
     kwargs = dict(batch_size=10, attack=AttackSettings(steps=5, restarts=4), device=torch.device("cpu"))
-    certs = certify_model(net, compiled, method, pert, images, labels, **kwargs)
-    again = certify_model(net, compiled, method, pert, images, labels, **kwargs)
+    certs = certify_model(bounder, images, labels, **kwargs)
+    again = certify_model(bounder, images, labels, **kwargs)
     for name in Certificates.FIELDS:
         np.testing.assert_array_equal(getattr(certs, name), getattr(again, name))
     assert certs.margin_lower.shape == (24, 2)
@@ -101,7 +96,7 @@ def test_a_tie_with_a_lower_class_is_a_successful_attack():
     with torch.no_grad():  # the tie point really is predicted as class 0
         assert net(torch.full((1, 1, 1, 1), 0.25)).argmax(-1).item() == 0
     # and certification agrees: not certified (margin lower bound 0 is not > its allowance), attack success
-    certs = certify_model(net, compile_network(net), load_registry().bound_method("ibp")(), pert, images,
+    certs = certify_model(Bounder(net, load_registry().bound_method("ibp")(), pert, (1, 1, 1)), images,
                           torch.tensor([1]), batch_size=1, attack=AttackSettings(steps=2, restarts=1),
                           device=torch.device("cpu"))
     assert certs.prediction.tolist() == [1] and certs.attack_success.tolist() == [True]

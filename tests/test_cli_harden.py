@@ -9,34 +9,29 @@ import numpy as np
 import onnx
 import pytest
 
-from cli_support import FAST, FAST_TRAIN, digits_model, invoke
+from cli_support import FAST, FAST_TRAIN, invoke
 from robnet_svc.models import export_onnx, tiny_cnn
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return digits_model(tmp_path_factory.mktemp("model") / "digits.onnx")
-
-
-@pytest.fixture(scope="module")
-def hardened(model, tmp_path_factory):
+def hardened(digits_onnx, tmp_path_factory):
     """One harden run shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run") / "out"
     from robnet_svc.cli import main
 
     try:
-        main(["harden", str(model), *FAST, *FAST_TRAIN, "--out", str(out), "--json"])
+        main(["harden", str(digits_onnx), *FAST, *FAST_TRAIN, "--out", str(out), "--json"])
     except SystemExit as exc:
         assert exc.code in (0, None)
     return out
 
 
-def test_harden_writes_the_three_outputs(model, hardened):
+def test_harden_writes_the_three_outputs(digits_onnx, hardened):
     assert {"model.robust.onnx", "certificate.h5", "summary.json"} <= {p.name for p in hardened.iterdir()}
     assert not [p for p in hardened.iterdir() if p.name.endswith(".tmp")]
     summary = json.loads((hardened / "summary.json").read_text())
     assert set(summary["sections"]) == {"before", "after"}
-    src, dst = onnx.load(str(model)), onnx.load(str(hardened / "model.robust.onnx"))
+    src, dst = onnx.load(str(digits_onnx)), onnx.load(str(hardened / "model.robust.onnx"))
     assert [i.name for i in dst.graph.input] == [i.name for i in src.graph.input]
     assert [o.name for o in dst.graph.output] == [o.name for o in src.graph.output]
     with h5py.File(hardened / "certificate.h5") as f:
@@ -63,11 +58,11 @@ def test_certify_reproduces_the_certificate_of_the_exported_file(hardened, capsy
             np.testing.assert_array_equal(a[f"certificates/after/{name}"][()], b[f"certificates/model/{name}"][()])
 
 
-def test_fail_under_gates_on_certified_accuracy(model, capsys):
-    ok = invoke(capsys, "certify", model, *FAST, "--fail-under", "0", "--json")
+def test_fail_under_gates_on_certified_accuracy(digits_onnx, capsys):
+    ok = invoke(capsys, "certify", digits_onnx, *FAST, "--fail-under", "0", "--json")
     assert ok.code == 0, ok.err
     certified = json.loads(ok.out)["sections"]["model"]["certified_accuracy"]
-    gate = invoke(capsys, "certify", model, *FAST, "--fail-under", str(min(certified + 0.01, 1.0)))
+    gate = invoke(capsys, "certify", digits_onnx, *FAST, "--fail-under", str(min(certified + 0.01, 1.0)))
     assert gate.code == 1 and "under --fail-under" in gate.err
 
 
@@ -92,10 +87,10 @@ def _three_class_model(path):
     (("--coef-scale", "1e-9"), "the limit is 32768 (2^15 clip-range widths"),
     (("--perturbation", "linf", "--cert-method", "ibp", "--method", "ibp", "--eps", "4e4"), "the limit is 32768"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, capsys, extra, needle):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(digits_onnx, tmp_path, capsys, extra, needle):
     out = tmp_path / "out"
     fast = FAST if "--perturbation" not in extra else tuple(a for a in FAST if a not in ("--order", "1"))
-    r = invoke(capsys, "harden", model, *fast, *FAST_TRAIN, "--out", out, *extra)
+    r = invoke(capsys, "harden", digits_onnx, *fast, *FAST_TRAIN, "--out", out, *extra)
     assert r.code == 2, r.err
     assert needle in r.err and len(r.err.strip().splitlines()) == 1
     assert not out.exists()
@@ -108,42 +103,42 @@ def test_model_and_dataset_disagree_on_classes(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_out_is_protected(model, tmp_path, capsys):
+def test_out_is_protected(digits_onnx, tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", busy)
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN, "--out", busy)
     assert r.code == 2 and "not empty; use --force" in r.err
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     afile = tmp_path / "afile"
     afile.write_text("x")
-    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", afile / "sub")
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN, "--out", afile / "sub")
     assert r.code == 2 and "is a file" in r.err
-    r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN)
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN)
     assert r.code == 2 and "--out" in r.err
 
 
-def test_dataset_options_reach_the_dataset(model, tmp_path, capsys):
+def test_dataset_options_reach_the_dataset(digits_onnx, tmp_path, capsys):
     """--dataset-option KEY=VALUE (and a TOML list) goes to the dataset's constructor; it converts the string."""
     cheap = (*FAST, "--max-test", "1000", "--cert-method", "ibp", "--attack-steps", "0", "--attack-restarts", "0")
-    base = invoke(capsys, "certify", model, *cheap, "--json")
-    more = invoke(capsys, "certify", model, *cheap, "--dataset-option", "test_fraction=0.3", "--json")
+    base = invoke(capsys, "certify", digits_onnx, *cheap, "--json")
+    more = invoke(capsys, "certify", digits_onnx, *cheap, "--dataset-option", "test_fraction=0.3", "--json")
     assert base.code == 0 and more.code == 0, more.err
     n = json.loads(base.out)["sections"]["model"]["num_samples"]
     assert json.loads(more.out)["sections"]["model"]["num_samples"] > n
     config = tmp_path / "run.toml"
     config.write_text('dataset-option = ["test_fraction=0.3"]\n')
-    from_file = invoke(capsys, "certify", model, *cheap, "--config", config, "--json")
+    from_file = invoke(capsys, "certify", digits_onnx, *cheap, "--config", config, "--json")
     assert from_file.code == 0 and json.loads(from_file.out)["sections"] == json.loads(more.out)["sections"]
-    unknown = invoke(capsys, "certify", model, *FAST, "--dataset-option", "colour=red")
+    unknown = invoke(capsys, "certify", digits_onnx, *FAST, "--dataset-option", "colour=red")
     assert unknown.code == 2 and "unknown option(s) colour for dataset 'digits'; known: seed, test_fraction" in unknown.err
-    malformed = invoke(capsys, "certify", model, *FAST, "--dataset-option", "test_fraction")
+    malformed = invoke(capsys, "certify", digits_onnx, *FAST, "--dataset-option", "test_fraction")
     assert malformed.code == 2 and "KEY=VALUE" in malformed.err
 
 
-def test_broken_plugins_are_warnings_on_stderr(model, capsys, monkeypatch):
+def test_broken_plugins_are_warnings_on_stderr(digits_onnx, capsys, monkeypatch):
     monkeypatch.setenv("ROBNET_SVC_PLUGINS", "robnet-svc-no-such-plugin")
-    r = invoke(capsys, "certify", model, *FAST, "--max-test", "5", "--json")
+    r = invoke(capsys, "certify", digits_onnx, *FAST, "--max-test", "5", "--json")
     assert r.code == 0, r.err
     assert "robnet-svc: warning: ROBNET_SVC_PLUGINS names 'robnet-svc-no-such-plugin'" in r.err
     json.loads(r.out)  # stdout stays the summary only

@@ -7,7 +7,7 @@ import json
 import h5py
 import pytest
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
 from robnet_svc.config import read_config
 from robnet_svc.errors import RobnetError
 
@@ -39,8 +39,8 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path, capsys):
     assert "absent.toml does not exist" in r.err and len(r.err.strip().splitlines()) == 1
 
 
-def test_flags_win_over_config_and_effective_config_is_stored(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_flags_win_over_config_and_effective_config_is_stored(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     config = tmp_path / "run.toml"
     config.write_text('eps = 0.3\nmax-test = 24\n[certify]\ncert-method = "rsip-ibp"\n')
     out = tmp_path / "out"

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from cli_support import FAST, digits_model
-from robnet_svc.bounds import compile_network
+from cli_support import FAST, digits_model, interrupt_at
+from robnet_svc.bounder import Bounder
 from robnet_svc.certify import AttackSettings, Certificates, certify_model
 from robnet_svc.cli import main
 from robnet_svc.distributed import Dist
@@ -61,9 +61,8 @@ def test_rank_losses_average_to_the_one_process_gradient():
     with torch.no_grad():
         labels = net(images).argmax(-1)
     labels[0] = (labels[0] + 1) % 3  # one misclassified sample: no robust loss for it
-    compiled = compile_network(net, rules=registry.rules())
-    method = registry.bound_method("rsip-ssip")()
     pert = registry.perturbation("brightness")(0.5)  # some margins certified, some not
+    bounder = Bounder(net, registry.bound_method("rsip-ssip")(), pert, (1, 4, 4))
 
     def gradient(objective, x, y):
         net.zero_grad()
@@ -71,10 +70,10 @@ def test_rank_losses_average_to_the_one_process_gradient():
         loss.backward()
         return [p.grad.clone() for p in net.parameters()], stats
 
-    full, stats = gradient(RobustObjective(net, compiled, method, pert, alpha=2.0), images, labels)
+    full, stats = gradient(RobustObjective(bounder, alpha=2.0), images, labels)
     assert 0 < stats[3] < stats[2]  # the robust term contributes, for some correct samples
     for world in (2, 3, 6):  # 6 > 5 samples: one rank has an empty shard
-        objective = RobustObjective(net, compiled, method, pert, alpha=2.0, world_size=world)
+        objective = RobustObjective(bounder, alpha=2.0, world_size=world)
         parts = [gradient(objective, images[r::world], labels[r::world]) for r in range(world)]
         mean = [sum(g) / world for g in zip(*(grads for grads, _ in parts))]
         for a, b in zip(full, mean):
@@ -90,12 +89,11 @@ def test_attack_depends_on_the_sample_not_on_its_batch_or_shard():
     with torch.no_grad():
         labels = net(images).argmax(-1)
     pert = registry.perturbation("bias-field")(0.3, order=1)
-    method = registry.bound_method("ibp")()
-    compiled = compile_network(net, rules=registry.rules())
+    bounder = Bounder(net, registry.bound_method("ibp")(), pert, (1, 8, 8))
     kwargs = dict(attack=AttackSettings(steps=3, restarts=4, seed=5), device=torch.device("cpu"))
     ids = torch.arange(100, 112)
-    whole = certify_model(net, compiled, method, pert, images, labels, batch_size=12, sample_ids=ids, **kwargs)
-    parts = [certify_model(net, compiled, method, pert, images[s], labels[s], batch_size=4, sample_ids=ids[s],
+    whole = certify_model(bounder, images, labels, batch_size=12, sample_ids=ids, **kwargs)
+    parts = [certify_model(bounder, images[s], labels[s], batch_size=4, sample_ids=ids[s],
                            **kwargs) for s in (slice(0, 7), slice(7, 7), slice(7, 12))]
     sharded = Certificates.concat(parts)
     assert whole.index.tolist() == sharded.index.tolist() == ids.tolist()
@@ -128,7 +126,7 @@ def runs(tmp_path_factory):
     try:
         one = _in_process(model, root / "one")
         with pytest.raises(KeyboardInterrupt):
-            harden(_options(model, root / "resumed"), {}, "test", _KillAfterFirstEpoch())
+            harden(_options(model, root / "resumed"), {}, "test", interrupt_at("epoch 1/"))
     finally:
         torch.set_num_threads(threads)
     two = _torchrun("harden", model, *ARGS, "--out", root / "two")
@@ -152,16 +150,6 @@ def _in_process(model: Path, out: Path) -> str:
         except SystemExit as exc:
             assert exc.code in (0, None)
     return stdout.getvalue()
-
-
-class _KillAfterFirstEpoch:
-    """Stands in for a killed process: raises right after epoch 1's checkpoint is written."""
-
-    progress = None
-
-    def log(self, message: str) -> None:
-        if message.startswith("epoch 1/"):
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("run", ["two", "resumed"])

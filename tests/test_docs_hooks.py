@@ -51,8 +51,9 @@ def test_docs_name_every_hook_only_once_as_a_section():
 @pytest.mark.parametrize("needle", [
     plugins.GROUP, plugins.ENV_ALLOW, plugins.ENV_TRACE,
     "Perturbation", "AffineSet", "DenseAffineSet", "BoundMethod", "margin_lower(net, aset, labels)",
-    "Dataset", "load(image_shape, progress=True) -> Splits", "Splits", "AffineRule", "ActivationRule",
-    "OpCall", "Relaxation", "abs_linear", "transpose", "needs_dense",
+    "Dataset", "load(image_shape, reporter=SILENT) -> Splits", "Splits", "AffineRule", "ActivationRule",
+    "OpCall", "Relaxation", "abs_linear", "transpose", "needs_dense", "check(perturbation, image_shape)",
+    "supports_dense", "Bounder",
 ])
 def test_docs_cover_the_contracts(needle):
     assert needle in DOCS.read_text(encoding="utf-8")

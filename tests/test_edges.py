@@ -13,14 +13,8 @@ from robnet_svc.bounds.propagate import forward_pass
 from robnet_svc.certify import margins
 from robnet_svc.errors import RobnetError
 from robnet_svc.perturbations.base import check_field_range
-from robnet_svc.plugins import load_registry
 
 METHODS = ("ibp", "ssip", "rsip-ibp", "rsip-ssip", "rsip")
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 @pytest.fixture(scope="module")

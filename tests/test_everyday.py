@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import FAST, FAST_TRAIN, digits_model, invoke
+from cli_support import FAST, FAST_TRAIN, interrupt_at, invoke
 from robnet_svc import threads
 from robnet_svc.atomic import atomic_path
 from robnet_svc.pipeline import CHECKPOINT_FILE, MODEL_FILE, PARTIAL_MODEL_FILE, Options, harden
@@ -28,12 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return digits_model(tmp_path_factory.mktemp("model") / "digits.onnx")
-
-
-@pytest.fixture(scope="module")
-def run(model, tmp_path_factory):
+def run(digits_onnx, tmp_path_factory):
     """One harden run with plain progress lines at every update (stderr is not a terminal here)."""
     out = tmp_path_factory.mktemp("run") / "out"
     from robnet_svc.cli import main  # called directly: module-scoped, so no capsys
@@ -43,7 +38,7 @@ def run(model, tmp_path_factory):
     err = io.StringIO()
     saved_err, sys.stderr = sys.stderr, err
     try:
-        main(["harden", str(model), *FAST, *FAST_TRAIN, "--threads", "1", "--out", str(out)])
+        main(["harden", str(digits_onnx), *FAST, *FAST_TRAIN, "--threads", "1", "--out", str(out)])
     except SystemExit as exc:
         assert exc.code in (0, None)
     finally:
@@ -122,42 +117,29 @@ def test_rich_bars_fit_80_columns():
 # --------------------------------------------------------------------------- 3. interruptions
 
 
-class _InterruptAt:
-    """Stands in for Ctrl-C: raises when the run logs a message starting with ``prefix``."""
-
-    progress = None
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def log(self, message: str) -> None:
-        if message.startswith(self.prefix):
-            raise KeyboardInterrupt
-
-
-def _options(model, out, **extra) -> Options:
-    return Options(model=str(model), dataset="digits", eps=0.05, order=1, max_test=40, attack_steps=3,
+def _options(digits_onnx, out, **extra) -> Options:
+    return Options(model=str(digits_onnx), dataset="digits", eps=0.05, order=1, max_test=40, attack_steps=3,
                    attack_restarts=2, device="cpu", epochs=1, max_train=128, batch_size=32, out=str(out), **extra)
 
 
-def test_interrupt_in_the_final_certification_leaves_no_uncertified_model(model, tmp_path):
+def test_interrupt_in_the_final_certification_leaves_no_uncertified_model(digits_onnx, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        harden(_options(model, out), {}, "test", _InterruptAt("certifying the hardened model"))
+        harden(_options(digits_onnx, out), {}, "test", interrupt_at("certifying the hardened model"))
     assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_FILE]  # no model, no partial file
     assert not (out / MODEL_FILE).exists() and not (out / PARTIAL_MODEL_FILE).exists()
 
 
-def test_failure_before_anything_is_written_leaves_no_empty_folder(model, tmp_path):
+def test_failure_before_anything_is_written_leaves_no_empty_folder(digits_onnx, tmp_path):
     out = tmp_path / "new" / "out"
     with pytest.raises(KeyboardInterrupt):
-        harden(_options(model, out), {}, "test", _InterruptAt("certifying the input model"))
+        harden(_options(digits_onnx, out), {}, "test", interrupt_at("certifying the input model"))
     assert not out.exists()
 
 
-def test_sigterm_is_an_interrupt_with_the_resume_command(model, tmp_path):
+def test_sigterm_is_an_interrupt_with_the_resume_command(digits_onnx, tmp_path):
     out = tmp_path / "out"
-    args = ["harden", str(model), *FAST, "--epochs", "50", "--max-train", "256", "--batch-size", "32",
+    args = ["harden", str(digits_onnx), *FAST, "--epochs", "50", "--max-train", "256", "--batch-size", "32",
             "--checkpoint-every", "0", "--force", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from robnet_svc.cli import main; main()", *args],

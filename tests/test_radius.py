@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
+from robnet_svc.bounder import Bounder
 from robnet_svc.certify import (AttackSettings, RadiusSettings, certify_model, check_radius_support,
                                 check_radius_soundness)
 from robnet_svc.errors import RobnetError, SoundnessError
 from robnet_svc.onnx_io import load_model
 from robnet_svc.perturbations.bias_field import BiasField
-from robnet_svc.plugins import load_registry
 from robnet_svc.report import read_report
 
 SETTINGS = RadiusSettings(max=0.8, precision=0.02)
@@ -24,12 +24,10 @@ NO_ATTACK = AttackSettings(steps=0, restarts=0)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(digits_onnx, registry):
     """A tiny digits CNN (ONNX, re-imported), 40 test samples, the registry's rsip-ssip and ibp."""
-    path = digits_model(tmp_path_factory.mktemp("radius") / "m.onnx")
-    registry = load_registry()
-    imported = load_model(path)
-    splits = registry.dataset("digits")(None).load(imported.image_shape, progress=False)
+    imported = load_model(digits_onnx)
+    splits = registry.dataset("digits")(None).load(imported.image_shape)
     pick = torch.arange(0, splits.test_labels.shape[0], splits.test_labels.shape[0] // 40)[:40]
     from robnet_svc.bounds import compile_network
 
@@ -41,7 +39,8 @@ def engine(tmp_path_factory):
 def _certify(engine, method_name: str, eps: float, radius=None, attack=NO_ATTACK):
     registry, module, net, images, labels = engine
     pert = registry.perturbation("bias-field")(eps, order=1)
-    return certify_model(module, net, registry.bound_method(method_name)(), pert, images, labels, batch_size=16,
+    bounder = Bounder(net, registry.bound_method(method_name)(), pert, tuple(images.shape[1:]))
+    return certify_model(bounder, images, labels, batch_size=16,
                          attack=attack, device=torch.device("cpu"), radius=radius)
 
 
@@ -64,7 +63,8 @@ def test_radius_agrees_with_fixed_eps_certification(engine, method, eps):
     for r in np.unique(radius[inside]):
         rows = np.flatnonzero(inside & (radius == r))
         pert = registry.perturbation("bias-field")(float(r) + settings.precision, order=1)
-        above = certify_model(module, net, registry.bound_method(method)(), pert, images[rows], labels[rows],
+        bounder = Bounder(net, registry.bound_method(method)(), pert, tuple(images.shape[1:]))
+        above = certify_model(bounder, images[rows], labels[rows],
                               batch_size=16, attack=NO_ATTACK, device=torch.device("cpu"))
         assert not above.certified.any(), (method, r)
     # the attack's smallest successful radius lies above the certified radius
@@ -100,8 +100,8 @@ def test_radius_needs_a_box_linear_in_eps():
         check_radius_support(_Quadratic(0.1, order=1), torch.rand(2, 1, 6, 6), SETTINGS)
 
 
-def test_certify_radius_is_stored_and_summarised(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_certify_radius_is_stored_and_summarised(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     run = invoke(capsys, "certify", model, *FAST, "--radius", "--radius-max", "0.5", "--radius-precision", "0.05",
                  "--out", out)
@@ -131,7 +131,7 @@ def write_format_1(path, report) -> None:
         f.attrs["format_version"] = "1"
         f.attrs["kind"] = report.kind
         prov = f.create_group("provenance")
-        for key, value in report.provenance.items():
+        for key, value in report.provenance.as_dict().items():
             if key != "radius_json":
                 prov.attrs[key] = value if not isinstance(value, (list, tuple)) else np.asarray(value)
         summary = f.create_group("summary")
@@ -147,8 +147,8 @@ def write_format_1(path, report) -> None:
                 group.create_dataset(field, data=getattr(certs, field), compression="gzip", shuffle=True)
 
 
-def test_format_1_certificates_still_read(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_format_1_certificates_still_read(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     assert invoke(capsys, "certify", model, *FAST, "--out", out).code == 0
     old = tmp_path / "old.h5"

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cli_support import FAST, digits_model, invoke
+from cli_support import FAST, invoke
 from robnet_svc.certify import Certificates
 from robnet_svc.errors import RobnetError
-from robnet_svc.report import FORMAT_VERSION, Report, read_report, write_report
+from robnet_svc.report import FORMAT_VERSION, Provenance, Report, read_report, write_report
 
 
 def _certs(n: int = 6, k: int = 3) -> Certificates:
@@ -25,8 +25,8 @@ def _certs(n: int = 6, k: int = 3) -> Certificates:
 
 
 def _report(**sections) -> Report:
-    return Report(kind="harden", provenance={"class_names_json": json.dumps(["a", "b", "c"]), "cert_method": "ibp",
-                                             "perturbation_json": json.dumps({"name": "bias-field", "eps": 0.1})},
+    return Report(kind="harden", provenance=Provenance(class_names=["a", "b", "c"], cert_method="ibp",
+                                                       perturbation={"name": "bias-field", "eps": 0.1}),
                   sections=sections, section_attrs={name: {"model_sha256": "ab" * 32} for name in sections},
                   history={"epoch": np.array([1.0, 2.0]), "loss": np.array([0.5, 0.25])})
 
@@ -87,8 +87,8 @@ def test_format_1_certificates_are_still_read(tmp_path):
     assert back.rounding_allowance.shape == certs.margin_lower.shape and not back.rounding_allowance.any()
 
 
-def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_report_show_prints_summary_provenance_and_classes(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "out"
     assert invoke(capsys, "certify", model, *FAST, "--out", out).code == 0
     shown = invoke(capsys, "report", "show", out / "certificate.h5")
@@ -98,5 +98,18 @@ def test_report_show_prints_summary_provenance_and_classes(tmp_path, capsys):
     as_json = json.loads(invoke(capsys, "report", "show", out / "certificate.h5", "--json").out)
     assert as_json["summary"] == json.loads((out / "summary.json").read_text())
     assert len(as_json["per_class"]["model"]) == 10
+    with h5py.File(out / "certificate.h5") as f:
+        stored = dict(f["provenance"].attrs)
+    # the typed record decodes every stored attribute and encodes it back unchanged (names, values, types)
+    assert as_json["provenance"] == {k: v.tolist() if isinstance(v, np.ndarray) else v.item()
+                                     if isinstance(v, np.generic) else v for k, v in sorted(stored.items())}
+    prov = Provenance.decode(stored)
+    assert prov.unknown == {} and prov.train_method is None and prov.image_shape == (1, 8, 8)
+    encoded = prov.encode()
+    assert encoded.keys() == stored.keys()
+    for key, value in stored.items():
+        assert type(encoded[key]) is type(value) or isinstance(value, np.generic), key
+        np.testing.assert_array_equal(np.asarray(encoded[key]), np.asarray(value), err_msg=key)
+        assert np.asarray(encoded[key]).dtype == np.asarray(value).dtype, key
     missing = invoke(capsys, "report", "show", tmp_path / "nope.h5")
     assert missing.code == 2 and "nope.h5 does not exist" in missing.err

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from onnx_factory import export
+from robnet_svc.bounder import Bounder
 from robnet_svc.bounds import compile_network
 from robnet_svc.bounds.methods import BoundMethod
 from robnet_svc.bounds.propagate import forward_pass
@@ -46,8 +47,8 @@ def test_certified_means_the_deployed_float32_model_keeps_its_prediction(tmp_pat
     assert run(images).argmax(-1).tolist() == [1]
     assert run(torch.full((1, 1, 4, 4), 0.5)).argmax(-1).tolist() == [0]  # brightness +0.5: in the set, flipped
 
-    certs = certify_model(net, compile_network(net), load_registry().bound_method("rsip-ssip")(), pert, images,
-                          torch.tensor([1]), batch_size=1, attack=AttackSettings(steps=2, restarts=2),
+    bounder = Bounder(net, load_registry().bound_method("rsip-ssip")(), pert, (1, 4, 4))
+    certs = certify_model(bounder, images, torch.tensor([1]), batch_size=1, attack=AttackSettings(steps=2, restarts=2),
                           device=torch.device("cpu"))
     assert certs.prediction.tolist() == [1]
     assert certs.margin_lower[0, 0] == pytest.approx(2.0 ** -20)  # a correct bound of the exact network ...
@@ -133,7 +134,7 @@ def test_certification_runs_in_full_precision():
     try:
         net = _near_tie_model()
         _Recorder.seen = []
-        certify_model(net, compile_network(net), _Recorder(), load_registry().perturbation("brightness")(0.1),
+        certify_model(Bounder(net, _Recorder(), load_registry().perturbation("brightness")(0.1), (1, 4, 4)),
                       torch.rand(3, 1, 4, 4), torch.tensor([1, 1, 1]), batch_size=2,
                       attack=AttackSettings(steps=1, restarts=1), device=torch.device("cpu"))
         assert _Recorder.seen == [True, True]
@@ -158,7 +159,7 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
         labels = net(images).argmax(-1)
     pert = load_registry().perturbation("bias-field")(0.2, order=1)
     kwargs = dict(batch_size=8, attack=AttackSettings(steps=3, restarts=2))
-    cpu = certify_model(net, compile_network(net), _Recorder(), pert, images, labels, device=torch.device("cpu"),
+    cpu = certify_model(Bounder(net, _Recorder(), pert, (1, 8, 8)), images, labels, device=torch.device("cpu"),
                         **kwargs)
     saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -166,7 +167,7 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
     try:
         gpu_net = net.cuda()
         _Recorder.seen = []
-        gpu = certify_model(gpu_net, compile_network(gpu_net), _Recorder(), pert, images, labels,
+        gpu = certify_model(Bounder(gpu_net, _Recorder(), pert, (1, 8, 8)), images, labels,
                             device=torch.device("cuda"), **kwargs)
         assert _Recorder.seen and all(_Recorder.seen)
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's settings are back

@@ -13,6 +13,7 @@ import torch
 from cli_support import FAST, FAST_TRAIN, digits_model, invoke
 from robnet_svc import pipeline
 from robnet_svc.options import Options
+from robnet_svc.progress import Reporter
 from robnet_svc.training import train
 
 
@@ -55,9 +56,8 @@ def _run(tmp_path, epochs: int, wreck_epoch: int, max_clean_drop: float | None):
         if line.startswith("epoch "):
             seen[int(line.split()[1].split("/")[0])] = {k: v.clone() for k, v in module.state_dict().items()}
 
-    history, selection = train(module, pipeline._compile(module, plan.rules), plan.train_method,
-                               plan.perturbation, plan.data, pipeline._train_settings(options),
-                               progress=_WreckLastStep(module, wreck_epoch), log=log)
+    history, selection = train(plan.trainer, plan.data, pipeline._train_settings(options),
+                               reporter=Reporter(_WreckLastStep(module, wreck_epoch), log=log))
     return module, history, selection, seen, start, plan
 
 

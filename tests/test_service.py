@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cli_support import FAST, digits_model
+from cli_support import FAST
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 240.0  # seconds: the longest any wait below may take on a loaded machine
@@ -84,11 +84,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    return digits_model(tmp_path_factory.mktemp("service-model") / "digits.onnx")
-
-
-@pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("service-tokens") / "tokens"
     path.write_text(f"# team tokens\n{TOKEN_A} team-a\n{TOKEN_B} team-b\n")
@@ -125,13 +120,13 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- refusals (no job runs)
 
 
-def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, model_file, tmp_path):
+def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, digits_onnx, tmp_path):
     anonymous = server.client(headers={})
     assert anonymous.get("/v1/health").status_code == 200
     assert anonymous.get("/v1/jobs").status_code == 401
     wrong = server.client(headers={"Authorization": "Bearer " + "c" * 32})
     assert wrong.get("/v1/jobs").status_code == 401
-    assert _submit(wrong, model_file, FAST_SETTINGS).status_code == 401
+    assert _submit(wrong, digits_onnx, FAST_SETTINGS).status_code == 401
 
     http = server.client()
     big = tmp_path / "big.onnx"
@@ -158,7 +153,7 @@ def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, m
     }
     for settings, line in cases.items():
         answer = http.post("/v1/jobs", data={"settings": settings},
-                           files={"model": ("m.onnx", model_file.read_bytes())})
+                           files={"model": ("m.onnx", digits_onnx.read_bytes())})
         assert answer.status_code == 400, (settings, answer.text)
         assert line in answer.json()["detail"], (settings, answer.json())
     assert http.post("/v1/jobs", data={"settings": "{}"}).status_code == 422  # no model part
@@ -166,7 +161,7 @@ def test_tokens_uploads_and_settings_are_checked_and_nothing_is_stored(server, m
     assert not any((server.state_dir / "jobs").glob("*")) and not any((server.state_dir / "uploads").glob("*"))
 
     # cancel: a job cancelled at once (queued, or its worker stopped) ends cancelled, with nothing to download
-    job_id = _submit(http, model_file, {**FAST_SETTINGS, "epochs": 50}).raise_for_status().json()["id"]
+    job_id = _submit(http, digits_onnx, {**FAST_SETTINGS, "epochs": 50}).raise_for_status().json()["id"]
     cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] in ("cancelled", "running")
     job = _wait(http, job_id)
@@ -195,7 +190,7 @@ def test_submit_client_imports_no_torch():
 # --------------------------------------------------------------------------- the pipeline step
 
 
-def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_path):
+def test_pipeline_step_progress_download_and_isolation(server, digits_onnx, tmp_path):
     """``submit --wait --fail-under --download`` as a CI step would run it, while the test follows
     the job's progress, polls it 20 times at once, and checks another token cannot see it."""
     download = tmp_path / "dl"
@@ -203,7 +198,7 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
                "    print('HEAVY' if 'torch' in sys.modules else 'LIGHT', file=sys.stderr)\n")
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN_A + "\n")
-    argv = [sys.executable, "-c", wrapper, "submit", str(model_file), "--server", server.url, "--token-file",
+    argv = [sys.executable, "-c", wrapper, "submit", str(digits_onnx), "--server", server.url, "--token-file",
             str(token_file), *FAST, "--max-test", "16", "--epochs", "6", "--max-train", "128",
             "--batch-size", "32", "--wait", "--fail-under", "0.5", "--download", str(download), "--json"]
     http = server.client()
@@ -240,7 +235,7 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
 
     job = http.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "succeeded" and job["exit_code"] == 0
-    assert job["input_sha256"] == _sha256(model_file)
+    assert job["input_sha256"] == _sha256(digits_onnx)
     summary = json.loads(out)
     assert summary == json.loads((download / "summary.json").read_text()) == job["summary"]
     for artifact in job["artifacts"]:
@@ -249,9 +244,9 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
 
     report = read_report(download / "certificate.h5")
     model_sha = _sha256(download / "model.robust.onnx")
-    assert report.provenance["output_model_sha256"] == model_sha == summary["output_model_sha256"]
+    assert report.provenance.output_model_sha256 == model_sha == summary["output_model_sha256"]
     assert report.section_attrs["after"]["model_sha256"] == model_sha
-    assert report.provenance["input_model_sha256"] == _sha256(model_file)
+    assert report.provenance.input_model_sha256 == _sha256(digits_onnx)
     # the client's file name never reached the file system
     assert sorted(p.name for p in (server.state_dir / "jobs" / job_id).iterdir()) == \
         ["input.onnx", "lock", "out", "worker.log"]
@@ -265,13 +260,13 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
     assert served.headers["x-content-sha256"] == model_sha == hashlib.sha256(served.content).hexdigest()
 
     # the gate: a certify job under --fail-under exits 1, bad settings exit 2 with the server's line
-    gate = subprocess.run([sys.executable, "-m", "robnet_svc.cli", "submit", str(model_file), "--server",
+    gate = subprocess.run([sys.executable, "-m", "robnet_svc.cli", "submit", str(digits_onnx), "--server",
                            server.url, "--token-file", str(token_file), "--certify", *FAST, "--max-test", "16",
                            "--eps", "0.3", "--fail-under", "1"],
                           env=ENV, capture_output=True, text=True, timeout=DEADLINE)
     assert gate.returncode == 1, gate.stderr
     assert "is under --fail-under 1" in gate.stderr
-    bad = subprocess.run([sys.executable, "-m", "robnet_svc.cli", "submit", str(model_file), "--server",
+    bad = subprocess.run([sys.executable, "-m", "robnet_svc.cli", "submit", str(digits_onnx), "--server",
                           server.url, "--token-file", str(token_file), "--eps", "-1", "--wait"],
                          env=ENV, capture_output=True, text=True, timeout=DEADLINE)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
@@ -281,15 +276,15 @@ def test_pipeline_step_progress_download_and_isolation(server, model_file, tmp_p
 # --------------------------------------------------------------------------- durability
 
 
-def test_kill9_mid_training_then_restart_resumes_bit_identically(tmp_path, model_file, tokens):
+def test_kill9_mid_training_then_restart_resumes_bit_identically(tmp_path, digits_onnx, tokens):
     """kill -9 the server while a job trains; after a restart it resumes from its checkpoint
     and its certificate equals that of the same job run without interruption."""
     srv = Server(tmp_path / "state", tokens).start()
     try:
         http = srv.client()
         settings = {**FAST_SETTINGS, "epochs": 8}
-        first = _submit(http, model_file, settings).raise_for_status().json()["id"]
-        second = _submit(http, model_file, settings).raise_for_status().json()["id"]  # queued behind (1 slot)
+        first = _submit(http, digits_onnx, settings).raise_for_status().json()["id"]
+        second = _submit(http, digits_onnx, settings).raise_for_status().json()["id"]  # queued behind (1 slot)
         _wait(http, first, until=lambda j: (j["progress"] or {}).get("phase") == "train"
               and j["progress"].get("epoch", 0) >= 3, poll=0.02)
         srv.kill9()

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from cli_support import FAST, FAST_TRAIN, digits_model, invoke
+from cli_support import FAST, FAST_TRAIN, digits_model, interrupt_at, invoke
 from robnet_svc.pipeline import CHECKPOINT_FILE, Options, harden
+from robnet_svc.progress import Reporter
 from robnet_svc.training import TrainSettings, epoch_batches, eps_at, lr_at, robust_loss
 
 
@@ -34,16 +35,6 @@ def test_epoch_batches_are_seeded_and_split_across_ranks():
     assert sorted(torch.cat(ranks).tolist()) == list(range(10))
 
 
-class _KillAfterFirstEpoch:
-    """Stands in for a killed process: raises right after epoch 1's checkpoint is written."""
-
-    progress = None
-
-    def log(self, message: str) -> None:
-        if message.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
-
 def _uninterrupted_run(tmp_path, capsys):
     """A digits model and a two-epoch harden of it run to the end: (model, harden args, result)."""
     model = digits_model(tmp_path / "m.onnx")
@@ -60,7 +51,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, cap
     options = Options(model=str(model), dataset="digits", eps=0.1, order=1, max_test=40, attack_steps=3,
                       attack_restarts=2, device="cpu", epochs=2, max_train=96, batch_size=32, out=str(killed))
     with pytest.raises(KeyboardInterrupt):
-        harden(options, {}, "test", _KillAfterFirstEpoch())
+        harden(options, {}, "test", interrupt_at("epoch 1/"))
     state = torch.load(killed / CHECKPOINT_FILE, weights_only=True)  # plain tensors/lists/dicts only
     assert state["epoch"] == 1 and len(state["history"]) == 1
     assert not (killed / "model.robust.onnx").exists()
@@ -91,15 +82,11 @@ def _assert_same_selection(a: dict, b: dict) -> None:
 
 
 class _KillWithinEpoch2:
-    """Stands in for a killed process: raises after the second step of epoch 2 (after the
-    checkpoint that ``checkpoint_every=0`` writes after every step)."""
+    """A progress sink that stands in for a killed process: raises after the second step of epoch 2
+    (after the checkpoint that ``checkpoint_every=0`` writes after every step)."""
 
     def __init__(self):
-        self.progress = self
         self.names = {}
-
-    def log(self, message: str) -> None:
-        pass
 
     def add_task(self, name, total, stats="", **fields):
         self.names[name] = 0
@@ -122,7 +109,7 @@ def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys)
                       attack_restarts=2, device="cpu", epochs=2, max_train=96, batch_size=32, out=str(killed),
                       checkpoint_every=0.0)
     with pytest.raises(KeyboardInterrupt):
-        harden(options, {}, "test", _KillWithinEpoch2())
+        harden(options, {}, "test", Reporter(_KillWithinEpoch2()))
     state = torch.load(killed / CHECKPOINT_FILE, weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2) and len(state["history"]) == 1
     assert state["phases"]["before"]["certified"].shape == (40,)
@@ -142,19 +129,19 @@ def test_resume_from_within_an_epoch_is_exact_and_keeps_before(tmp_path, capsys)
                                                                      if k != "seconds"}
 
 
-def test_resume_refuses_other_settings(tmp_path, capsys):
-    model = digits_model(tmp_path / "m.onnx")
+def test_resume_refuses_other_settings(digits_onnx, tmp_path, capsys):
+    model = digits_onnx
     out = tmp_path / "run"
     assert invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--out", out).code == 0
     r = invoke(capsys, "harden", model, *FAST, *FAST_TRAIN, "--alpha", "2", "--out", out, "--resume")
     assert r.code == 2 and "alpha" in r.err and len(r.err.strip().splitlines()) == 1
 
 
-def test_resume_with_force_is_refused_before_anything_runs(tmp_path, capsys):
+def test_resume_with_force_is_refused_before_anything_runs(digits_onnx, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / CHECKPOINT_FILE).write_bytes(b"kept")
-    r = invoke(capsys, "harden", digits_model(tmp_path / "m.onnx"), *FAST, *FAST_TRAIN, "--out", out,
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN, "--out", out,
                "--resume", "--force")
     assert r.code == 2 and "--resume and --force" in r.err and len(r.err.strip().splitlines()) == 1
     assert (out / CHECKPOINT_FILE).read_bytes() == b"kept"

@@ -65,7 +65,7 @@ def test_export_passes_its_checks_and_round_trips(certified, tmp_path, capsys):
     # independently: the digits test image through onnxruntime on the user's file).
     from robnet_svc.plugins import load_registry
 
-    splits = load_registry().dataset("digits")(None).load((1, 8, 8), progress=False)
+    splits = load_registry().dataset("digits")(None).load((1, 8, 8))
     first = instances[0]
     prop = read_property(first.vnnlib)
     assert prop.label == certs.label[0] and prop.targets == [j for j in range(10) if j != prop.label]

@@ -1,4 +1,4 @@
-"""CPU allocator tuning for the bound passes (glibc only; process-wide; once).
+"""CPU allocator tuning for the bound passes (glibc only; process-wide; once; opt-in).
 
 The symbolic passes allocate and free tensors of ``B·k`` rows (tens to hundreds of MB)
 every few microseconds. glibc serves such blocks with fresh ``mmap`` calls and returns them
@@ -8,7 +8,11 @@ anything: on DM-small (batch 64, k = 16) that was more than half of an SSIP pass
 (no ``mmap`` for large blocks, trim only above 1 GiB of free top memory) removes those
 faults; the cost is that the process keeps its peak heap instead of giving it back.
 
-Disable with ``ROBNET_SVC_MALLOC_TUNING=0`` (e.g. to measure without it).
+It changes the allocator of the whole process, so the library never does it by itself: the
+command line opts in at its entry point (``robnet_svc.cli.main``, every command and every
+rank of ``torchrun``); a program that uses the library calls ``keep_freed_memory()`` once,
+if it wants the speed for the memory. Disable the command line's with
+``ROBNET_SVC_MALLOC_TUNING=0`` (e.g. to measure without it).
 
 Memory: freed blocks of varying sizes fragment the heap, and a tuned heap keeps its
 high-water mark, so resident memory creeps above one batch's working set as steps go by
@@ -30,7 +34,9 @@ _state: dict[str, bool] = {}
 
 
 def keep_freed_memory() -> bool:
-    """Tune glibc ``malloc`` once per process (a no-op elsewhere); True when it is tuned."""
+    """Tune glibc ``malloc`` of this whole process, once (a no-op elsewhere, or with
+    ``ROBNET_SVC_MALLOC_TUNING=0``); True when it is tuned. The explicit opt-in: nothing in the
+    library calls it, the command line does at its entry point."""
     if "tuned" not in _state:
         _state["tuned"] = _tune()
     return _state["tuned"]

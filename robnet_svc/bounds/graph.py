@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from robnet_svc.bounds.alloc import keep_freed_memory
 from robnet_svc.bounds.fuse import fuse_activations
 from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule, RelaxedRule
 from robnet_svc.bounds.ops.relu import ReluRule
@@ -250,27 +249,16 @@ def _analyse(gm: fx.GraphModule, rules: dict) -> tuple[list[PlanNode], list[fx.N
 
 def find_unsupported(gm: nn.Module, rules: dict | None = None) -> list[tuple[str, str]]:
     """``[(node_name, op_description)]`` of every node the engine cannot bound (empty: all fine)."""
-    rules = default_rules() if rules is None else rules
+    rules = registry_rules() if rules is None else rules
     return _analyse(fuse_activations(_trace(gm, rules), rules), rules)[2]
 
 
-def default_rules() -> dict:
-    """The built-in rules table (registered through the same hook plugins use)."""
-    from robnet_svc.bounds import builtin
-    from robnet_svc.plugins import import_target
+def registry_rules() -> dict:
+    """The op-rule table of every loaded plugin, the built-ins included (``load_registry().rules()``):
+    what compiling without an explicit table uses, so that no plugin's rules are left out."""
+    from robnet_svc.plugins import load_registry
 
-    table: dict = {}
-
-    def register(target, cls):
-        if isinstance(target, str) and ":" in target:  # an import path (onnx2torch's classes)
-            try:
-                target = import_target(target)
-            except ModuleNotFoundError:
-                return
-        table[target] = cls
-
-    builtin.robnet_register_op_rules(register=register)
-    return table
+    return load_registry().rules()
 
 
 class BoundNetwork(nn.Module):
@@ -379,8 +367,6 @@ class BoundNetwork(nn.Module):
 
     def frame(self, aset) -> "Frame":
         """Everything one bound pass needs for this perturbation set."""
-        if aset.lower.device.type == "cpu":
-            keep_freed_memory()  # page faults would dominate the full-size ops (bounds/alloc.py)
         shapes = self.infer_shapes(tuple(aset.image_shape), aset.clip)
         return Frame(self.plan(aset.clip), shapes, self._constant_env())
 
@@ -434,10 +420,10 @@ class Frame:
 
 def compile_network(module: nn.Module, rules: dict | None = None) -> BoundNetwork:
     """Compile ``module`` for bounding with the rules table ``rules`` (target -> OpRule class;
-    None: the built-in rules). Raises RobnetError naming the first unsupported op and node."""
+    None: the registry's, ``registry_rules()``). Raises RobnetError naming the first unsupported op and node."""
     if isinstance(module, BoundNetwork):
         return module
-    rules = default_rules() if rules is None else rules
+    rules = registry_rules() if rules is None else rules
     gm = fuse_activations(_trace(module, rules), rules)  # x*sigmoid(x) -> SiLU, ... (bounds/fuse.py)
     plan, constants, unsupported = _analyse(gm, rules)
     if unsupported:

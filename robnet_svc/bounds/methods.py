@@ -27,8 +27,8 @@ Ordering guarantees (lower margin bounds; tests check them):
   the last activation's input. Cost: the tail of that pass (the layers after the last
   activation) and three spec folds through the affine tail.
 
-Training does not need the ordering, only soundness: ``Method(ordered=False)`` (or setting
-``method.ordered = False``) skips those passes. ``rsip-ssip`` then runs one SSIP pass (its own
+Training does not need the ordering, only soundness: ``Method(ordered=False)`` skips those
+passes (the mode is fixed when the method is constructed). ``rsip-ssip`` then runs one SSIP pass (its own
 interval bounds are IBP ∩ SSIP already, since interval arithmetic is monotone) that stops at
 the last activation's input, and one backward pass; ``ssip`` skips the plain IBP candidate.
 Every bound stays sound; certification keeps the default ``ordered=True``.
@@ -57,6 +57,8 @@ class BoundMethod(ABC):
     ``i != labels[b]`` (in increasing ``i``), a sound lower bound of
     ``logit[label] - logit[i]`` over the whole perturbation set: ``[B, K-1]``.
     Differentiable w.r.t. the network parameters; batched; on the device of ``aset``.
+    Constructed as ``cls(ordered=...)``; ``check(perturbation, image_shape)`` says, before any
+    work, why the method cannot bound a perturbation's sets (one line) or None.
     """
 
     name: ClassVar[str] = ""
@@ -70,6 +72,18 @@ class BoundMethod(ABC):
 
     def __init__(self, *, ordered: bool = True):
         self.ordered = ordered
+
+    def check(self, perturbation, image_shape: tuple[int, ...]) -> str | None:
+        """Why this method cannot bound ``perturbation``'s sets of images ``(C, H, W)``, as a phrase
+        that completes "bound method 'name' ..." (e.g. "needs ..."), or None when it can.
+
+        The default refuses, for a method that ``needs_dense``, a perturbation whose sets cannot
+        afford ``dense()`` (``Perturbation.supports_dense``, e.g. ``linf``). Override to add
+        conditions of a new method (call ``super().check`` first)."""
+        if self.needs_dense and not perturbation.supports_dense:
+            return (f"needs a small number of perturbation coefficients; perturbation {perturbation.name!r} has "
+                    f"{perturbation.num_coeffs(tuple(image_shape))}")
+        return None
 
     @abstractmethod
     def margin_lower(self, net, aset, labels: Tensor) -> Tensor:

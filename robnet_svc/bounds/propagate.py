@@ -41,12 +41,6 @@ def box_mid_rad(aset) -> tuple[Tensor, Tensor]:
     return (aset.lower + aset.upper) / 2, (aset.upper - aset.lower) / 2
 
 
-def concretize_equation(eq: Equation, aset, upper: bool = False) -> Tensor:
-    """min (or max) over the box of the equations ``eq`` -> ``[B, *shape]``."""
-    lower, up = concretize_pair(eq, eq, aset)
-    return up if upper else lower
-
-
 def concretize_pair(lo_eq: Equation, up_eq: Equation, aset) -> tuple[Tensor, Tensor]:
     """``(min over the box of lo_eq, max over the box of up_eq)``, each ``[B, *shape]``:
     ``const + mid·coef ∓ rad·|coef|`` as batched matrix products over the ``k`` coefficient

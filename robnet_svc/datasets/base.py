@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 
 
 @dataclass
@@ -79,8 +80,9 @@ class Dataset(ABC):
         return resolved
 
     @abstractmethod
-    def load(self, image_shape: tuple[int, int, int], progress: bool = True) -> Splits:
-        """Load and adapt the images to ``image_shape = (C, H, W)``."""
+    def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
+        """Load and adapt the images to ``image_shape = (C, H, W)``; ``reporter``: where to report
+        progress and notes (``robnet_svc.progress.Reporter``; the default reports nothing)."""
 
 
 _TRUE = {"1", "true", "yes", "on"}

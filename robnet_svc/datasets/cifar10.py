@@ -22,6 +22,7 @@ import torch
 from robnet_svc.datasets.adapt import adapt_batch, check_shape
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -105,7 +106,7 @@ class Cifar10(Dataset):
     option_defaults: dict = {}
     native_shape = (3, 32, 32)
 
-    def load(self, image_shape: tuple[int, int, int], progress: bool = True) -> Splits:
+    def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
         shape = check_shape(image_shape)
         folder = find_folder(self.data_dir)
         meta = read_pickle(folder / META_FILE)

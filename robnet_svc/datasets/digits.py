@@ -14,6 +14,7 @@ import torch
 from robnet_svc.datasets.adapt import adapt_batch, check_shape
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.datasets.split import stratified_split
+from robnet_svc.progress import SILENT, Reporter
 
 
 class Digits(Dataset):
@@ -25,7 +26,7 @@ class Digits(Dataset):
     option_defaults = {"test_fraction": 0.2, "seed": 0}
     native_shape = (1, 8, 8)
 
-    def load(self, image_shape: tuple[int, int, int], progress: bool = True) -> Splits:
+    def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
         import sklearn  # imported here: it adds ~0.5 s to every start of the command line
         from sklearn.datasets import load_digits
 

@@ -8,12 +8,12 @@ Layouts (under ``--data-dir``)::
 Labels are the class folders in sorted order. Every ``*.jpg``, ``*.jpeg`` and ``*.png``
 (any case, any name, also in sub-folders of a class folder) is an image; hidden files and
 folders (name starting with '.', e.g. ``.ipynb_checkpoints``) are ignored; other files are
-skipped and counted (one line on stderr). Images of any size and mode are adapted to the
+skipped and counted (one log line to the reporter ``load`` is given). Images of any size and mode are adapted to the
 model input (see ``adapt.decode_image``) and returned as float32 in ``[0, 1]``.
 
 Options: ``test_fraction`` (0.2) and ``seed`` (0) for the one-tree layout; ``cache`` (true):
-keep decoded images in the on-disk cache (``cache.py``). Decoding runs in a thread pool with
-progress on stderr (a bar on a terminal, plain lines in a log), with as many workers as the
+keep decoded images in the on-disk cache (``cache.py``). Decoding runs in a thread pool, its
+progress a task of the reporter (a bar or plain lines on the command line), with as many workers as the
 run's thread count (``robnet_svc.threads``). Every file that cannot be decoded is reported
 in one error (a count and the first few), not one per run.
 """
@@ -21,7 +21,6 @@ in one error (a count and the first few), not one per run.
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from robnet_svc import progress as progress_lines
 from robnet_svc import threads
 from robnet_svc.datasets import cache
 from robnet_svc.datasets.adapt import check_shape, decode_image
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.datasets.split import stratified_split
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -123,20 +122,20 @@ def _images_under(folder: Path) -> tuple[list[Path], int]:
 
 
 def load_images(
-    root: Path, files: list[Path], mode: str, size: tuple[int, int], progress: bool, use_cache: bool
+    root: Path, files: list[Path], mode: str, size: tuple[int, int], reporter: Reporter, use_cache: bool
 ) -> np.ndarray:
     """Decoded images ``[N, C, H, W]`` uint8 of ``files`` (all below ``root``), from the cache
     when it holds them, else decoded in parallel (and cached)."""
     key = cache.folder_key(root, files, mode, size) if use_cache else None
     if key is not None and (images := cache.load(key, len(files))) is not None:
         return images
-    images = decode_files(files, mode, size, progress, f"decoding {len(files)} images in {root}")
+    images = decode_files(files, mode, size, reporter, f"decoding {len(files)} images in {root}")
     if key is not None:
         cache.save(key, images)
     return images
 
 
-def decode_files(files: list[Path], mode: str, size: tuple[int, int], progress: bool, label: str) -> np.ndarray:
+def decode_files(files: list[Path], mode: str, size: tuple[int, int], reporter: Reporter, label: str) -> np.ndarray:
     """Decode ``files`` with a thread pool: uint8 ``[N, C, H, W]`` (C=1 for 'L', 3 for 'RGB').
 
     Every file is tried; those that cannot be read are reported together in one RobnetError."""
@@ -152,12 +151,12 @@ def decode_files(files: list[Path], mode: str, size: tuple[int, int], progress: 
         return stop - start, bad
 
     failures: list[str] = []
-    with progress_lines.task(label, len(files), progress) as advance:
+    with reporter.task(label, total=len(files)) as task:
         pool = ThreadPoolExecutor(max_workers=threads.decode_workers(), thread_name_prefix="robnet-decode")
         try:
             for count, bad in pool.map(decode_chunk, range(0, len(files), _CHUNK)):
                 failures += bad
-                advance(count)
+                task.advance(count)
         finally:  # an interrupt: do not decode the rest
             pool.shutdown(wait=True, cancel_futures=True)
     if failures:
@@ -182,7 +181,7 @@ class ImageFolder(Dataset):
     #: Decode to one channel whatever the model (grey data stored as RGB); repeated for RGB models.
     grey_source: ClassVar[bool] = False
 
-    def load(self, image_shape: tuple[int, int, int], progress: bool = True) -> Splits:
+    def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
         channels, height, width = check_shape(image_shape)
         root = require_folder(self.data_dir)
         trees = self._trees(root)
@@ -190,11 +189,11 @@ class ImageFolder(Dataset):
         files = [f for tree in trees for f in tree.files]
         skipped = sum(tree.skipped for tree in trees)
         if skipped:
-            print(f"robnet-svc: skipped {skipped} file(s) under {root} that are not "
-                  f"{'/'.join(IMAGE_SUFFIXES)} images in a class folder", file=sys.stderr)
+            reporter.log(f"skipped {skipped} file(s) under {root} that are not "
+                         f"{'/'.join(IMAGE_SUFFIXES)} images in a class folder")
 
         mode = "L" if channels == 1 or self.grey_source else "RGB"
-        pixels = load_images(root, files, mode, (height, width), progress, bool(self.options["cache"]))
+        pixels = load_images(root, files, mode, (height, width), reporter, bool(self.options["cache"]))
         labels = np.concatenate([tree.labels for tree in trees])
         if len(trees) == 2:
             n_train = len(trees[0].files)

@@ -28,8 +28,6 @@ from torch import Tensor
 
 from robnet_svc.errors import RobnetError
 
-Clip = "tuple[float, float] | None"
-
 
 class AffineSet(ABC):
     """The per-sample affine perturbation set ``{clip(W a + c) : a in [lower, upper]}``.
@@ -241,6 +239,9 @@ class Perturbation(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
+    #: The ``supports_dense`` of the sets ``affine_set`` returns: False when ``dense()`` is
+    #: unaffordable (large k), so bound methods that need it refuse this perturbation up front.
+    supports_dense: ClassVar[bool] = True
 
     def __init__(self, eps: float, clip: tuple[float, float] | None = (0.0, 1.0), **options: Any):
         try:

@@ -19,6 +19,7 @@ class Linf(Perturbation):
     name = "linf"
     description = "White noise x + a, |a| <= eps per pixel (L-infinity ball; baseline, no ssip)."
     options = {}
+    supports_dense = False  # IdentityAffineSet: one coefficient per pixel
 
     def num_coeffs(self, image_shape: tuple[int, ...]) -> int:
         c, h, w = image_shape

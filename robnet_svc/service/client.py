@@ -106,7 +106,7 @@ class Client:
                               f"has {got['model.robust.onnx']}")
         return got
 
-    def wait(self, job_id: str, show: bool = True) -> dict[str, Any]:
+    def wait(self, job_id: str) -> dict[str, Any]:
         """Poll the job until it ends, with a progress bar (a terminal) or its log lines (CI logs)
         on stderr; returns the succeeded job, raises JobFailed otherwise."""
         from rich.console import Console
@@ -115,19 +115,18 @@ class Client:
         console = Console(stderr=True)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[stats]}"), console=console, transient=True,
-                       disable=not show or not console.is_terminal)
+                       disable=not console.is_terminal)
         printed = 0
         with bar:
             task = bar.add_task("queued", total=None, stats="")
             while True:
                 job = self.job(job_id)
                 progress = job.get("progress") or {}
-                if show:  # new log lines (the server keeps the last few)
-                    count, lines = progress.get("log_count", 0), progress.get("log", [])
-                    for line in lines[max(0, len(lines) - (count - printed)):]:
-                        console.print(f"robnet-svc: [job {job_id[:8]}] {line}", markup=False, highlight=False,
-                                      soft_wrap=True)
-                    printed = count
+                count, lines = progress.get("log_count", 0), progress.get("log", [])  # the server keeps the last few
+                for line in lines[max(0, len(lines) - (count - printed)):]:
+                    console.print(f"robnet-svc: [job {job_id[:8]}] {line}", markup=False, highlight=False,
+                                  soft_wrap=True)
+                printed = count
                 description, completed, total = _bar_state(job, progress)
                 bar.update(task, description=description, completed=completed, total=total,
                            stats=_stats(progress))

@@ -28,7 +28,6 @@ from robnet_svc.errors import RobnetError
 
 SCHEMA_VERSION = 1
 STORE_FILE = "jobs.sqlite"
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 _SCHEMA = """
@@ -171,10 +170,6 @@ class JobStore:
             db.execute("UPDATE jobs SET state = 'running', attempt = ?, started = COALESCE(started, ?) "
                        "WHERE id = ?", (attempt, time.time(), row["id"]))
         return row["id"], attempt
-
-    def running_ids(self) -> set[str]:
-        with self._connect() as db:
-            return {r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")}
 
     def cancel_requested(self) -> set[str]:
         with self._connect() as db:

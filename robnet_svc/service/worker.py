@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from robnet_svc.errors import RobnetError, SoundnessError
+from robnet_svc.progress import Reporter
 from robnet_svc.service.jobs import ARTIFACTS, INPUT_FILE, OUT_DIR, build_options, recorded_config, resolve_data_dir
 from robnet_svc.service.store import JobStore
 
@@ -36,9 +37,9 @@ LOG_LINES = 20
 
 
 class JobProgress:
-    """Takes the calls the pipeline and training make on a rich ``Progress`` (``add_task``,
-    ``update``, ``remove_task``) and the UI's log lines, and keeps the job's live progress
-    in the store: phase, epoch, step, running loss and certified accuracy, and an ETA.
+    """The progress sink (``add_task``, ``update``, ``remove_task``) and the log of the job's
+    ``Reporter`` (robnet_svc/progress.py), keeping the job's live progress in the store: phase,
+    epoch, step, running loss and certified accuracy, and an ETA.
 
     ETA: in training, the remaining steps at this attempt's mean step time plus the time the
     ``before`` certification took (the ``after`` one certifies the same samples); while
@@ -56,7 +57,7 @@ class JobProgress:
         self.train_steps_done = 0
         self.last_write = 0.0
 
-    # rich.Progress's interface, as used by pipeline._certify and training.train
+    # the progress sink's interface (the part of rich.Progress a Reporter uses)
     def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
         task_id = len(self.tasks) + 1
         now = time.monotonic()
@@ -106,7 +107,7 @@ class JobProgress:
             return None
         return (task["total"] - task["completed"]) * (now - task["started"]) / task["completed"]
 
-    # the UI's log lines
+    # the reporter's log lines and warnings
     def log(self, message: str) -> None:
         print(f"robnet-svc: {message}", file=sys.stderr, flush=True)
         resumed = re.search(r"^resuming from .* after epoch (\d+)$", message)
@@ -126,15 +127,6 @@ class JobProgress:
             self.last_write = now
             self.state["updated"] = time.time()
             self.store.set_progress(self.job_id, self.attempt, self.state)
-
-
-class JobUi:
-    """The ``ui`` the pipeline takes (``.progress``, ``.log``, ``.warn``), writing to the store."""
-
-    def __init__(self, progress: JobProgress):
-        self.progress = progress
-        self.log = progress.log
-        self.warn = progress.warn
 
 
 def sha256_file(path: Path) -> str:
@@ -160,7 +152,8 @@ def run_job(store: JobStore, job_dir: Path, job: dict[str, Any], attempt: int, d
         options = build_options(params, job_dir / INPUT_FILE, out, data_dir, force=not resume, resume=resume)
         story = pipeline.harden if command == "harden" else pipeline.certify
         report = story(options, recorded_config(params, data_dir),
-                       f"robnet-svc {command} (service job {job['id']}, attempt {attempt})", JobUi(progress))
+                       f"robnet-svc {command} (service job {job['id']}, attempt {attempt})",
+                       Reporter(progress, log=progress.log, warn=progress.warn))
         summary = report.summary()
         artifacts = {name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
                      for name in ARTIFACTS[command]}
@@ -199,8 +192,11 @@ def _exit_with_server() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from robnet_svc.bounds.alloc import keep_freed_memory
+
     state_dir, job_id, attempt, roots = Path(argv[0]), argv[1], int(argv[2]), json.loads(argv[3])
     _exit_with_server()
+    keep_freed_memory()  # the job's own process, like the command line's (bounds/alloc.py)
     store = JobStore(state_dir)
     job_dir = state_dir / "jobs" / job_id
     with (job_dir / "lock").open("a") as lock:

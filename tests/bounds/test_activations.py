@@ -15,7 +15,7 @@ from torch import nn
 
 from robnet_svc.bounds import compile_network
 from robnet_svc.bounds.fuse import HardSwish
-from robnet_svc.bounds.graph import default_rules, find_unsupported
+from robnet_svc.bounds.graph import registry_rules, find_unsupported
 from robnet_svc.bounds.ops.base import PERTURBED, OpCall
 
 from .strategies import Clamp
@@ -124,7 +124,7 @@ def test_relaxation_is_differentiable(name):
 def test_every_torch_and_onnx2torch_activation_is_registered():
     import torch.nn.functional as F
 
-    rules = default_rules()
+    rules = registry_rules()
     for target in (nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.Hardsigmoid, nn.Hardswish, nn.Sigmoid,
                    nn.Tanh, nn.ELU, nn.Softplus, nn.SiLU, nn.GELU, HardSwish, torch.clamp, F.relu6, F.silu,
                    F.gelu, torch.sigmoid, torch.tanh, torch.erf):

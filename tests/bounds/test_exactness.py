@@ -11,15 +11,9 @@ from torch import nn
 
 from robnet_svc.bounds import compile_network, margin_spec
 from robnet_svc.perturbations.base import DenseAffineSet
-from robnet_svc.plugins import load_registry
 
 EXACT_METHODS = ("ssip", "rsip-ibp", "rsip-ssip", "rsip")
 ALL_METHODS = ("ibp",) + EXACT_METHODS
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 class AffineResidual(nn.Module):

@@ -66,7 +66,7 @@ def make_cifar(parent: Path, protocol="py2", per_batch=4, n_test=6) -> tuple[Pat
 @pytest.mark.parametrize("protocol", ["py2", 4, 5])
 def test_reads_the_real_format(tmp_path, protocol):
     folder, train, test = make_cifar(tmp_path, protocol)
-    splits = Cifar10(folder).load((3, 32, 32), progress=False)
+    splits = Cifar10(folder).load((3, 32, 32))
     assert splits.class_names[0] == "airplane" and splits.num_classes == 10
     assert splits.train_images.shape == (20, 3, 32, 32) and splits.test_images.shape == (6, 3, 32, 32)
     assert torch.equal(splits.train_images, torch.from_numpy(train.reshape(-1, 3, 32, 32)).float() / 255)
@@ -76,7 +76,7 @@ def test_reads_the_real_format(tmp_path, protocol):
 
 def test_parent_folder_and_adaptation(tmp_path):
     folder, train, _ = make_cifar(tmp_path)
-    splits = Cifar10(tmp_path).load((1, 16, 16), progress=False)  # the parent of the folder
+    splits = Cifar10(tmp_path).load((1, 16, 16))  # the parent of the folder
     expected = adapt_batch(torch.from_numpy(train.reshape(-1, 3, 32, 32)).float() / 255, (1, 16, 16))
     assert splits.train_images.shape == (20, 1, 16, 16) and torch.equal(splits.train_images, expected)
 
@@ -98,7 +98,7 @@ def test_malicious_pickle_does_not_run(tmp_path, where):
     with open(folder / where, "wb") as out:
         pickle.dump({b"data": Exploit(f"touch {marker}"), b"labels": []}, out)
     with pytest.raises(RobnetError, match=rf"{where}.*refusing to load posix\.system"):
-        Cifar10(folder).load((3, 32, 32), progress=False)
+        Cifar10(folder).load((3, 32, 32))
     assert not marker.exists()
 
 
@@ -109,7 +109,7 @@ def test_non_plain_objects_are_refused(tmp_path):
     with open(folder / "test_batch", "wb") as out:
         pickle.dump(OrderedDict(data=1), out)
     with pytest.raises(RobnetError, match="test_batch.*refusing to load collections.OrderedDict"):
-        Cifar10(folder).load((3, 32, 32), progress=False)
+        Cifar10(folder).load((3, 32, 32))
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -11,7 +11,7 @@ from robnet_svc.plugins import load_registry
 
 
 def test_native_shape_split_and_range():
-    splits = Digits().load(Digits.native_shape, progress=False)
+    splits = Digits().load(Digits.native_shape)
     assert splits.train_images.shape == (1437, 1, 8, 8) and splits.test_images.shape == (360, 1, 8, 8)
     assert splits.train_images.dtype == torch.float32
     assert splits.train_images.min() == 0 and splits.train_images.max() == 1
@@ -24,9 +24,9 @@ def test_native_shape_split_and_range():
 
 
 def test_seeded_and_adapted():
-    first = Digits().load((3, 16, 16), progress=False)
-    again = Digits(None, seed=0).load((3, 16, 16), progress=False)
-    other = Digits(seed=1, test_fraction=0.5).load((1, 8, 8), progress=False)
+    first = Digits().load((3, 16, 16))
+    again = Digits(None, seed=0).load((3, 16, 16))
+    other = Digits(seed=1, test_fraction=0.5).load((1, 8, 8))
     assert torch.equal(first.test_images, again.test_images)
     assert first.train_images.shape == (1437, 3, 16, 16) and torch.equal(first.train_images[:, 0], first.train_images[:, 2])
     assert other.test_images.shape[0] == 899

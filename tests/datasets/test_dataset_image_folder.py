@@ -11,10 +11,11 @@ from dataset_helpers import make_tree, write_image
 
 from robnet_svc.datasets.image_folder import ImageFolder
 from robnet_svc.errors import RobnetError
+from robnet_svc.progress import SILENT, Reporter, console_reporter
 
 
-def load(root, shape=(3, 16, 20), **options):
-    return ImageFolder(root, **options).load(shape, progress=False)
+def load(root, shape=(3, 16, 20), reporter=SILENT, **options):
+    return ImageFolder(root, **options).load(shape, reporter=reporter)
 
 
 @pytest.mark.parametrize("names", [("train", "test"), ("Training", "Testing")])
@@ -65,21 +66,42 @@ def test_messy_folder(tmp_path, capsys):
     write_image(cls / "scan.Jpeg", 3, mode="L", size=(50, 40))
     write_image(cls / "sub" / "deeper.PNG", 4)  # sub-folder of a class folder
     (tmp_path / "Testing" / ".hidden_class").mkdir()  # hidden class folder: ignored
-    splits = load(tmp_path, (1, 12, 12))
+    lines = []
+    splits = load(tmp_path, (1, 12, 12), reporter=Reporter(log=lines.append))
     assert splits.class_names == ["glioma", "notumor"]
     assert splits.test_labels.tolist() == [0, 0, 0, 0, 1]
+    assert len(lines) == 1 and lines[0].startswith("skipped 2 file(s)") and str(tmp_path) in lines[0]
+    with console_reporter() as reporter:  # the command line's reporter: one line on stderr
+        load(tmp_path, (1, 12, 12), reporter=reporter)
     err = capsys.readouterr().err
-    assert err.count("skipped 2 file(s)") == 1 and str(tmp_path) in err
+    assert err.count("robnet-svc: skipped 2 file(s)") == 1 and str(tmp_path) in err
 
 
-def test_progress_bar_keeps_stdout_clean_and_nests(tmp_path, capsys):
-    from rich.console import Console
-    from rich.progress import Progress
+class _Sink:
+    """A progress sink that records what it is told."""
 
+    def __init__(self):
+        self.tasks = {}
+
+    def add_task(self, description, total=None, **fields):
+        self.tasks[description] = [0, total, False]
+        return description
+
+    def update(self, task, advance=0, **fields):
+        self.tasks[task][0] += advance
+
+    def remove_task(self, task):
+        self.tasks[task][2] = True
+
+
+def test_decoding_progress_is_a_task_of_the_reporter_and_stdout_stays_clean(tmp_path, capsys):
     make_tree(tmp_path, {"a": 5, "b": 5})
-    ImageFolder(tmp_path).load((1, 8, 8), progress=True)
-    with Progress(console=Console(stderr=True), transient=True):  # the command line's own live display
-        ImageFolder(tmp_path, cache=False).load((1, 8, 8), progress=True)
+    sink = _Sink()
+    ImageFolder(tmp_path, cache=False).load((1, 8, 8), reporter=Reporter(sink))
+    assert list(sink.tasks.values()) == [[10, 10, True]]  # every file counted, the task closed
+    assert next(iter(sink.tasks)).startswith("decoding 10 images in ")
+    with console_reporter() as reporter:  # the command line's bars or lines on stderr
+        ImageFolder(tmp_path, cache=False).load((1, 8, 8), reporter=reporter)
     assert capsys.readouterr().out == ""
 
 

@@ -24,7 +24,7 @@ def make_mri(root: Path) -> Path:
 
 
 def test_generated_mri_folder(tmp_path):
-    splits = BrainTumorMri(make_mri(tmp_path)).load((1, 16, 16), progress=False)
+    splits = BrainTumorMri(make_mri(tmp_path)).load((1, 16, 16))
     assert splits.class_names == CLASSES
     assert splits.train_images.shape == (12, 1, 16, 16) and splits.test_images.shape == (8, 1, 16, 16)
     assert splits.train_labels.bincount().tolist() == [3, 3, 3, 3]
@@ -32,8 +32,8 @@ def test_generated_mri_folder(tmp_path):
 
 
 def test_rgb_model_gets_the_grey_channel_repeated(tmp_path):
-    splits = BrainTumorMri(make_mri(tmp_path)).load((3, 16, 16), progress=False)
-    grey = BrainTumorMri(tmp_path).load((1, 16, 16), progress=False)
+    splits = BrainTumorMri(make_mri(tmp_path)).load((3, 16, 16))
+    grey = BrainTumorMri(tmp_path).load((1, 16, 16))
     # Colour files are read as grey (one channel), then repeated for the RGB model.
     assert torch.equal(splits.train_images, grey.train_images.expand(-1, 3, -1, -1))
 
@@ -55,7 +55,7 @@ def test_layout_errors(tmp_path, layout, message):
     else:
         make_tree(tmp_path, {"a": 1})
     with pytest.raises(RobnetError, match=message):
-        BrainTumorMri(tmp_path).load((1, 8, 8), progress=False)
+        BrainTumorMri(tmp_path).load((1, 8, 8))
 
 
 def test_mri_options():
@@ -69,10 +69,10 @@ def test_real_brain_tumor_mri_folder():
     if not (REAL / "Training").is_dir():
         pytest.skip(f"{REAL} not present")
     start = time.perf_counter()
-    cold = BrainTumorMri(REAL).load((1, 32, 32), progress=False)
+    cold = BrainTumorMri(REAL).load((1, 32, 32))
     cold_s = time.perf_counter() - start
     start = time.perf_counter()
-    warm = BrainTumorMri(REAL).load((1, 32, 32), progress=False)
+    warm = BrainTumorMri(REAL).load((1, 32, 32))
     warm_s = time.perf_counter() - start
     print(f"real MRI 1x32x32: cold {cold_s:.2f} s, warm {warm_s:.2f} s")
 

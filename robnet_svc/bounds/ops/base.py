@@ -221,8 +221,3 @@ class RelaxedRule(OpRule):
         """Linear bounds of the output valid on the given input boxes."""
         raise NotImplementedError
 
-
-def sum_over_node(t: Tensor, lead: int = 2) -> Tensor:
-    """Sum a ``[B, S, *node_shape]`` tensor over the node axes -> ``[B, S]``."""
-    return t.flatten(lead).sum(-1)
-

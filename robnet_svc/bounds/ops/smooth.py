@@ -59,13 +59,13 @@ class Piece:
     df: Callable[[Tensor], Tensor] | None = None
 
 
-def _bisect(fn: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor, keep_low_when_nonneg: bool = True,
-            iterations: int = ITERATIONS) -> tuple[Tensor, Tensor]:
-    """Bracket ``[lo, hi]`` of a sign change of a monotone ``fn`` after a fixed number of halvings:
+def _bisect(fn: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor,
+            keep_low_when_nonneg: bool = True) -> tuple[Tensor, Tensor]:
+    """Bracket ``[lo, hi]`` of a sign change of a monotone ``fn`` after ``ITERATIONS`` halvings:
     the midpoint replaces ``lo`` where ``fn(mid) >= 0`` (``keep_low_when_nonneg``) else ``hi``."""
     with torch.no_grad():
         lo, hi = lo.detach().clone(), hi.detach().clone()
-        for _ in range(iterations):
+        for _ in range(ITERATIONS):
             mid = (lo + hi) * 0.5
             nonneg = fn(mid) >= 0
             go_up = nonneg if keep_low_when_nonneg else ~nonneg
