@@ -62,6 +62,16 @@ def plugins_cmd(as_json: bool) -> None:
         for row in listing[kind]:
             table.add_row(row["name"], row["distribution"], row["version"], row["description"])
         console.print(table)
+        options = [(row["name"], key, opt) for row in listing[kind] for key, opt in row.get("options", {}).items()]
+        if options:
+            table = Table(title=f"{kind[:-1].replace('_', ' ')} options (--{kind[:-1]}-option KEY=VALUE)",
+                          title_justify="left")
+            for col in ("name", "option", "default", "type", "help"):
+                table.add_column(col)
+            for name, key, opt in options:
+                choices = f" ({'|'.join(map(str, opt['choices']))})" if opt["choices"] is not None else ""
+                table.add_row(name, key, json.dumps(opt["default"]), opt["type"] + choices, opt["help"])
+            console.print(table)
 
 
 @cli.command("inspect")
@@ -87,7 +97,7 @@ threads_option = click.option(
 
 def _shared_options(func):
     """Options common to ``harden`` and ``certify`` (defaults: ``options.Options``)."""
-    from robnet_svc.options import Options
+    from robnet_svc.options import SHORTHANDS, Options
 
     d = Options()
     decorators = [
@@ -96,18 +106,19 @@ def _shared_options(func):
                      help="Dataset plugin (robnet-svc plugins lists them)."),
         click.option("--data-dir", default=None, help="Folder of the dataset (not needed for digits)."),
         click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-                     callback=_check_dataset_options,
-                     help="Option of the dataset plugin, repeatable (e.g. cache=false); see docs/cli.md."),
+                     callback=_check_pairs,
+                     help="Option of the dataset plugin, repeatable (e.g. cache=false; robnet-svc plugins lists "
+                          "them)."),
         click.option("--image-shape", default=None, metavar="CxHxW",
                      help="How to view a flat [N,D] model input as an image, e.g. 1x28x28."),
         click.option("--perturbation", default=d.perturbation, show_default=True, help="Perturbation plugin."),
+        click.option("--perturbation-option", "perturbation_option", multiple=True, metavar="KEY=VALUE",
+                     callback=_check_pairs,
+                     help="Option of the perturbation plugin, repeatable (e.g. order=2; robnet-svc plugins lists "
+                          "them)."),
         click.option("--eps", type=float, default=d.eps, show_default=True,
                      help="Perturbation radius (a fraction: 0.2 is the paper's 20)."),
-        click.option("--order", type=int, default=None, help="Bias-field polynomial order (default 3)."),
-        click.option("--mode", type=click.Choice(["mult", "add", "both"]), default=None,
-                     help="Bias-field mode (default mult)."),
-        click.option("--coef-scale", type=float, default=None,
-                     help="Non-constant terms get [-eps/s, eps/s] (default: number of terms - 1)."),
+        *(_shorthand(key) for key in SHORTHANDS),
         click.option("--cert-method", default=d.cert_method, show_default=True, help="Bound method that certifies."),
         click.option("--cert-batch-size", type=click.IntRange(min=1), default=d.cert_batch_size, show_default=True,
                      help="Samples per certification batch."),
@@ -138,19 +149,26 @@ def _shared_options(func):
     return func
 
 
-def _check_dataset_options(_ctx, param, values):
-    """``--dataset-option`` values (flags, or a TOML list of strings) must read ``KEY=VALUE``."""
+def _shorthand(key: str):
+    """``--order`` etc.: a flag of its own for the perturbation option ``key`` (the built-in
+    bias field's; its type, default and choices are the perturbation's: robnet-svc plugins)."""
+    flag = "--" + key.replace("_", "-")
+    return click.option(flag, key, default=None, metavar="VALUE",
+                        help=f"Same as --perturbation-option {key}=VALUE (an option of bias-field).")
+
+
+def _check_pairs(ctx, param, values):
+    """``--dataset-option`` / ``--perturbation-option`` values (flags, or a TOML list of strings) must
+    read ``KEY=VALUE``. Given on the command line, they come after the config file's (a later key
+    wins), so a flag overrides the file's value of its key and keeps the others."""
     values = [values] if isinstance(values, str) else list(values or ())
     for value in values:
         if not isinstance(value, str) or "=" not in value or not value.split("=", 1)[0].strip():
             raise click.BadParameter(f"{value!r} is not KEY=VALUE (e.g. cache=false)", param=param)
+    from_file = (ctx.default_map or {}).get(param.name)
+    if from_file and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+        values = [*from_file, *values]
     return tuple(values)
-
-
-def dataset_options(values) -> dict[str, str]:
-    """``("k=v", ...)`` -> ``{"k": "v"}`` (a later key wins); the dataset converts the strings."""
-    pairs = (value.split("=", 1) for value in values)
-    return {key.strip(): val.strip() for key, val in pairs}
 
 
 @cli.command("harden")
@@ -501,10 +519,12 @@ def _run(ctx: click.Context, story, params: dict):
     from robnet_svc import distributed, threads
     from robnet_svc.config import effective_config
     from robnet_svc.options import Options
+    from robnet_svc.plugin_options import parse_pairs
 
     fields = set(Options.__dataclass_fields__)
     options = Options(**{k: v for k, v in params.items() if k in fields},
-                      dataset_options=dataset_options(params.get("dataset_option", ())))
+                      dataset_options=parse_pairs(params.get("dataset_option", ())),
+                      perturbation_options=parse_pairs(params.get("perturbation_option", ())))
     options.threads = threads.configure(options.threads)
     args = sys.argv[1:] if ctx.obj.get("argv") is None else ctx.obj["argv"]
     command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *args])

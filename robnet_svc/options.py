@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from robnet_svc.errors import RobnetError
+
 
 @dataclass
 class Options:
@@ -20,10 +22,11 @@ class Options:
     dataset_options: dict[str, object] = field(default_factory=dict)  # passed to the dataset's constructor
     image_shape: str | None = None
     perturbation: str = "bias-field"
+    perturbation_options: dict[str, object] = field(default_factory=dict)  # passed to the perturbation
     eps: float = 0.1
-    order: int | None = None       # perturbation options: None keeps the perturbation's default
-    mode: str | None = None
-    coef_scale: float | None = None
+    order: object = None           # shorthands of perturbation_options["order"] etc. (None: not given)
+    mode: object = None
+    coef_scale: object = None
     method: str = "rsip-ssip"
     cert_method: str = "rsip-ssip"
     epochs: int = 10
@@ -51,3 +54,23 @@ class Options:
     force: bool = False
     resume: bool = False
     report_page: bool = True       # harden: figures and report.html in --out/report
+
+    def perturbation_settings(self) -> dict[str, object]:
+        """The options given to the perturbation: ``perturbation_options`` with the shorthands
+        ``order``, ``mode``, ``coef_scale`` (``--order`` ...) added; a shorthand and an entry of
+        ``perturbation_options`` that disagree are a RobnetError (which one was meant is a guess)."""
+        given = dict(self.perturbation_options)
+        for key in SHORTHANDS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key in given and str(given[key]) != str(value):
+                flag = "--" + key.replace("_", "-")
+                raise RobnetError(f"{flag} {value} and --perturbation-option {key}={given[key]} set the same "
+                                  "option to different values; give one of them")
+            given[key] = value
+        return given
+
+
+#: Options with a flag of their own (``--order`` ...) that set the perturbation option of that name.
+SHORTHANDS = ("order", "mode", "coef_scale")

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from robnet_svc import __version__, hookspecs
+from robnet_svc import __version__, hookspecs, plugin_options
 from robnet_svc.errors import RobnetError
 
 GROUP = "robnet_svc"
@@ -141,7 +141,8 @@ class Registry:
         """JSON-ready listing for ``robnet-svc plugins``.
 
         Keys: ``bound_methods``, ``perturbations``, ``datasets`` (rows of name, description,
-        distribution, version, plugin; perturbations add ``options``), ``op_rules`` (target,
+        distribution, version, plugin; perturbations and datasets add ``options``: name -> type,
+        default, help, choices), ``op_rules`` (target,
         rule, distribution, version, plugin), ``plugins`` (name, distribution, version,
         hooks) and ``broken`` (one line per plugin that failed to load).
         """
@@ -169,18 +170,9 @@ def _row(kind: str, e: Entry) -> dict:
         "version": e.version,
         "plugin": e.plugin,
     }
-    if kind == "perturbations":
-        row["options"] = {
-            key: {"default": _json_value(opt.default), "help": opt.help,
-                  "choices": [_json_value(c) for c in opt.choices] if opt.choices is not None else None}
-            for key, opt in e.obj.options.items()
-        }
+    if kind in ("perturbations", "datasets"):
+        row["options"] = plugin_options.listing(e.obj.options)
     return row
-
-
-def _json_value(value: Any) -> Any:
-    """``value`` when JSON can hold it, else its repr (a plugin's option default may be anything)."""
-    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 def _first_line(text: str | None) -> str:
@@ -433,14 +425,10 @@ def _check_class(cls: Any, kind: str, hook_name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise _Broken(f"{what}: its `name` must be a non-empty string of letters, digits, '.', '_' or '-', "
                       f"got {name!r}")
-    if kind == "perturbations":
-        from robnet_svc.perturbations.base import Option
-
-        options = getattr(cls, "options", None)
-        if not isinstance(options, dict) or not all(
-                isinstance(k, str) and k.isidentifier() and isinstance(v, Option) for k, v in options.items()):
-            raise _Broken(f"{what}: its `options` must map identifier names to "
-                          "robnet_svc.perturbations.Option values")
+    if kind in ("perturbations", "datasets"):
+        problem = plugin_options.check_declaration(getattr(cls, "options", None), _reserved(base))
+        if problem:
+            raise _Broken(f"{what}: {problem}")
 
 
 def _rule_target(target: Any) -> Any:
@@ -488,6 +476,12 @@ def _commit(table: dict, kind: str, key: Any, entry: Entry) -> None:
 
 def _where(e: Entry) -> str:
     return f"{e.dist} {e.version} (plugin {e.plugin!r})"
+
+
+def _reserved(base: type) -> set[str]:
+    """Attribute names an option of a subclass of ``base`` would shadow (options become attributes)."""
+    instance = {"eps", "clip"} if "perturbation" in base.__module__ else {"data_dir"}
+    return {n for n in dir(base) if not n.startswith("__")} | instance
 
 
 def _base_class(kind: str) -> type:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
+import re
 
 import pluggy
 import pytest
@@ -154,6 +155,11 @@ class _BadOptions(_Good):
     options = {"level": 1}
 
 
+class _Shadowing(_Good):
+    name = "shadowing"
+    options = {"eps": Option(float, 0.1, "a second eps")}
+
+
 class _NotAPerturbation:
     name = "nope"
 
@@ -166,6 +172,7 @@ class _NotAPerturbation:
     (_BadName, "its `name` must be a non-empty string"),
     (_NoName, "its `name` must be a non-empty string"),
     (_BadOptions, "its `options` must map identifier names"),
+    (_Shadowing, "its option 'eps' would shadow the attribute of that name of the base class"),
     ("bias-field", "expected a concrete"),
 ])
 def test_register_rejects_what_is_not_a_proper_perturbation(obj, phrase):
@@ -184,6 +191,37 @@ def test_register_accepts_a_proper_perturbation():
     [(kind, key, entry)] = staged
     assert (kind, key, entry.obj, entry.dist, entry.version, entry.plugin) == (
         "perturbations", "good", _Good, "my-dist", "1.2", "myplugin")
+
+
+def test_dataset_options_are_checked_at_registration_and_resolved_as_attributes():
+    from robnet_svc.datasets import Dataset
+
+    class Good(Dataset):
+        name = "good-data"
+        needs_data_dir = False
+        options = {"shuffle": Option(bool, False, "shuffle"), "limit": Option(int, None, "at most this many")}
+
+        def load(self, image_shape, progress=True):
+            raise NotImplementedError
+
+    class Shadowing(Good):
+        name = "shadowing-data"
+        options = {"data_dir": Option(str, "", "a folder")}
+
+    staged: list = []
+    register = plugins._registrar(staged, "datasets", "myplugin", "my-dist", "1.2", "robnet_register_datasets", None)
+    register(Good)
+    with pytest.raises(plugins._Broken, match="its option 'data_dir' would shadow"):
+        register(Shadowing)
+    data = Good(None, shuffle="yes", limit="12")
+    assert (data.shuffle, data.limit) == (True, 12)
+    assert (Good(None).shuffle, Good(None).limit) == (False, None)
+    for given, phrase in [({"shuffle": "maybe"}, "option shuffle='maybe' of dataset 'good-data' is not a valid bool"),
+                          ({"limit": 1.5}, "option limit=1.5 of dataset 'good-data' is not a valid int"),
+                          ({"limit": True}, "is not a valid int"),
+                          ({"size": 3}, "dataset 'good-data' has no option 'size'; known: limit, shuffle")]:
+        with pytest.raises(RobnetError, match=re.escape(phrase)):
+            Good(None, **given)
 
 
 def test_same_name_twice_is_an_error_naming_both():
