@@ -20,6 +20,7 @@ from torch import Tensor
 
 from robnet_svc.errors import RobnetError
 from robnet_svc.plugin_options import Option, resolve
+from robnet_svc.plugins import PluginKind
 
 
 @dataclass
@@ -71,3 +72,9 @@ class Dataset(ABC):
     @abstractmethod
     def load(self, image_shape: tuple[int, int, int], progress: bool = True) -> Splits:
         """Load and adapt the images to ``image_shape = (C, H, W)``."""
+
+
+#: Datasets as a kind of plugin (``robnet_svc.plugins``): registered by ``robnet_register_datasets``,
+#: chosen with ``--dataset``.
+PLUGIN_KIND = PluginKind("datasets", "robnet_register_datasets", "dataset", Dataset, options=True,
+                         reserved=frozenset({"data_dir"}))

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from robnet_svc.errors import RobnetError
 from robnet_svc.plugin_options import Option, resolve
+from robnet_svc.plugins import PluginKind
 
 Clip = "tuple[float, float] | None"
 
@@ -266,3 +267,9 @@ class Perturbation(ABC):
         """Provenance: name, eps, clip and every option value."""
         return {"name": self.name, "eps": self.eps, "clip": list(self.clip) if self.clip else None,
                 **{k: getattr(self, k) for k in self.options}}
+
+
+#: Perturbations as a kind of plugin (``robnet_svc.plugins``): registered by
+#: ``robnet_register_perturbations``, chosen with ``--perturbation``.
+PLUGIN_KIND = PluginKind("perturbations", "robnet_register_perturbations", "perturbation", Perturbation,
+                         options=True, reserved=frozenset({"eps", "clip"}))
