@@ -23,9 +23,7 @@ import click
 from robnet_svc import __version__
 from robnet_svc.config import config_option
 from robnet_svc.errors import RobnetError, SoundnessError
-
-#: Exit code of ``harden --strict`` when no epoch reached the target eps within ``--max-clean-drop``.
-BUDGET_MISSED = 5
+from robnet_svc.options import BUDGET_MISSED, click_option, command_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,7 +40,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins_cmd(as_json: bool) -> None:
     """List every bound method, perturbation and dataset, with the distribution it comes from."""
-    from robnet_svc.plugins import load_registry
+    from robnet_svc.plugins import kinds, load_registry
 
     registry = load_registry()
     listing = registry.listing()
@@ -55,13 +53,23 @@ def plugins_cmd(as_json: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    for kind in ("bound_methods", "perturbations", "datasets"):
-        table = Table(title=kind.replace("_", " "), title_justify="left")
+    for kind in (k for k in kinds() if k.table):
+        table = Table(title=kind.key.replace("_", " "), title_justify="left")
         for col in ("name", "distribution", "version", "description"):
             table.add_column(col)
-        for row in listing[kind]:
+        for row in listing[kind.key]:
             table.add_row(row["name"], row["distribution"], row["version"], row["description"])
         console.print(table)
+        options = [(row["name"], key, opt) for row in listing[kind.key] for key, opt in row.get("options", {}).items()]
+        if options:
+            table = Table(title=f"{kind.label} options (--{kind.label.replace(' ', '-')}-option KEY=VALUE)",
+                          title_justify="left")
+            for col in ("name", "option", "default", "type", "help"):
+                table.add_column(col)
+            for name, key, opt in options:
+                choices = f" ({'|'.join(map(str, opt['choices']))})" if opt["choices"] is not None else ""
+                table.add_row(name, key, json.dumps(opt["default"]), opt["type"] + choices, opt["help"])
+            console.print(table)
 
 
 @cli.command("inspect")
@@ -79,111 +87,28 @@ def inspect_cmd(model: str, image_shape: str | None, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------- harden / certify
 
-threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
-    help="Threads of every compute pool (torch, onnxruntime, image decoding); default: half the cores, "
-         "at most 8 (docs/cli.md, Threads).")
+def _run_options(command: str):
+    """The options of ``harden`` or ``certify``: MODEL, every ``Options`` field the command has
+    (declared once, in ``robnet_svc.options``), then ``--fail-under``, ``--json`` and ``--config``."""
 
+    def decorate(func):
+        decorators = [
+            click.argument("model", type=click.Path(path_type=str)),
+            *command_options(command),
+            click.option("--fail-under", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+                         help="Exit 1 when the certified accuracy is below FRACTION."),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+            config_option,
+        ]
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
 
-def _shared_options(func):
-    """Options common to ``harden`` and ``certify`` (defaults: ``options.Options``)."""
-    from robnet_svc.options import Options
-
-    d = Options()
-    decorators = [
-        click.argument("model", type=click.Path(path_type=str)),
-        click.option("--dataset", default=d.dataset, show_default=True,
-                     help="Dataset plugin (robnet-svc plugins lists them)."),
-        click.option("--data-dir", default=None, help="Folder of the dataset (not needed for digits)."),
-        click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-                     callback=_check_dataset_options,
-                     help="Option of the dataset plugin, repeatable (e.g. cache=false); see docs/cli.md."),
-        click.option("--image-shape", default=None, metavar="CxHxW",
-                     help="How to view a flat [N,D] model input as an image, e.g. 1x28x28."),
-        click.option("--perturbation", default=d.perturbation, show_default=True, help="Perturbation plugin."),
-        click.option("--eps", type=float, default=d.eps, show_default=True,
-                     help="Perturbation radius (a fraction: 0.2 is the paper's 20)."),
-        click.option("--order", type=int, default=None, help="Bias-field polynomial order (default 3)."),
-        click.option("--mode", type=click.Choice(["mult", "add", "both"]), default=None,
-                     help="Bias-field mode (default mult)."),
-        click.option("--coef-scale", type=float, default=None,
-                     help="Non-constant terms get [-eps/s, eps/s] (default: number of terms - 1)."),
-        click.option("--cert-method", default=d.cert_method, show_default=True, help="Bound method that certifies."),
-        click.option("--cert-batch-size", type=click.IntRange(min=1), default=d.cert_batch_size, show_default=True,
-                     help="Samples per certification batch."),
-        click.option("--max-test", type=click.IntRange(min=1), default=None,
-                     help="Certify only this many test samples (evenly spaced)."),
-        click.option("--attack-steps", type=click.IntRange(min=0), default=d.attack_steps, show_default=True,
-                     help="Projected-gradient steps of the coefficient attack."),
-        click.option("--attack-restarts", type=click.IntRange(min=0), default=d.attack_restarts, show_default=True,
-                     help="Random starts per sample of the attack (besides the clean point)."),
-        click.option("--radius", is_flag=True,
-                     help="Also find each sample's certified radius (largest certified eps, by bisection) and "
-                          "the attack's smallest successful eps; costs about 2 + log2(max/precision) "
-                          "certifications and attacks."),
-        click.option("--radius-max", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Largest eps the radius search tries (default: 2 x --eps)."),
-        click.option("--radius-precision", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Precision of the radii, in eps (default: --radius-max / 50)."),
-        click.option("--device", default=d.device, show_default=True, help="auto, cpu or cuda[:N]."),
-        threads_option,
-        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of every random choice."),
-        click.option("--fail-under", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
-                     help="Exit 1 when the certified accuracy is below FRACTION."),
-        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
-        config_option,
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
-
-
-def _check_dataset_options(_ctx, param, values):
-    """``--dataset-option`` values (flags, or a TOML list of strings) must read ``KEY=VALUE``."""
-    values = [values] if isinstance(values, str) else list(values or ())
-    for value in values:
-        if not isinstance(value, str) or "=" not in value or not value.split("=", 1)[0].strip():
-            raise click.BadParameter(f"{value!r} is not KEY=VALUE (e.g. cache=false)", param=param)
-    return tuple(values)
-
-
-def dataset_options(values) -> dict[str, str]:
-    """``("k=v", ...)`` -> ``{"k": "v"}`` (a later key wins); the dataset converts the strings."""
-    pairs = (value.split("=", 1) for value in values)
-    return {key.strip(): val.strip() for key, val in pairs}
+    return decorate
 
 
 @cli.command("harden")
-@_shared_options
-@click.option("--method", default="rsip-ssip", show_default=True, help="Bound method used in training.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--ramp-epochs", type=click.FloatRange(min=0), default=None,
-              help="Epochs over which eps grows from 0 (default: 4/7 of --epochs, as in the paper).")
-@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Weight of the robust loss.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
-              help="Initial learning rate (then /10 and /100).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Share of the training split held out for validation.")
-@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only this many training samples.")
-@click.option("--out", default=None, help="Output folder (refused if it exists and is not empty).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
-@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out.")
-@click.option("--report-page/--no-report-page", "report_page", default=True, show_default=True,
-              help="Write the figures and report.html (robnet-svc report plot) into --out/report.")
-@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              metavar="SECONDS", help="Also write the checkpoint within an epoch at this interval.")
-@click.option("--max-clean-drop", default="0.02", show_default=True, metavar="FRACTION|none",
-              callback=lambda _c, p, v: _fraction_or_none(p, v),
-              help="Validation clean accuracy may fall at most this much below the input model's; the exported "
-                   "model is the best epoch within it (none: no budget).")
-@click.option("--max-class-drop", default="0.1", show_default=True, metavar="FRACTION|none",
-              callback=lambda _c, p, v: _fraction_or_none(p, v),
-              help="Warn when a class's validation accuracy falls more than this (none: never).")
-@click.option("--strict", is_flag=True,
-              help=f"Exit {BUDGET_MISSED} when no epoch reached --eps within --max-clean-drop "
-                   "(the outputs are still written).")
+@_run_options("harden")
 @click.pass_context
 def harden_cmd(ctx: click.Context, **params) -> None:
     """Fine-tune MODEL (ONNX) to be certifiably robust; write model.robust.onnx, certificate.h5, summary.json."""
@@ -199,23 +124,8 @@ def harden_cmd(ctx: click.Context, **params) -> None:
         sys.exit(BUDGET_MISSED)
 
 
-def _fraction_or_none(param, value) -> float | None:
-    """``none`` (any case) or a fraction in [0, 1] (a string from the command line, a number from a config)."""
-    if value is None or str(value).strip().lower() == "none":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a fraction in [0, 1] or 'none'", param=param) from None
-    if not 0 <= number <= 1:
-        raise click.BadParameter(f"{value!r} is not a fraction in [0, 1] or 'none'", param=param)
-    return number
-
-
 @cli.command("certify")
-@_shared_options
-@click.option("--out", default=None, help="Folder for certificate.h5 and summary.json (default: print only).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@_run_options("certify")
 @click.pass_context
 def certify_cmd(ctx: click.Context, **params) -> None:
     """Certify MODEL (ONNX) on a test set, without training (a deployment gate with --fail-under)."""
@@ -286,10 +196,10 @@ def export_vnnlib_cmd(certificate: str, model: str, out: str, dataset: str | Non
               help="A VNN-COMP instances.csv (onnx,vnnlib,timeout rows) instead of NET.onnx PROP.vnnlib.")
 @click.option("--method", "methods", multiple=True, default=("rsip-ssip",), show_default=True,
               help="Bound method, repeatable; 'all' for every registered one.")
-@click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--attack-restarts", type=click.IntRange(min=0), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click_option("attack_steps")
+@click_option("attack_restarts")
+@click_option("seed")
+@click_option("device", default="cpu", help="cpu or cuda[:N].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def verify_vnnlib_cmd(files: tuple[str, ...], instances: str | None, methods: tuple[str, ...], attack_steps: int,
                       attack_restarts: int, seed: int, device: str, as_json: bool) -> None:
@@ -401,8 +311,8 @@ def _model_paths(values: tuple[str, ...], sections: list[str]) -> dict[str, str]
 @click.option("--out", default="robnet-demo", show_default=True, help="Output folder.")
 @click.option("--fast", is_flag=True, help="Fewer samples and epochs (a smoke test, ~20 s).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@threads_option
+@click_option("device")
+@click_option("threads")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def demo_cmd(out: str, fast: bool, force: bool, device: str, threads: int | None, as_json: bool) -> None:
     """Train a small classifier on the embedded digits, export it, harden it, certify before/after."""
@@ -488,9 +398,7 @@ def _run(ctx: click.Context, story, params: dict):
     from robnet_svc.options import Options
     from robnet_svc.progress import console_reporter
 
-    fields = set(Options.__dataclass_fields__)
-    options = Options(**{k: v for k, v in params.items() if k in fields},
-                      dataset_options=dataset_options(params.get("dataset_option", ())))
+    options = Options.from_params(params)
     options.threads = threads.configure(options.threads)
     args = sys.argv[1:] if ctx.obj.get("argv") is None else ctx.obj["argv"]
     command_line = " ".join(shlex.quote(a) for a in ["robnet-svc", *args])

@@ -6,6 +6,11 @@ A config file is plain TOML whose keys are option names (``eps = 0.2``, ``cert-m
 table named after the command (``[harden]``, ``[certify]``); the command's table wins over
 the top level. Command-line flags win over both: the file only fills click's
 ``default_map``, so click's own precedence (flag > config > built-in default) applies.
+
+Plugin options go in a table of their own, ``[perturbation_options]`` or ``[dataset_options]``
+(also inside a command's table: ``[harden.perturbation_options]``), with typed values
+(``order = 2``, ``cache = false``); they are read as ``--perturbation-option order=2`` ... given
+before any on the command line, so a flag overrides its own key and keeps the others.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from typing import Any
 import click
 
 from robnet_svc.errors import RobnetError
+from robnet_svc.plugin_options import pair
 
 #: Options that steer how a command runs but not what it computes; left out of the
 #: effective config so that the certificate records the science, not the plumbing.
 NOT_RECORDED = frozenset({"config", "as_json", "force", "resume", "debug"})
 
-#: Commands that take ``--config``: the only table names a config file may have.
+#: Commands that take ``--config``: tables named after them hold that command's options.
 COMMAND_TABLES = frozenset({"harden", "certify", "demo"})
+
+#: Tables of plugin options -> the repeatable ``KEY=VALUE`` option they feed.
+OPTION_TABLES = {"perturbation_options": "perturbation_option", "dataset_options": "dataset_option"}
 
 
 def read_config(path: str | Path, command: str, known: set[str]) -> dict[str, Any]:
@@ -45,23 +54,42 @@ def read_config(path: str | Path, command: str, known: set[str]) -> dict[str, An
         raise RobnetError(f"config file {path} is not valid TOML: {exc}") from None
 
     values: dict[str, Any] = {}
-    sections = {key: val for key, val in doc.items() if isinstance(val, dict)}
-    stray = sorted(set(sections) - COMMAND_TABLES)
+    tables = {_param_name(key): val for key, val in doc.items() if isinstance(val, dict)}
+    stray = sorted(set(tables) - COMMAND_TABLES - set(OPTION_TABLES))
     if stray:
         raise RobnetError(f"config file {path}: unknown table [{stray[0]}]; tables are named after a command "
-                          f"({', '.join(sorted(COMMAND_TABLES))}); other keys go at the top level")
-    for key, val in doc.items():
-        if not isinstance(val, dict):
-            values[_param_name(key)] = val
-    for key, val in sections.get(command, {}).items():
-        values[_param_name(key)] = val
-
+                          f"({', '.join(sorted(COMMAND_TABLES))}) or hold plugin options "
+                          f"({', '.join(sorted(OPTION_TABLES))}); other keys go at the top level")
+    _read_level(path, {k: v for k, v in doc.items() if _param_name(k) not in COMMAND_TABLES}, values)
+    _read_level(path, tables.get(command, {}), values)
     unknown = sorted(set(values) - known)
     if unknown:
         names = ", ".join(sorted(k.replace("_", "-") for k in known - NOT_RECORDED))
         raise RobnetError(f"config file {path}: unknown option {unknown[0].replace('_', '-')!r} "
                           f"for `{command}`; known: {names}")
     return values
+
+
+def _read_level(path: Path, level: dict[str, Any], values: dict[str, Any]) -> None:
+    """Add the keys of one level of the file (the top level or a command's table) to ``values``;
+    its plugin-option tables become ``KEY=VALUE`` entries after the level's own list, if any."""
+    pairs: dict[str, list[str]] = {}
+    for key, val in level.items():
+        name = _param_name(key)
+        if name in OPTION_TABLES and isinstance(val, dict):
+            for opt, opt_val in val.items():
+                if isinstance(opt_val, (dict, list)):
+                    raise RobnetError(f"config file {path}: [{name}] {opt} must be a single value, not "
+                                      f"{type(opt_val).__name__} {opt_val!r}")
+                pairs.setdefault(OPTION_TABLES[name], []).append(pair(str(opt).strip(), opt_val))
+        elif isinstance(val, dict):
+            raise RobnetError(f"config file {path}: unknown table [{name}] in a command's table; only "
+                              f"{', '.join(sorted(OPTION_TABLES))} may be nested there")
+        else:
+            values[name] = val
+    for name, entries in pairs.items():
+        given = values.get(name, [])
+        values[name] = [*([given] if isinstance(given, str) else given), *entries]
 
 
 def _param_name(key: str) -> str:

@@ -40,7 +40,7 @@ from robnet_svc.certify import (BOUND_DTYPE, CERTIFIED_RULE, AttackSettings, Cer
                                 certify_model)
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
-from robnet_svc.options import Options
+from robnet_svc.options import SHORTHANDS, Options
 from robnet_svc.perturbations.base import check_field_range
 from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.report import Provenance, Report, write_json, write_report
@@ -369,9 +369,7 @@ def _fitting_methods(registry, perturbation, image_shape) -> str:
 
 
 def _perturbation(registry, options: Options):
-    cls = registry.perturbation(options.perturbation)
-    given = {"order": options.order, "mode": options.mode, "coef_scale": options.coef_scale}
-    return cls(options.eps, **{k: v for k, v in given.items() if v is not None})
+    return registry.perturbation(options.perturbation)(options.eps, **options.perturbation_settings())
 
 
 def _device(name: str) -> torch.device:
@@ -567,17 +565,28 @@ def _certificates_from_state(state: dict | None, phase: str, key: str) -> Certif
 
 def _resolved_config(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the values the run used where the command line left a default to be
-    decided (``None``): perturbation options, ramp, sample counts, threads, device."""
+    decided (``None``): perturbation options, ramp, sample counts, threads, device; plus the
+    plugin options the run used, every declared one (``perturbation_options``, ``dataset_options``)."""
+    from robnet_svc.plugin_options import resolve
+    from robnet_svc.plugins import load_registry
+
     o = plan.options
-    used = {**{k: v for k, v in plan.perturbation.describe().items() if k in ("order", "mode")},
+    described = {k: v for k, v in plan.perturbation.describe().items() if k not in ("name", "eps", "clip")}
+    used = {**{k: v for k, v in described.items() if k in ("order", "mode")},
             "coef_scale": getattr(plan.perturbation, "effective_coef_scale", None),
             "max_test": len(plan.test_index), "threads": o.threads or threads.current()}
     if plan.data is not None:  # harden
         used["ramp_epochs"] = _train_settings(o).ramp
         used["max_train"] = int(plan.data.images.shape[0] + plan.data.val_images.shape[0])
     resolved = {key: used[key] if value is None and key in used else value for key, value in config.items()}
+    for key in SHORTHANDS:  # a flag's text ("2") is recorded as the value used (2)
+        if resolved.get(key) is not None and key in used:
+            resolved[key] = used[key]
     if resolved.get("device") == "auto":
         resolved["device"] = str(plan.device)
+    resolved["perturbation_options"] = described
+    resolved["dataset_options"] = resolve("dataset", o.dataset, load_registry().dataset(o.dataset).options,
+                                          o.dataset_options)
     return resolved
 
 

@@ -6,6 +6,12 @@ It then calls every registration hook of each plugin, one plugin at a time, with
 ``register`` callback that validates what the plugin hands over and records the
 distribution (and version) it comes from.
 
+What plugins can register comes in *kinds* (bound methods, perturbations, datasets, op
+rules). Each kind is one ``PluginKind`` declaration next to its subsystem (its hook, base
+class, registry key, validation and listing row; ``KIND_DECLARATIONS`` says where): loading,
+checking, the clash check and the listing know no kind by name, so a new kind is a hook
+specification and one declaration (``Registry`` adds look-ups by kind for the pipeline).
+
 Failure policy (each message is one line naming the plugin and its distribution):
 
 - a plugin that fails to import, cannot be registered with pluggy (a hook with wrong
@@ -37,7 +43,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from robnet_svc import __version__, hookspecs
+from robnet_svc import __version__, hookspecs, plugin_options
 from robnet_svc.errors import RobnetError
 
 GROUP = "robnet_svc"
@@ -51,13 +57,13 @@ DEFAULT_PLUGINS = (
     "robnet_svc.datasets.builtin",
 )
 
-# hook name -> registry kind
-KINDS = {
-    "robnet_register_bound_methods": "bound_methods",
-    "robnet_register_perturbations": "perturbations",
-    "robnet_register_datasets": "datasets",
-    "robnet_register_op_rules": "op_rules",
-}
+#: Where each kind's ``PluginKind`` is declared (``module:NAME``), in registration order.
+KIND_DECLARATIONS = (
+    "robnet_svc.plugins:BOUND_METHODS",
+    "robnet_svc.perturbations.base:PLUGIN_KIND",
+    "robnet_svc.datasets.base:PLUGIN_KIND",
+    "robnet_svc.plugins:OP_RULES",
+)
 
 # What a ``name`` may look like: it is typed on the command line and stored in reports.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -86,24 +92,27 @@ class PluginInfo:
 
 @dataclass
 class Registry:
-    """Everything the loaded plugins registered, by kind and name."""
+    """Everything the loaded plugins registered, by kind and name: ``registry.perturbations``
+    (or ``registry.tables["perturbations"]``) maps each name to its ``Entry``."""
 
-    bound_methods: dict[str, Entry] = field(default_factory=dict)
-    perturbations: dict[str, Entry] = field(default_factory=dict)
-    datasets: dict[str, Entry] = field(default_factory=dict)
-    op_rules: dict[Any, Entry] = field(default_factory=dict)
+    tables: dict[str, dict[Any, Entry]] = field(default_factory=lambda: {k.key: {} for k in kinds()})
     broken: list[str] = field(default_factory=list)  # one line per plugin that failed to load
     plugins: list[PluginInfo] = field(default_factory=list)  # loaded (not broken), in load order
 
-    def get(self, kind: str, name: str) -> Any:
-        """The registered object, or a RobnetError listing the known names."""
-        table: dict = getattr(self, kind)
+    def __getattr__(self, name: str) -> dict[Any, Entry]:
+        tables = self.__dict__.get("tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(name)
+
+    def get(self, key: str, name: str) -> Any:
+        """The registered object of kind ``key``, or a RobnetError listing the known names."""
+        table = self.tables[key]
         if name in table:
             return table[name].obj
-        label = kind.replace("_", " ").rstrip("s")
         known = ", ".join(sorted(table)) or "none"
         hint = f" ({len(self.broken)} plugin(s) failed to load: {'; '.join(self.broken)})" if self.broken else ""
-        raise RobnetError(f"unknown {label} {name!r}; known: {known}{hint}")
+        raise RobnetError(f"unknown {kind(key).label} {name!r}; known: {known}{hint}")
 
     def bound_method(self, name: str):
         return self.get("bound_methods", name)
@@ -122,7 +131,7 @@ class Registry:
         module is not installed is left out (no model can contain its classes)."""
         table: dict[Any, type] = {}
         owner: dict[Any, Entry] = {}
-        for target, entry in self.op_rules.items():
+        for target, entry in self.tables[OP_RULES.key].items():
             if isinstance(target, str) and ":" in target:
                 try:
                     target = import_target(target)
@@ -141,46 +150,19 @@ class Registry:
         """JSON-ready listing for ``robnet-svc plugins``.
 
         Keys: ``bound_methods``, ``perturbations``, ``datasets`` (rows of name, description,
-        distribution, version, plugin; perturbations add ``options``), ``op_rules`` (target,
+        distribution, version, plugin; perturbations and datasets add ``options``: name -> type,
+        default, help, choices), ``op_rules`` (target,
         rule, distribution, version, plugin), ``plugins`` (name, distribution, version,
         hooks) and ``broken`` (one line per plugin that failed to load).
         """
-        out: dict[str, list] = {}
-        for kind in ("bound_methods", "perturbations", "datasets"):
-            out[kind] = [_row(kind, e) for e in sorted(getattr(self, kind).values(), key=lambda e: e.name)]
-        out["op_rules"] = [
-            {"target": e.name, "rule": e.obj.__name__, "distribution": e.dist, "version": e.version,
-             "plugin": e.plugin}
-            for e in sorted(self.op_rules.values(), key=lambda e: e.name)
-        ]
+        out: dict[str, list] = {
+            k.key: [k.row(e) for e in sorted(self.tables[k.key].values(), key=lambda e: e.name)] for k in kinds()}
         out["plugins"] = [
             {"name": p.name, "distribution": p.dist, "version": p.version, "hooks": list(p.hooks)}
             for p in self.plugins
         ]
         out["broken"] = list(self.broken)
         return out
-
-
-def _row(kind: str, e: Entry) -> dict:
-    row = {
-        "name": e.name,
-        "description": _first_line(getattr(e.obj, "description", None) or e.obj.__doc__),
-        "distribution": e.dist,
-        "version": e.version,
-        "plugin": e.plugin,
-    }
-    if kind == "perturbations":
-        row["options"] = {
-            key: {"default": _json_value(opt.default), "help": opt.help,
-                  "choices": [_json_value(c) for c in opt.choices] if opt.choices is not None else None}
-            for key, opt in e.obj.options.items()
-        }
-    return row
-
-
-def _json_value(value: Any) -> Any:
-    """``value`` when JSON can hold it, else its repr (a plugin's option default may be anything)."""
-    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 def _first_line(text: str | None) -> str:
@@ -314,7 +296,7 @@ def _register_entry_point(pm: pluggy.PluginManager, ep: metadata.EntryPoint, nam
     unknown = sorted(h.name for h in hookcallers if h.spec is None)
     if unknown:
         pm.unregister(plugin)
-        known = ", ".join(KINDS)
+        known = ", ".join(k.hook for k in kinds())
         return f"implements unknown hook(s) {', '.join(unknown)} (known: {known})"
     if not hookcallers:
         pm.unregister(plugin)
@@ -341,15 +323,14 @@ def load_registry() -> Registry:
         if plugin is None:  # blocked
             continue
         dist, version = origin.get(plugin_name, ("unknown distribution", "?"))
-        staged: list[tuple[str, Any, Entry]] = []  # (kind, key, entry)
+        staged: list[tuple[PluginKind, Any, Entry]] = []  # (kind, key, entry)
         hooks: list[str] = []
         try:
-            for hook_name, kind in KINDS.items():
-                impls = [i for i in getattr(pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
+            for k in kinds():
+                impls = [i for i in getattr(pm.hook, k.hook).get_hookimpls() if i.plugin is plugin]
                 for impl in impls:
-                    hooks.append(hook_name)
-                    register = _registrar(staged, kind, plugin_name, dist, version, hook_name, trace)
-                    _call_hook(impl, hook_name, register)
+                    hooks.append(k.hook)
+                    _call_hook(impl, k.hook, k.registrar(staged, plugin_name, dist, version, trace))
         except _Broken as exc:
             if plugin_name in DEFAULT_PLUGINS:  # a bug in robnet-svc itself: do not hide it
                 raise RuntimeError(f"built-in plugin {plugin_name!r}: {exc}") from exc.__cause__
@@ -358,8 +339,8 @@ def load_registry() -> Registry:
             if trace:
                 trace(line)
             continue
-        for kind, key, entry in staged:
-            _commit(getattr(registry, kind), kind, key, entry)
+        for k, key, entry in staged:
+            _commit(registry.tables[k.key], k, key, entry)
         registry.plugins.append(PluginInfo(plugin_name, dist, version, tuple(hooks)))
     return registry
 
@@ -389,58 +370,112 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _registrar(staged: list, kind: str, plugin: str, dist: str, version: str, hook_name: str,
-               trace: Callable[[str], None] | None) -> Callable:
-    """The ``register`` callback handed to one hook of one plugin: validates and stages."""
-    label = kind[:-1].replace("_", " ")
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of thing plugins register, described once (declared next to its subsystem).
 
-    if kind == "op_rules":
+    ``key``: the registry table and the ``robnet-svc plugins --json`` key (``perturbations``);
+    ``hook``: the hook specification (``robnet_svc.hookspecs``) whose ``register(cls)`` adds one;
+    ``label``: the singular in messages (``perturbation``); ``base``: the base class every
+    registered class must concretely subclass (or its import path, imported when checked);
+    ``options``: whether the classes declare ``options`` (``robnet_svc.plugin_options``), listed
+    with each row and checked not to shadow the base class's attributes or ``reserved`` (instance
+    attributes the base constructor sets); ``table``: shown as a table by ``robnet-svc plugins``.
+    """
 
+    key: str
+    hook: str
+    label: str
+    base: type | str
+    options: bool = False
+    reserved: frozenset[str] = frozenset()
+    table: bool = True
+
+    def base_class(self) -> type:
+        return import_target(self.base) if isinstance(self.base, str) else self.base
+
+    def registrar(self, staged: list, plugin: str, dist: str, version: str,
+                  trace: Callable[[str], None] | None) -> Callable:
+        """The ``register`` callback handed to this kind's hook of one plugin: validates and stages."""
+
+        def register(cls):
+            self.check(cls)
+            staged.append((self, cls.name, Entry(cls.name, cls, dist, version, plugin)))
+            if trace:
+                trace(f"{self.hook} in {plugin!r}: {self.label} {cls.name!r} ({cls.__module__}.{cls.__qualname__})")
+
+        return register
+
+    def check(self, cls: Any) -> None:
+        """Raise ``_Broken`` unless ``cls`` is a concrete subclass of the base with a valid name (and options)."""
+        base = self.base_class()
+        expected = f"a concrete {base.__module__}.{base.__name__} subclass"
+        what = f"registered {_short_repr(cls)} in {self.hook}"
+        if not inspect.isclass(cls):
+            hint = "; register the class, not an instance" if isinstance(cls, base) else ""
+            raise _Broken(f"{what}: expected {expected}{hint}")
+        if not issubclass(cls, base) or cls is base:
+            raise _Broken(f"{what}: expected {expected}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise _Broken(f"{what}: it is abstract (does not implement {missing})")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise _Broken(f"{what}: its `name` must be a non-empty string of letters, digits, '.', '_' or '-', "
+                          f"got {name!r}")
+        if self.options:
+            taken = {n for n in dir(base) if not n.startswith("__")} | self.reserved
+            problem = plugin_options.check_declaration(getattr(cls, "options", None), taken)
+            if problem:
+                raise _Broken(f"{what}: {problem}")
+
+    def row(self, e: Entry) -> dict:
+        """The entry's row of ``robnet-svc plugins --json``."""
+        row = {"name": e.name, "description": _first_line(getattr(e.obj, "description", None) or e.obj.__doc__),
+               "distribution": e.dist, "version": e.version, "plugin": e.plugin}
+        if self.options:
+            row["options"] = plugin_options.listing(e.obj.options)
+        return row
+
+
+class OpRuleKind(PluginKind):
+    """Op rules: ``register(target, rule_cls)``, keyed by the graph target, not by a name."""
+
+    def registrar(self, staged: list, plugin: str, dist: str, version: str,
+                  trace: Callable[[str], None] | None) -> Callable:
         def register_rule(target, rule_cls):
-            _check_rule(target, rule_cls, hook_name)
+            _check_rule(target, rule_cls, self.hook)
             target = _rule_target(target)
             entry = Entry(_target_name(target), rule_cls, dist, version, plugin)
-            staged.append((kind, target, entry))
+            staged.append((self, target, entry))
             if trace:
-                trace(f"{hook_name} in {plugin!r}: op rule {rule_cls.__name__} for {entry.name}")
+                trace(f"{self.hook} in {plugin!r}: op rule {rule_cls.__name__} for {entry.name}")
 
         return register_rule
 
-    def register(cls):
-        _check_class(cls, kind, hook_name)
-        entry = Entry(cls.name, cls, dist, version, plugin)
-        staged.append((kind, cls.name, entry))
-        if trace:
-            trace(f"{hook_name} in {plugin!r}: {label} {cls.name!r} ({cls.__module__}.{cls.__qualname__})")
-
-    return register
+    def row(self, e: Entry) -> dict:
+        return {"target": e.name, "rule": e.obj.__name__, "distribution": e.dist, "version": e.version,
+                "plugin": e.plugin}
 
 
-def _check_class(cls: Any, kind: str, hook_name: str) -> None:
-    """Raise ``_Broken`` unless ``cls`` is a concrete subclass of the kind's base with a valid name."""
-    base = _base_class(kind)
-    expected = f"a concrete {base.__module__}.{base.__name__} subclass"
-    what = f"registered {_short_repr(cls)} in {hook_name}"
-    if not inspect.isclass(cls):
-        hint = "; register the class, not an instance" if isinstance(cls, base) else ""
-        raise _Broken(f"{what}: expected {expected}{hint}")
-    if not issubclass(cls, base) or cls is base:
-        raise _Broken(f"{what}: expected {expected}")
-    if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise _Broken(f"{what}: it is abstract (does not implement {missing})")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise _Broken(f"{what}: its `name` must be a non-empty string of letters, digits, '.', '_' or '-', "
-                      f"got {name!r}")
-    if kind == "perturbations":
-        from robnet_svc.perturbations.base import Option
+#: Bound methods (``--method``, ``--cert-method``). Declared here rather than in
+#: ``robnet_svc.bounds`` only because that package imports torch on import.
+BOUND_METHODS = PluginKind("bound_methods", "robnet_register_bound_methods", "bound method",
+                           "robnet_svc.bounds.methods:BoundMethod")
 
-        options = getattr(cls, "options", None)
-        if not isinstance(options, dict) or not all(
-                isinstance(k, str) and k.isidentifier() and isinstance(v, Option) for k, v in options.items()):
-            raise _Broken(f"{what}: its `options` must map identifier names to "
-                          "robnet_svc.perturbations.Option values")
+#: Op rules of the bound engine (``robnet_svc.bounds.ops``); checked by ``_check_rule``.
+OP_RULES = OpRuleKind("op_rules", "robnet_register_op_rules", "op rule for", "robnet_svc.bounds.ops.base:OpRule",
+                      table=False)
+
+
+def kinds() -> tuple[PluginKind, ...]:
+    """Every kind, from ``KIND_DECLARATIONS`` (imported on first use)."""
+    return tuple(import_target(path) for path in KIND_DECLARATIONS)
+
+
+def kind(key: str) -> PluginKind:
+    """The kind whose registry key is ``key`` (``perturbations``)."""
+    return next(k for k in kinds() if k.key == key)
 
 
 def _rule_target(target: Any) -> Any:
@@ -474,13 +509,12 @@ def _check_rule(target: Any, rule_cls: Any, hook_name: str) -> None:
         raise _Broken(f"{what}: it does not implement {', '.join(missing)}")
 
 
-def _commit(table: dict, kind: str, key: Any, entry: Entry) -> None:
+def _commit(table: dict, k: PluginKind, key: Any, entry: Entry) -> None:
     """Add one validated entry; a second registration of the same key is an error naming both."""
     if key in table:
         first = table[key]
-        label = "op rule for" if kind == "op_rules" else kind[:-1].replace("_", " ")
         raise RobnetError(
-            f"{label} {entry.name!r} is registered twice: by {_where(first)} and by {_where(entry)}; "
+            f"{k.label} {entry.name!r} is registered twice: by {_where(first)} and by {_where(entry)}; "
             f"uninstall one of them or choose plugins with {ENV_ALLOW}=<entry point or distribution names>"
         )
     table[key] = entry
@@ -488,17 +522,3 @@ def _commit(table: dict, kind: str, key: Any, entry: Entry) -> None:
 
 def _where(e: Entry) -> str:
     return f"{e.dist} {e.version} (plugin {e.plugin!r})"
-
-
-def _base_class(kind: str) -> type:
-    if kind == "bound_methods":
-        from robnet_svc.bounds.methods import BoundMethod
-
-        return BoundMethod
-    if kind == "perturbations":
-        from robnet_svc.perturbations.base import Perturbation
-
-        return Perturbation
-    from robnet_svc.datasets.base import Dataset
-
-    return Dataset

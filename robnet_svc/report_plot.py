@@ -70,7 +70,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
     """
     import torch
 
-    from robnet_svc.cli import dataset_options
+    from robnet_svc.plugin_options import parse_pairs
     from robnet_svc.onnx_io import load_model
     from robnet_svc.plugins import load_registry
 
@@ -98,7 +98,7 @@ def load_source(report, *, models: dict[str, str] | None = None, dataset: str | 
             raise RobnetError(f"dataset {name!r} needs --data-dir (the certificate records none)")
         if folder and not Path(folder).is_dir():
             raise RobnetError(f"--data-dir {folder} is not a folder")
-        given = config.get("dataset_options") or dataset_options(config.get("dataset_option") or ())  # demo: a dict
+        given = config.get("dataset_options") or parse_pairs(config.get("dataset_option") or ())  # demo: a dict
         splits = dataset_cls(folder, **given).load(image_shape, reporter=reporter)
         origin = f"dataset {name!r}" + (f" in {folder}" if folder else "")
     else:

@@ -23,7 +23,7 @@ def test_read_config_merges_top_level_and_command_table(tmp_path):
 @pytest.mark.parametrize("text, needle", [
     ("epz = 0.1\n", "unknown option 'epz'"),
     ("eps = \n", "not valid TOML"),
-    ("[dataset_options]\ncache = false\n", r"unknown table \[dataset_options\]"),
+    ("[dataset_option]\ncache = false\n", r"unknown table \[dataset_option\]"),
 ])
 def test_read_config_errors_name_the_file(tmp_path, text, needle):
     path = tmp_path / "run.toml"
@@ -62,3 +62,51 @@ def test_repeatable_option_given_a_string_in_config_is_one_line_exit_2(tmp_path,
     r = invoke(capsys, "certify", tmp_path / "m.onnx", "--config", config)
     assert r.code == 2
     assert 'dataset-option = ["seed=1"]' in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_plugin_option_tables_become_key_value_entries(tmp_path):
+    """[perturbation_options] / [dataset_options] (top level and in the command's table) feed the
+    repeatable KEY=VALUE options, after any list given as a key: a later key wins."""
+    path = tmp_path / "run.toml"
+    path.write_text('perturbation-option = ["mode=add"]\n[perturbation_options]\norder = 2\nmode = "both"\n'
+                    '[dataset_options]\ncache = false\n[certify.perturbation_options]\ncoef_scale = 2.5\n'
+                    '[harden.dataset_options]\nseed = 4\n')
+    known = KNOWN | {"perturbation_option", "dataset_option"}
+    assert read_config(path, "certify", known) == {
+        "perturbation_option": ["mode=add", "order=2", "mode=both", "coef_scale=2.5"],
+        "dataset_option": ["cache=false"]}
+    assert read_config(path, "harden", known)["dataset_option"] == ["cache=false", "seed=4"]
+    path.write_text("[certify.epochs]\nx = 1\n")
+    with pytest.raises(RobnetError, match=r"unknown table \[epochs\] in a command's table"):
+        read_config(path, "certify", known)
+
+
+def test_plugin_options_from_config_and_flags_reach_the_run_and_are_recorded(tmp_path, capsys):
+    model = digits_model(tmp_path / "m.onnx", epochs=1)
+    config = tmp_path / "run.toml"
+    config.write_text('[perturbation_options]\norder = 2\nmode = "add"\n[dataset_options]\ntest_fraction = 0.3\n')
+    cheap = ("--max-test", "8", "--cert-method", "ibp", "--attack-steps", "0", "--attack-restarts", "0",
+             "--device", "cpu")
+    out = tmp_path / "out"
+    r = invoke(capsys, "certify", model, *cheap, "--config", config, "--perturbation-option", "mode=both",
+               "--out", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["perturbation"] == {"name": "bias-field", "eps": 0.1, "clip": [0.0, 1.0],
+                                                 "order": 2, "mode": "both", "coef_scale": 8.0}
+    with h5py.File(out / "certificate.h5") as f:
+        stored = json.loads(f["provenance"].attrs["config_json"])
+    assert stored["perturbation_options"] == {"order": 2, "mode": "both", "coef_scale": 8.0}
+    assert stored["dataset_options"] == {"test_fraction": 0.3, "seed": 0}
+    assert (stored["order"], stored["mode"]) == (2, "both")
+    # the shorthand flag --order and --perturbation-option naming the same option differently: one line
+    r = invoke(capsys, "certify", model, *cheap, "--order", "1", "--perturbation-option", "order=3")
+    assert r.code == 2 and r.err.strip() == ("robnet-svc: error: --order 1 and --perturbation-option order=3 set "
+                                             "the same option to different values; give one of them")
+    for flag, value, needle in [
+        ("--perturbation-option", "colour=red", "perturbation 'bias-field' has no option 'colour'; known: "
+                                                "coef_scale, mode, order"),
+        ("--perturbation-option", "order=two", "option order='two' of perturbation 'bias-field' is not a valid int"),
+        ("--dataset-option", "seed=1.5", "option seed='1.5' of dataset 'digits' is not a valid int"),
+    ]:
+        r = invoke(capsys, "certify", model, *cheap, flag, value)
+        assert r.code == 2 and needle in r.err and len(r.err.strip().splitlines()) == 1, r.err

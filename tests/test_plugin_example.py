@@ -172,7 +172,10 @@ def test_example_is_listed_with_its_distribution_and_version(example_site):
         row = rows[name]
         assert (row["distribution"], row["version"], row["plugin"]) == (EXAMPLE_DIST, EXAMPLE_VERSION, EXAMPLE_EP)
         assert row["description"]
-    assert rows["vignette"]["options"]["order"]["default"] == 2
+    assert rows["vignette"]["options"]["terms"] == {
+        "type": "int", "default": 2, "help": "radial terms after the constant (r^2 ... r^(2*terms))",
+        "choices": [1, 2, 3, 4]}
+    assert rows["vignette"]["options"]["radial_scale"]["default"] is None
     assert rows["bias-field"]["distribution"] == "robnet-svc"  # built-ins still there
     plugin = next(p for p in data["plugins"] if p["name"] == EXAMPLE_EP)
     assert plugin == {"name": EXAMPLE_EP, "distribution": EXAMPLE_DIST, "version": EXAMPLE_VERSION,
@@ -279,7 +282,7 @@ def test_vignette_affine_set(example_registry):
     assert aset.weights.shape == (3, 3, 2, 9, 7) and aset.num_coeffs == vignette.num_coeffs((2, 9, 7)) == 3
     assert torch.allclose(aset.images(aset.nominal.unsqueeze(1)).squeeze(1), x)  # nominal: clean image
     assert torch.allclose(aset.lower[:, 0], torch.tensor(0.8, dtype=x.dtype))
-    assert torch.allclose(aset.upper[:, 1:], torch.tensor(0.1, dtype=x.dtype))  # eps / order
+    assert torch.allclose(aset.upper[:, 1:], torch.tensor(0.1, dtype=x.dtype))  # eps / terms
     field = aset.images(aset.sample(64)) / x.unsqueeze(1)  # the multiplicative field itself
     assert field.min() >= 1 - 2 * 0.2 - 1e-9 and field.max() <= 1 + 2 * 0.2 + 1e-9
     assert torch.allclose(field[..., 0, :, :], field[..., 1, :, :])  # same field in every channel
@@ -308,10 +311,12 @@ def test_bad_options_are_one_line_errors(example_registry):
     from robnet_svc.errors import RobnetError
 
     cls = example_registry.perturbation("vignette")
-    with pytest.raises(RobnetError, match="option 'order' of perturbation 'vignette' must be one of"):
-        cls(0.1, order=9)
-    with pytest.raises(RobnetError, match="option 'coef_scale' of perturbation 'vignette' must be > 0"):
-        cls(0.1, coef_scale=-1)
+    with pytest.raises(RobnetError, match="option 'terms' of perturbation 'vignette' must be one of"):
+        cls(0.1, terms=9)
+    with pytest.raises(RobnetError, match="option 'radial_scale' of perturbation 'vignette' must be > 0"):
+        cls(0.1, radial_scale=-1)
+    with pytest.raises(RobnetError, match="perturbation 'vignette' has no option 'order'; known: radial_scale, terms"):
+        cls(0.1, order=2)
     with pytest.raises(RobnetError, match="needs images"):
         cls(0.1).affine_set(torch.rand(3, 4))
 
@@ -383,3 +388,39 @@ def test_harden_one_epoch_with_the_plugin_perturbation(example_site, tmp_path):
     assert (out / "model.robust.onnx").is_file() and (out / "certificate.h5").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert "vignette" in json.dumps(summary)
+
+
+def test_certify_sets_the_plugin_options_from_the_command_line(example_site, tmp_path):
+    """The plugin's own option names reach it from --perturbation-option and the config file's
+    [perturbation_options]; a bad name or value is one line, exit 2."""
+    model = tmp_path / "tiny.onnx"
+    _tiny_digits_onnx(model)
+    cheap = ["certify", str(model), "--dataset", "digits", "--perturbation", "vignette", "--eps", "0.05",
+             "--max-test", "8", "--cert-method", "ibp", "--attack-steps", "0", "--attack-restarts", "0",
+             "--device", "cpu"]
+    config = tmp_path / "run.toml"
+    config.write_text("[perturbation_options]\nradial_scale = 6\nterms = 1\n")
+    proc = run_cli([*cheap, "--perturbation-option", "terms=4", "--config", str(config), "--out",
+                    str(tmp_path / "out"), "--json"], [example_site], allow=EXAMPLE_EP)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["perturbation"] == {"name": "vignette", "eps": 0.05, "clip": [0.0, 1.0],
+                                                       "terms": 4, "radial_scale": 6.0}
+    import h5py
+
+    with h5py.File(tmp_path / "out" / "certificate.h5") as f:
+        assert json.loads(f["provenance"].attrs["coeff_names_json"]) == ["a_const", "a_r2", "a_r4", "a_r6", "a_r8"]
+        assert json.loads(f["provenance"].attrs["config_json"])["perturbation_options"] == {
+            "terms": 4, "radial_scale": 6.0}
+
+
+def test_bad_plugin_options_on_the_command_line_are_one_line_exit_2(example_registry, tmp_path, capsys):
+    from cli_support import invoke
+
+    model = tmp_path / "tiny.onnx"
+    _tiny_digits_onnx(model)
+    for option, needle in [("terms=7", "option 'terms' of perturbation 'vignette' must be one of 1, 2, 3, 4, got 7"),
+                           ("terms=two", "option terms='two' of perturbation 'vignette' is not a valid int"),
+                           ("depth=2", "perturbation 'vignette' has no option 'depth'; known: radial_scale, terms")]:
+        r = invoke(capsys, "certify", model, "--perturbation", "vignette", "--perturbation-option", option,
+                   "--device", "cpu")
+        assert r.code == 2 and len(tool_lines(r.err)) == 1 and needle in r.err, r.err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
+import re
 
 import pluggy
 import pytest
@@ -36,7 +37,7 @@ def test_builtins_register_through_the_public_hooks(builtins_only):
         assert origin[modname] == ("robnet-svc", version)
     # Every hook the built-ins implement is a declared spec (no private path).
     implemented = {h.name for m in plugins.DEFAULT_PLUGINS for h in pm.get_hookcallers(pm.get_plugin(m))}
-    assert implemented == set(plugins.KINDS)
+    assert implemented == {k.hook for k in plugins.kinds()}
     for name in implemented:
         assert getattr(pm.hook, name).spec is not None
 
@@ -154,6 +155,11 @@ class _BadOptions(_Good):
     options = {"level": 1}
 
 
+class _Shadowing(_Good):
+    name = "shadowing"
+    options = {"eps": Option(float, 0.1, "a second eps")}
+
+
 class _NotAPerturbation:
     name = "nope"
 
@@ -166,11 +172,12 @@ class _NotAPerturbation:
     (_BadName, "its `name` must be a non-empty string"),
     (_NoName, "its `name` must be a non-empty string"),
     (_BadOptions, "its `options` must map identifier names"),
+    (_Shadowing, "its option 'eps' would shadow the attribute of that name of the base class"),
     ("bias-field", "expected a concrete"),
 ])
 def test_register_rejects_what_is_not_a_proper_perturbation(obj, phrase):
     staged: list = []
-    register = plugins._registrar(staged, "perturbations", "myplugin", "my-dist", "1.2", "robnet_register_perturbations", None)
+    register = plugins.kind("perturbations").registrar(staged, "myplugin", "my-dist", "1.2", None)
     with pytest.raises(plugins._Broken) as err:
         register(obj)
     assert phrase in str(err.value) and "robnet_register_perturbations" in str(err.value)
@@ -179,37 +186,71 @@ def test_register_rejects_what_is_not_a_proper_perturbation(obj, phrase):
 
 def test_register_accepts_a_proper_perturbation():
     staged: list = []
-    register = plugins._registrar(staged, "perturbations", "myplugin", "my-dist", "1.2", "robnet_register_perturbations", None)
+    register = plugins.kind("perturbations").registrar(staged, "myplugin", "my-dist", "1.2", None)
     register(_Good)
     [(kind, key, entry)] = staged
-    assert (kind, key, entry.obj, entry.dist, entry.version, entry.plugin) == (
+    assert (kind.key, key, entry.obj, entry.dist, entry.version, entry.plugin) == (
         "perturbations", "good", _Good, "my-dist", "1.2", "myplugin")
+
+
+def test_dataset_options_are_checked_at_registration_and_resolved_as_attributes():
+    from robnet_svc.datasets import Dataset
+
+    class Good(Dataset):
+        name = "good-data"
+        needs_data_dir = False
+        options = {"shuffle": Option(bool, False, "shuffle"), "limit": Option(int, None, "at most this many")}
+
+        def load(self, image_shape, progress=True):
+            raise NotImplementedError
+
+    class Shadowing(Good):
+        name = "shadowing-data"
+        options = {"data_dir": Option(str, "", "a folder")}
+
+    staged: list = []
+    register = plugins.kind("datasets").registrar(staged, "myplugin", "my-dist", "1.2", None)
+    register(Good)
+    with pytest.raises(plugins._Broken, match="its option 'data_dir' would shadow"):
+        register(Shadowing)
+    data = Good(None, shuffle="yes", limit="12")
+    assert (data.shuffle, data.limit) == (True, 12)
+    assert (Good(None).shuffle, Good(None).limit) == (False, None)
+    for given, phrase in [({"shuffle": "maybe"}, "option shuffle='maybe' of dataset 'good-data' is not a valid bool"),
+                          ({"limit": 1.5}, "option limit=1.5 of dataset 'good-data' is not a valid int"),
+                          ({"limit": True}, "is not a valid int"),
+                          ({"size": 3}, "dataset 'good-data' has no option 'size'; known: limit, shuffle")]:
+        with pytest.raises(RobnetError, match=re.escape(phrase)):
+            Good(None, **given)
 
 
 def test_same_name_twice_is_an_error_naming_both():
     table: dict = {}
-    plugins._commit(table, "perturbations", "good", plugins.Entry("good", _Good, "dist-a", "1.0", "a"))
+    kind = plugins.kind("perturbations")
+    plugins._commit(table, kind, "good", plugins.Entry("good", _Good, "dist-a", "1.0", "a"))
     with pytest.raises(RobnetError) as err:
-        plugins._commit(table, "perturbations", "good", plugins.Entry("good", _Good, "dist-b", "2.0", "b"))
+        plugins._commit(table, kind, "good", plugins.Entry("good", _Good, "dist-b", "2.0", "b"))
     message = str(err.value)
     assert "perturbation 'good' is registered twice" in message
     assert "dist-a 1.0 (plugin 'a')" in message and "dist-b 2.0 (plugin 'b')" in message
     assert plugins.ENV_ALLOW in message
 
 
-@pytest.mark.parametrize("hook_name", sorted(plugins.KINDS))
-def test_every_hook_has_a_registry_kind_and_a_spec(hook_name):
-    assert hasattr(hookspecs, hook_name)
-    spec = getattr(hookspecs, hook_name)
-    assert spec.__doc__ and "register" in spec.__doc__
-    assert plugins.KINDS[hook_name] in ("bound_methods", "perturbations", "datasets", "op_rules")
+def test_every_kind_has_a_spec_and_every_spec_a_kind():
+    specs = {name for name in dir(hookspecs) if name.startswith("robnet_register_")}
+    assert {k.hook for k in plugins.kinds()} == specs
+    for k in plugins.kinds():
+        assert getattr(hookspecs, k.hook).__doc__ and "register" in getattr(hookspecs, k.hook).__doc__
+    assert [k.key for k in plugins.kinds()] == ["bound_methods", "perturbations", "datasets", "op_rules"]
+    assert set(plugins.load_registry().listing()) == {"bound_methods", "perturbations", "datasets", "op_rules",
+                                                      "plugins", "broken"}
 
 
 # --- op rules -----------------------------------------------------------------------------------
 
 
 def _rule_registrar(staged):
-    return plugins._registrar(staged, "op_rules", "myplugin", "my-dist", "1.2", "robnet_register_op_rules", None)
+    return plugins.kind("op_rules").registrar(staged, "myplugin", "my-dist", "1.2", None)
 
 
 def test_op_rule_registration_validates_and_maps_method_names():

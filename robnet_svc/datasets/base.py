@@ -3,10 +3,10 @@
 Pixel range: every dataset returns float32 images in ``[0, 1]``, shaped to the model input
 ``(C, H, W)`` (resized; grey -> RGB by repetition, RGB -> grey by ITU-R 601 luminance).
 
-Options: ``Dataset(data_dir, **options)``. A dataset that declares ``option_defaults``
-accepts exactly those names (unknown ones are a RobnetError listing the known ones); values
-given as strings (command line) are converted to the type of the default. A dataset that
-leaves ``option_defaults`` as ``None`` receives its options unchecked.
+Options: ``Dataset(data_dir, **options)``. A dataset declares the options it accepts in
+``options`` (``robnet_svc.plugin_options.Option``, as perturbations do); unknown names and
+values its types cannot read are a RobnetError (one line), and every option is stored as an
+attribute ``self.<name>`` (the given value converted, else the default).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from robnet_svc.errors import RobnetError
+from robnet_svc.plugin_options import Option, resolve
+from robnet_svc.plugins import PluginKind
 from robnet_svc.progress import SILENT, Reporter
 
 
@@ -50,7 +52,7 @@ class Dataset(ABC):
     ``--data-dir`` is required. ``load`` returns ``Splits`` or raises RobnetError (missing
     folder, empty class, corrupt image: naming the path).
 
-    ``option_defaults``: the options this dataset accepts and their defaults (``None``: any).
+    ``options``: the options this dataset accepts (name -> ``Option``), stored as attributes.
     ``native_shape``: the images' own ``(C, H, W)`` when every image has it (e.g. 8x8 digits),
     so a caller without a model yet (``robnet-svc demo``) can pick an input shape; else None.
     """
@@ -58,26 +60,15 @@ class Dataset(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_data_dir: ClassVar[bool] = True
-    option_defaults: ClassVar[dict[str, Any] | None] = None
+    options: ClassVar[dict[str, Option]] = {}
     native_shape: ClassVar[tuple[int, int, int] | None] = None
 
     def __init__(self, data_dir: Path | None = None, **options: Any):
         if data_dir is None and self.needs_data_dir:
             raise RobnetError(f"dataset {self.name!r} needs --data-dir: the folder that holds its files")
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
-        self.options = self._resolve_options(options)
-
-    def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        if self.option_defaults is None:
-            return dict(options)
-        unknown = sorted(set(options) - set(self.option_defaults))
-        if unknown:
-            known = ", ".join(sorted(self.option_defaults)) or "none"
-            raise RobnetError(f"unknown option(s) {', '.join(unknown)} for dataset {self.name!r}; known: {known}")
-        resolved = dict(self.option_defaults)
-        for key, value in options.items():
-            resolved[key] = _coerce(self.name, key, value, self.option_defaults[key])
-        return resolved
+        for key, value in resolve("dataset", self.name, self.options, options).items():
+            setattr(self, key, value)
 
     @abstractmethod
     def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
@@ -85,25 +76,7 @@ class Dataset(ABC):
         progress and notes (``robnet_svc.progress.Reporter``; the default reports nothing)."""
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _coerce(dataset: str, key: str, value: Any, default: Any) -> Any:
-    """``value`` converted to the type of ``default`` (strings come from the command line)."""
-    kind = type(default)
-    if default is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    try:
-        if kind is bool:
-            text = str(value).strip().lower()
-            if text in _TRUE | _FALSE:
-                return text in _TRUE
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise RobnetError(
-            f"option {key}={value!r} of dataset {dataset!r} is not a valid {kind.__name__} (default {default!r})"
-        ) from None
+#: Datasets as a kind of plugin (``robnet_svc.plugins``): registered by ``robnet_register_datasets``,
+#: chosen with ``--dataset``.
+PLUGIN_KIND = PluginKind("datasets", "robnet_register_datasets", "dataset", Dataset, options=True,
+                         reserved=frozenset({"data_dir"}))

@@ -103,7 +103,6 @@ class Cifar10(Dataset):
 
     name = "cifar10"
     description = "CIFAR-10 from a local cifar-10-batches-py folder (python pickle batches; no download)"
-    option_defaults: dict = {}
     native_shape = (3, 32, 32)
 
     def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:

@@ -14,6 +14,7 @@ import torch
 from robnet_svc.datasets.adapt import adapt_batch, check_shape
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.datasets.split import stratified_split
+from robnet_svc.plugin_options import Option
 from robnet_svc.progress import SILENT, Reporter
 
 
@@ -23,7 +24,10 @@ class Digits(Dataset):
     name = "digits"
     description = "Handwritten digits bundled with scikit-learn (1797 8x8 grey images, 10 classes; no data needed)"
     needs_data_dir = False
-    option_defaults = {"test_fraction": 0.2, "seed": 0}
+    options = {
+        "test_fraction": Option(float, 0.2, "share of the images in the test split (stratified by class)"),
+        "seed": Option(int, 0, "seed of the train/test split"),
+    }
     native_shape = (1, 8, 8)
 
     def load(self, image_shape: tuple[int, int, int], reporter: Reporter = SILENT) -> Splits:
@@ -35,7 +39,7 @@ class Digits(Dataset):
         images = adapt_batch(torch.from_numpy(bunch.images).to(torch.float32).div_(16.0).unsqueeze(1), shape)
         labels = torch.from_numpy(bunch.target).to(torch.int64)
         train, test = stratified_split(
-            bunch.target, float(self.options["test_fraction"]), int(self.options["seed"]), "the digits dataset"
+            bunch.target, self.test_fraction, self.seed, "the digits dataset"
         )
         train, test = torch.from_numpy(train), torch.from_numpy(test)
         return Splits(

@@ -35,7 +35,7 @@ from robnet_svc.datasets.adapt import check_shape, decode_image
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.datasets.split import stratified_split
 from robnet_svc.errors import RobnetError
-from robnet_svc.progress import SILENT, Reporter
+        pixels = load_images(root, files, mode, (height, width), reporter, self.cache)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -172,7 +172,11 @@ class ImageFolder(Dataset):
 
     name = "image-folder"
     description = "Any class-per-folder image tree: train/ + test/, Training/ + Testing/, or one tree split in two"
-    option_defaults = {"test_fraction": 0.2, "seed": 0, "cache": True}
+    options = {
+        "test_fraction": Option(float, 0.2, "one tree: share of the images in the test split (stratified by class)"),
+        "seed": Option(int, 0, "one tree: seed of the train/test split"),
+        "cache": Option(bool, True, "keep the decoded images in the on-disk cache (ROBNET_SVC_CACHE) for the next run"),
+    }
 
     #: (train, test) folder names recognised under --data-dir, in order of preference.
     split_folders: ClassVar[tuple[tuple[str, str], ...]] = (("train", "test"), ("Training", "Testing"))
@@ -193,14 +197,14 @@ class ImageFolder(Dataset):
                          f"{'/'.join(IMAGE_SUFFIXES)} images in a class folder")
 
         mode = "L" if channels == 1 or self.grey_source else "RGB"
-        pixels = load_images(root, files, mode, (height, width), reporter, bool(self.options["cache"]))
+        pixels = load_images(root, files, mode, (height, width), reporter, self.cache)
         labels = np.concatenate([tree.labels for tree in trees])
         if len(trees) == 2:
             n_train = len(trees[0].files)
             train, test = slice(0, n_train), slice(n_train, len(files))
         else:
             train, test = stratified_split(
-                labels, float(self.options["test_fraction"]), int(self.options["seed"]), str(root)
+                labels, self.test_fraction, self.seed, str(root)
             )
         return Splits(
             train_images=_to_float(pixels[train], channels),

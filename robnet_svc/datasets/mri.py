@@ -16,7 +16,7 @@ class BrainTumorMri(ImageFolder):
 
     name = "mri"
     description = "Brain Tumor MRI layout: Training/ and Testing/ with one folder per class, read as grey"
-    option_defaults = {"cache": True}
+    options = {"cache": ImageFolder.options["cache"]}
     split_folders = (("Training", "Testing"),)
     single_tree = False
     grey_source = True

@@ -20,13 +20,14 @@ identity transform (clean image), ``clip`` = the data range of the clipping laye
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from robnet_svc.errors import RobnetError
+from robnet_svc.plugin_options import Option, resolve
+from robnet_svc.plugins import PluginKind
 
 
 class AffineSet(ABC):
@@ -218,22 +219,13 @@ def _checked_clip(clip, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
-@dataclass(frozen=True)
-class Option:
-    """One perturbation option (shown by ``robnet-svc plugins``, settable from CLI/config)."""
-
-    type: Callable[[Any], Any]
-    default: Any
-    help: str
-    choices: tuple | None = None
-
-
 class Perturbation(ABC):
     """Base class of perturbation plugins.
 
     Subclasses set ``name`` (CLI name), ``description`` (one line) and ``options``
-    (name -> Option), and implement ``affine_set``. The constructor validates ``eps`` and
-    options and stores them as attributes ``self.eps`` and ``self.<option>``.
+    (name -> ``robnet_svc.plugin_options.Option``), and implement ``affine_set``. The
+    constructor validates ``eps`` and the options (``plugin_options.resolve``: unknown names,
+    types, choices) and stores them as attributes ``self.eps`` and ``self.<option>``.
     """
 
     name: ClassVar[str] = ""
@@ -252,22 +244,7 @@ class Perturbation(ABC):
             raise RobnetError(f"--eps must be > 0, got {eps}")
         self.eps = eps
         self.clip = _checked_clip(clip, self.name)
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            known = ", ".join(sorted(self.options)) or "none"
-            raise RobnetError(f"perturbation {self.name!r} has no option {unknown[0]!r}; its options: {known}")
-        for key, opt in self.options.items():
-            value = options.get(key)
-            if value is None:
-                value = opt.default
-            else:
-                try:
-                    value = opt.type(value)
-                except (TypeError, ValueError):
-                    raise RobnetError(f"option {key!r} of perturbation {self.name!r}: cannot read {value!r}") from None
-            if opt.choices is not None and value not in opt.choices:
-                raise RobnetError(f"option {key!r} of perturbation {self.name!r} must be one of "
-                                  f"{', '.join(map(str, opt.choices))}, got {value!r}")
+        for key, value in resolve("perturbation", self.name, self.options, options).items():
             setattr(self, key, value)
         self.validate()
 
@@ -291,3 +268,9 @@ class Perturbation(ABC):
         """Provenance: name, eps, clip and every option value."""
         return {"name": self.name, "eps": self.eps, "clip": list(self.clip) if self.clip else None,
                 **{k: getattr(self, k) for k in self.options}}
+
+
+#: Perturbations as a kind of plugin (``robnet_svc.plugins``): registered by
+#: ``robnet_register_perturbations``, chosen with ``--perturbation``.
+PLUGIN_KIND = PluginKind("perturbations", "robnet_register_perturbations", "perturbation", Perturbation,
+                         options=True, reserved=frozenset({"eps", "clip"}))

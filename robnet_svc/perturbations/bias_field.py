@@ -53,20 +53,16 @@ def bias_field_basis(height: int, width: int, order: int, device: torch.device, 
         return basis.reshape((order + 1) ** 2, height, width)
 
 
-def _optional_float(value) -> float | None:
-    return None if value is None else float(value)
-
-
 class BiasField(Perturbation):
     """Smooth polynomial bias field (multiplicative, additive or both), per SPEC §2."""
 
     name = "bias-field"
     description = "Polynomial bias field x*Σa·b (+Σa·b): smooth lighting / coil inhomogeneity (paper Def. 3-4)."
     options = {
-        "order": Option(int, 3, "polynomial order of the field (0-4; 3 gives the paper's 16 terms)",
+        "order": Option(int, 3, "polynomial order of the field (3 gives the paper's 16 terms)",
                         choices=tuple(range(MAX_ORDER + 1))),
         "mode": Option(str, "mult", "multiplicative, additive or both fields", choices=MODES),
-        "coef_scale": Option(_optional_float, None,
+        "coef_scale": Option(float, None,
                              "non-constant terms get the box [-eps/s, eps/s]; default s = number of terms - 1"),
     }
 

@@ -154,7 +154,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
         listing = registry.listing()
         for row in listing["datasets"]:
             cls = registry.dataset(row["name"])
-            row["options"] = cls.option_defaults
             row["needs_data_root"] = cls.needs_data_dir
             row["served"] = row["name"] in config.data_roots or not cls.needs_data_dir
         return listing

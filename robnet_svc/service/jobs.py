@@ -115,13 +115,10 @@ def resolve_data_dir(params: dict[str, Any], data_roots: dict[str, str]) -> str 
 def build_options(params: dict[str, Any], model: Path, out: Path, data_dir: str | None, *,
                   force: bool = False, resume: bool = False):
     """``pipeline.Options`` of a job, as ``robnet-svc harden/certify`` builds them from its flags."""
-    from robnet_svc.cli import dataset_options
     from robnet_svc.options import Options
 
-    fields = set(Options.__dataclass_fields__) - {"model", "out", "data_dir", "force", "resume"}
-    return Options(**{k: v for k, v in params.items() if k in fields},
-                   dataset_options=dataset_options(params.get("dataset_option", ())),
-                   model=str(model), out=str(out), data_dir=data_dir, force=force, resume=resume)
+    return Options.from_params(params, model=str(model), out=str(out), data_dir=data_dir, force=force,
+                               resume=resume)
 
 
 def check_job(command: str, params: dict[str, Any], model: Path, out: Path, data_dir: str | None) -> None:

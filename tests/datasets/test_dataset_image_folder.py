@@ -149,7 +149,7 @@ def test_every_corrupt_image_is_reported_in_one_error(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"colour": 1}, "unknown option.*colour.*known: cache, seed, test_fraction"),
+        ({"colour": 1}, "has no option 'colour'; known: cache, seed, test_fraction"),
         ({"test_fraction": 1.5}, "test_fraction=1.5"),
         ({"test_fraction": "lots"}, "test_fraction='lots'.*not a valid float"),
         ({"test_fraction": 0.01}, "cannot split"),

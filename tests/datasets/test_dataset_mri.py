@@ -59,7 +59,7 @@ def test_layout_errors(tmp_path, layout, message):
 
 
 def test_mri_options():
-    with pytest.raises(RobnetError, match="unknown option.*test_fraction.*known: cache"):
+    with pytest.raises(RobnetError, match="has no option 'test_fraction'; known: cache"):
         BrainTumorMri("x", test_fraction=0.1)
     with pytest.raises(RobnetError, match="needs --data-dir"):
         BrainTumorMri()
