@@ -60,6 +60,23 @@ def _check_pairs(ctx, param, values):
     return tuple(values)
 
 
+#: ``--preset NAME``: option values that replace the built-in defaults (a config file and flags still win).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's schedule (§6): 175 robust epochs, eps ramped linearly over the first 100, learning
+    # rate 5e-4 then /10 after 100 epochs and /100 after 150, alpha 1, RSIP-SSIP, no accuracy budget.
+    "paper": {"epochs": 175, "ramp_epochs": 100.0, "ramp_shape": "linear", "lr": 5e-4, "alpha": 1.0,
+              "method": "rsip-ssip", "cert_method": "rsip-ssip", "max_clean_drop": "none"},
+}
+
+
+def _apply_preset(ctx, _param, value):
+    """Eager: put the preset's values under the config file's and the flags (``ctx.default_map``)."""
+    if value is not None and ctx is not None:
+        preset = {k: v for k, v in PRESETS[value].items() if any(p.name == k for p in ctx.command.params)}
+        ctx.default_map = {**preset, **(ctx.default_map or {})}
+    return value
+
+
 def opt(default: Any, flag: str | None = None, *, help: str | dict[str, str], commands: tuple[str, ...] = BOTH,
         param: str | None = None, convert=None, factory=None, **click_kwargs: Any):
     """A field of ``Options`` with its command-line form.
@@ -125,11 +142,18 @@ class Options:
                               help=f"Threads of every compute pool (torch, onnxruntime, image decoding); default: "
                                    f"half the cores, at most {MAX_DEFAULT_THREADS} (docs/cli.md, Threads).")
     seed: int = opt(0, type=int, help="Seed of every random choice.")
+    preset: str | None = opt(None, type=click.Choice(sorted(PRESETS)), commands=HARDEN, is_eager=True,
+                             callback=_apply_preset,
+                             help="Start from a named set of training settings; paper: the paper's 175-epoch "
+                                  "schedule (docs/cli.md, Presets). A config file and flags override it.")
     method: str = opt("rsip-ssip", commands=HARDEN, help="Bound method used in training.")
     epochs: int = opt(10, type=click.IntRange(min=1), commands=HARDEN, help="Training epochs.")
     ramp_epochs: float | None = opt(None, type=click.FloatRange(min=0), commands=HARDEN,
                                     help="Epochs over which eps grows from 0 (default: 4/7 of --epochs, as in "
                                          "the paper).")
+    ramp_shape: str = opt("smooth", type=click.Choice(["linear", "smooth"]), commands=HARDEN,
+                          help="How eps grows over the ramp: linear (the paper's) or smooth (a quadratic start "
+                               "joined to a line: far smaller radii in the first steps; docs/method.md).")
     alpha: float = opt(1.0, type=click.FloatRange(min=0), commands=HARDEN, help="Weight of the robust loss.")
     lr: float = opt(5e-4, type=click.FloatRange(min=0, min_open=True), commands=HARDEN,
                     help="Initial learning rate (then /10 and /100).")

@@ -290,7 +290,7 @@ def radius_settings(options: Options) -> RadiusSettings | None:
 def _train_settings(options: Options) -> TrainSettings:
     return TrainSettings(eps=options.eps, epochs=options.epochs, ramp_epochs=options.ramp_epochs,
                          alpha=options.alpha, lr=options.lr, batch_size=options.batch_size, seed=options.seed,
-                         max_clean_drop=options.max_clean_drop)
+                         max_clean_drop=options.max_clean_drop, ramp_shape=options.ramp_shape)
 
 
 def selection_summary(record: dict[str, Any], class_names: list[str]) -> dict[str, Any]:

@@ -10,8 +10,10 @@ perturbation set at the current radius, so ``relu(-margin_lower)`` is the upper 
 ``max(0, y_i - y_label)``. Misclassified samples get no robust loss (paper §5), and their
 bounds are not even computed.
 
-Schedules: the radius grows linearly from 0 to ``eps`` over the first ``ramp_epochs`` (per
-step, not per epoch); the learning rate is ``lr`` for the first 100/175 of the steps, then
+Schedules: the radius grows from 0 to ``eps`` over the first ``ramp_epochs`` (per step, not
+per epoch), along ``ramp_shape``: ``linear`` (the paper's), or ``smooth``, a quadratic ease-in
+joined to a line (``ramp_fraction``), which spends the first steps at far smaller radii, where a
+normally trained network's loose bounds would otherwise wreck it (docs/results.md, issue 21); the learning rate is ``lr`` for the first 100/175 of the steps, then
 ``lr/10`` until 150/175, then ``lr/100`` (the paper's 100 + 50 + 25 epochs, scaled).
 
 BatchNorm: the cross-entropy forward runs in train mode (batch statistics, running stats
@@ -84,6 +86,7 @@ class TrainSettings:
     batch_size: int = 64
     seed: int = 0
     max_clean_drop: float | None = 0.02  # validation clean-accuracy budget (None: no budget); see ``Selection``
+    ramp_shape: str = "smooth"  # "linear" (the paper's) or "smooth" (``ramp_fraction``)
 
     @property
     def ramp(self) -> float:
@@ -109,12 +112,31 @@ def lr_at(progress: float, lr: float) -> float:
     return lr * LR_STEPS[-1][1]
 
 
+RAMP_SHAPES = ("linear", "smooth")
+SMOOTH_KNEE = 0.5  # where the smooth ramp's quadratic start meets its line (fraction of the ramp)
+
+
+def ramp_fraction(t: float, shape: str) -> float:
+    """Share of the target radius at ``t`` in [0, 1] of the ramp. ``smooth``: ``t² / (m(2-m))``
+    up to the knee ``m``, then the line ``(2t - m) / (2 - m)``; value and slope are continuous
+    and it ends at 1 with slope ``2 / (2-m)`` (4/3). At the first eighth of the ramp it is at
+    1/48 of the target where ``linear`` is at 1/8."""
+    t = min(max(t, 0.0), 1.0)
+    if shape == "linear":
+        return t
+    if shape != "smooth":
+        raise ValueError(f"unknown ramp shape {shape!r}; known: {', '.join(RAMP_SHAPES)}")
+    m = SMOOTH_KNEE
+    return t * t / (m * (2 - m)) if t < m else (2 * t - m) / (2 - m)
+
+
 def eps_at(step: int, steps_per_epoch: int, settings: TrainSettings) -> float:
-    """Radius at global ``step``: linear from 0 over ``settings.ramp`` epochs, then ``settings.eps``."""
+    """Radius at global ``step``: from 0 over ``settings.ramp`` epochs along ``settings.ramp_shape``,
+    then ``settings.eps``."""
     ramp_steps = settings.ramp * steps_per_epoch
     if ramp_steps <= 0:
         return settings.eps
-    return settings.eps * min(1.0, step / ramp_steps)
+    return settings.eps * ramp_fraction(step / ramp_steps, settings.ramp_shape)
 
 
 def robust_loss(margin_lower: Tensor) -> Tensor:

@@ -35,7 +35,8 @@ from robnet_svc.datasets.adapt import check_shape, decode_image
 from robnet_svc.datasets.base import Dataset, Splits
 from robnet_svc.datasets.split import stratified_split
 from robnet_svc.errors import RobnetError
-        pixels = load_images(root, files, mode, (height, width), reporter, self.cache)
+from robnet_svc.plugin_options import Option
+from robnet_svc.progress import SILENT, Reporter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
