@@ -124,7 +124,8 @@ def _harden(plan: Plan, config: dict[str, Any], command_line: str, reporter: Rep
            f"{selected['reason']}")
     if plan.dist.is_main:
         for line in selection_warnings(selected, options.max_class_drop,
-                                       max((row["eps"] for row in history), default=0.0)):
+                                       max((row["eps"] for row in history), default=0.0),
+                                       test_clean=before.summary()["clean_accuracy"]):
             reporter.warn(line)
 
     model_path = plan.out / MODEL_FILE
@@ -302,13 +303,28 @@ def selection_summary(record: dict[str, Any], class_names: list[str]) -> dict[st
     return record
 
 
+#: Validation accuracy this far above test accuracy says the input model was trained on the validation split.
+SEEN_VALIDATION_GAP = 0.03
+
+
 def selection_warnings(selected: dict[str, Any], max_class_drop: float | None,
-                       largest_eps: float) -> list[str]:
+                       largest_eps: float, test_clean: float | None = None) -> list[str]:
     """The warning lines of a ``selection_summary``: the target radius not reached within the
     budget (with what usually helps), and every class whose validation accuracy fell more
     than ``max_class_drop`` (None: no per-class guard). ``largest_eps``: the largest radius
-    training reached at all (below the target: the ramp never finished)."""
+    training reached at all (below the target: the ramp never finished). ``test_clean``: the
+    input model's test accuracy (the "before" section), to tell when its validation accuracy is
+    that of data it was trained on, which makes the clean-accuracy budget a stricter test."""
     lines = []
+    val_clean, budget = selected["input_val_clean_accuracy"], selected["max_clean_drop"]
+    if budget is not None and test_clean is not None and val_clean is not None \
+            and val_clean - test_clean > SEEN_VALIDATION_GAP:
+        lines.append(f"the input model is {_percent(val_clean)} accurate on the validation split but "
+                     f"{_percent(test_clean)} on the test split: it was probably trained on the validation "
+                     "images, so --max-clean-drop compares accuracy on its own training data, which robust "
+                     "training lowers more than accuracy on new data; train the input model without them "
+                     "(harden holds out --val-fraction of the training split, seeded by --seed) or widen the "
+                     "budget")
     if not selected["within_budget"]:
         budget = selected["max_clean_drop"]
         if largest_eps < selected["target_eps"]:

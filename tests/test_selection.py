@@ -86,6 +86,11 @@ def test_no_epoch_within_the_budget_keeps_the_input_weights_and_warns(tmp_path):
     assert "input model's weights" in selected["reason"]
     lines = pipeline.selection_warnings(selected, 0.1, history[-1]["eps"])
     assert len(lines) == 1 and "no epoch reached the target eps 0.05" in lines[0] and "--method rsip-ibp" in lines[0]
+    # a test accuracy well below the validation accuracy: the input model has seen the validation images
+    val = selected["input_val_clean_accuracy"]
+    seen = pipeline.selection_warnings(selected, 0.1, history[-1]["eps"], test_clean=val - 0.1)
+    assert len(seen) == 2 and "probably trained on the validation images" in seen[0]
+    assert pipeline.selection_warnings(selected, 0.1, history[-1]["eps"], test_clean=val - 0.01) == lines
 
 
 def test_per_class_guard_names_the_classes_that_fell(tmp_path):
