@@ -74,8 +74,7 @@ def plugins_cmd(as_json: bool) -> None:
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--image-shape", default=None, metavar="CxHxW",
-              help="How to view a flat [N,D] input as an image, e.g. 1x28x28.")
+@click_option("image_shape")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(model: str, image_shape: str | None, as_json: bool) -> None:
     """Pre-flight check of an ONNX model: inputs, outputs, ops, and bound-engine support."""

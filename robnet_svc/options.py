@@ -92,8 +92,25 @@ def opt(default: Any, flag: str | None = None, *, help: str | dict[str, str], co
     return field(default=default, metadata={"cli": cli})
 
 
+class _Scalar(click.ParamType):
+    """A number when the text reads as one (``3``, ``2.5``), else the text: the value of a
+    shorthand flag, which the perturbation's own option declaration then converts and checks."""
+
+    name = "value"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+
 def _shorthand(key: str):
-    return opt(None, metavar="VALUE",
+    return opt(None, type=_Scalar(), metavar="VALUE",
                help=f"Same as --perturbation-option {key}=VALUE (an option of bias-field; robnet-svc plugins "
                     "lists its type and default).")
 
@@ -207,12 +224,20 @@ class Options:
             value = getattr(self, key)
             if value is None:
                 continue
-            if key in given and str(given[key]) != str(value):
+            if key in given and not _same(given[key], value):
                 flag = "--" + key.replace("_", "-")
                 raise RobnetError(f"{flag} {value} and --perturbation-option {key}={given[key]} set the same "
                                   "option to different values; give one of them")
             given[key] = value
         return given
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two given values of an option are the same (``3`` and ``"3.0"`` are)."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip() == str(b).strip()
 
 
 def click_option(name: str, command: str = "harden", **overrides: Any):

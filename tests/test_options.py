@@ -28,7 +28,10 @@ def test_flags_reach_their_fields_and_plugin_options_are_parsed():
         options = Options.from_params(ctx.params)
     assert (options.eps, options.epochs, options.max_clean_drop, options.report_page) == (0.3, 2, None, False)
     assert options.dataset_options == {"seed": "3"}
-    assert options.perturbation_settings() == {"mode": "both", "order": "2"}
+    assert options.perturbation_settings() == {"mode": "both", "order": 2}
+    with harden_cmd.make_context("harden", ["m.onnx", "--coef-scale", "3", "--perturbation-option",
+                                            "coef_scale=3.0"]) as ctx:
+        assert Options.from_params(ctx.params).perturbation_settings() == {"coef_scale": 3}  # the same value
 
 
 def test_every_declared_flag_is_documented():
