@@ -48,6 +48,7 @@ from onnx import helper, numpy_helper
 from robnet_svc.atomic import atomic_folder
 from robnet_svc.certify import AttackSettings
 from robnet_svc.errors import RobnetError
+from robnet_svc.plugin_options import parse_pairs
 from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.vnnlib import property_text
 
@@ -89,11 +90,10 @@ def _sha256(path: Path) -> str:
 
 
 def _dataset_options(config: dict) -> dict:
-    """The dataset options a run recorded: ``dataset_option`` ("k=v" list) or ``dataset_options`` (dict)."""
+    """The dataset options a run recorded: ``dataset_options`` (a dict) or ``dataset_option`` ("k=v" list)."""
     if isinstance(config.get("dataset_options"), dict):
         return dict(config["dataset_options"])
-    pairs = (str(v).split("=", 1) for v in config.get("dataset_option") or [] if "=" in str(v))
-    return {k.strip(): v.strip() for k, v in pairs}
+    return parse_pairs(config.get("dataset_option") or ())
 
 
 def select_rows(certs, samples: str, section: str) -> np.ndarray:

@@ -82,11 +82,6 @@ class BiasField(Perturbation):
     def num_coeffs(self, image_shape: tuple[int, ...]) -> int:
         return self.num_terms * (2 if self.mode == "both" else 1)
 
-    @property
-    def effective_coef_scale(self) -> float:
-        """``coef_scale``, or its default (number of terms - 1) when not given."""
-        return float(self.coef_scale) if self.coef_scale is not None else float(max(self.num_terms - 1, 1))
-
     def coeff_names(self, image_shape: tuple[int, ...]) -> list[str]:
         terms = [f"t{t}_g{g}" for t in range(self.order + 1) for g in range(self.order + 1)]
         prefixes = {"mult": ("m",), "add": ("a",), "both": ("m", "a")}[self.mode]
