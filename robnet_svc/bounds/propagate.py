@@ -15,6 +15,7 @@ Shapes: ``B`` samples, ``k`` coefficients, ``S`` rows of Λ, node shapes per sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -366,6 +367,50 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     if coef is None:
         return const
     return aset.concretize(coef, const)
+
+
+def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box: PreActivationBounds,
+                  mask: Tensor | None, chunk_elements: int) -> PreActivationBounds:
+    """``box`` tightened by back-substitution from node ``p`` (its relaxations ``relax`` of the
+    non-linear nodes before it) at the neurons ``mask [B, n]`` (None: all), ∩ ``box``.
+
+    Each sample's selected neurons are listed first (padded to the batch's largest count with
+    a dummy index ``n`` whose results are dropped), and Λ = ``[+e_j; −e_j]`` for them runs in one
+    backward pass per chunk, so lower and upper bounds share it; a chunk holds at most
+    ``chunk_elements`` Λ entries at the widest node of the network.
+    """
+    b, shape = aset.batch_size, frame.shapes[p]
+    n = box.lower[0].numel()
+    lower, upper = box.lower.reshape(b, n), box.upper.reshape(b, n)
+    if mask is None:
+        idx = torch.arange(n, device=lower.device).expand(b, n)
+    else:
+        count = mask.sum(1)
+        width = int(count.max())
+        if width == 0:
+            return box
+        # selected neurons first (a stable sort keeps their order), then the dummy index n
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+        slot = torch.arange(width, device=lower.device).unsqueeze(0)
+        idx = torch.where(slot < count.unsqueeze(1), order, n)
+    width = idx.shape[1]
+    widest = max(math.prod(s) for s in frame.shapes)
+    step = max(1, chunk_elements // (2 * b * widest))
+    lows, ups = [], []
+    for s in range(0, width, step):
+        cols = idx[:, s:s + step]
+        m = cols.shape[1]
+        eye = lower.new_zeros((b, m, n + 1)).scatter_(2, cols.unsqueeze(-1), 1.0)[..., :n]
+        both = back_substitute(frame, aset, p, torch.cat([eye, -eye], 1).reshape(b, 2 * m, *shape), relax)
+        lows.append(both[:, :m])
+        ups.append(-both[:, m:])
+    pad = lower.new_zeros((b, 1))
+    lower_p, upper_p = torch.cat([lower, pad], 1), torch.cat([upper, pad], 1)
+    tight_lo = torch.maximum(torch.cat(lows, 1), lower_p.gather(1, idx))
+    tight_up = torch.minimum(torch.cat(ups, 1), upper_p.gather(1, idx))
+    new_lo = lower_p.scatter(1, idx, tight_lo)[:, :n]
+    new_up = upper_p.scatter(1, idx, tight_up)[:, :n]
+    return PreActivationBounds(new_lo.reshape(b, *shape), new_up.reshape(b, *shape))
 
 
 def _accumulate(acc: dict[int, Tensor], j: int, t: Tensor) -> None:
