@@ -314,15 +314,20 @@ def symbolic_frontier(fwd: ForwardResult) -> Frontier:
 
 def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
                     relax: dict[int, Relaxation] | None = None,
-                    frontier: Frontier | None = None) -> Tensor:
+                    frontier: Frontier | None = None, both_signs: bool = False) -> Tensor:
     """Sound lower bounds ``[B, S]`` of ``Λ·x_start`` over the box, ``lam [B, S, *shape_start]``.
 
     Λ is accumulated per node in reverse topological order (DAGs: a node feeding two ops
     receives the sum). At an activation node, ``frontier`` (when given) concretises;
     otherwise the node's ``relax`` relaxation back-substitutes (lower relaxation for Λ >= 0,
     upper for Λ < 0).
+
+    ``both_signs``: bound ``[Λ; −Λ]`` (``[B, 2S]``: lower bounds, then negated upper bounds).
+    Up to the first non-linear node everything is linear in Λ, so that stretch runs once and
+    is negated there (exactly: negation commutes with rounding) before the two diverge.
     """
     b, s = lam.shape[:2]
+    split = both_signs
     # which relaxations are exact (all neurons stable) or the identity: their step is cheaper
     exact = {} if frontier is not None else {i: _relaxation_kind(r) for i, r in relax.items()
                                              if i <= start and isinstance(r, Relaxation)}
@@ -330,6 +335,9 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     const = lam.new_zeros((b, s))
     coef: Tensor | None = None
     for i in range(start, -1, -1):
+        if split and i in acc and (i == 0 or frame.is_nonlinear(i)):
+            acc = {j: torch.cat([t, -t], 1) for j, t in acc.items()}
+            const, s, split = torch.cat([const, -const], 1), 2 * s, False
         lam_i = acc.pop(i, None)
         if lam_i is None:
             continue
@@ -376,7 +384,8 @@ def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box:
 
     Each sample's selected neurons are listed first (padded to the batch's largest count with
     a dummy index ``n`` whose results are dropped), and Λ = ``[+e_j; −e_j]`` for them runs in one
-    backward pass per chunk, so lower and upper bounds share it; a chunk holds at most
+    backward pass per chunk, so lower and upper bounds share it (and its affine stretch down to
+    the first non-linear node, ``back_substitute(both_signs=True)``); a chunk holds at most
     ``chunk_elements`` Λ entries at the widest node of the network.
     """
     b, shape = aset.batch_size, frame.shapes[p]
@@ -401,7 +410,7 @@ def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box:
         cols = idx[:, s:s + step]
         m = cols.shape[1]
         eye = lower.new_zeros((b, m, n + 1)).scatter_(2, cols.unsqueeze(-1), 1.0)[..., :n]
-        both = back_substitute(frame, aset, p, torch.cat([eye, -eye], 1).reshape(b, 2 * m, *shape), relax)
+        both = back_substitute(frame, aset, p, eye.reshape(b, m, *shape), relax, both_signs=True)
         lows.append(both[:, :m])
         ups.append(-both[:, m:])
     pad = lower.new_zeros((b, 1))
