@@ -8,6 +8,9 @@
 | ``rsip-ssip`` | forward symbolic ∩ interval          | backward symbolic from the spec         |
 | ``rsip``      | backward symbolic per layer ∩ interval | backward symbolic from the spec       |
 
+``rsip``'s per-layer backward passes run only for the neurons whose relaxation needs them
+(``RSIP._backward_intermediate``): the same bounds at a fraction of the cost.
+
 Ordering guarantees (lower margin bounds; tests check them):
 
 - ``ssip >= ibp``: SSIP returns the elementwise max of its symbolic bound, the interval bound
