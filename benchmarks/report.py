@@ -159,8 +159,9 @@ def rsip_targets(cert: dict) -> list[Target]:
     got = cert.get(("MRI-32", "rsip"), {})
     if "samples_per_s" in got:
         low, high = AUTOLIRPA_CROWN_MRI32_S
+        cpu = 100 * got["cpu_s"] / got["batch"] if "cpu_s" in got else None
         out.append(Target("rsip s per 100 samples [MRI-32]", 100 / got["samples_per_s"], None,
-                          f"auto_LiRPA CROWN {low}-{high} s in issue 20's run, not this one"))
+                          f"auto_LiRPA CROWN {low}-{high} s in issue 20's run, not this one", cpu))
     got = cert.get(("DM-medium", "rsip"), {})
     if got:
         mem = got.get("peak_mem_mb")
@@ -195,13 +196,15 @@ def extra_tables(floor: dict, cert: dict) -> str:
                          f"{got['cpu_ratio']:.2f} |")
         else:
             lines.append(f"| {net} | — | — | {got.get('error', 'failed')} | — |")
-    lines += ["", "| network | method | batch | samples/s | peak mem (MiB) |", "|---|---|---:|---:|---:|"]
+    lines += ["", "| network | method | batch | samples/s | CPU s / sample | peak mem (MiB) |",
+              "|---|---|---:|---:|---:|---:|"]
     for (net, method), got in cert.items():
         if "samples_per_s" in got:
-            lines.append(f"| {net} | {method} | {got['batch']} | {got['samples_per_s']:.1f} | "
+            cpu = f"{got['cpu_s'] / got['batch']:.3f}" if "cpu_s" in got else "—"
+            lines.append(f"| {net} | {method} | {got['batch']} | {got['samples_per_s']:.2f} | {cpu} | "
                          f"{got['peak_mem_mb']:.0f} |")
         else:
-            lines.append(f"| {net} | {method} | {got.get('batch', '—')} | infeasible: {got.get('error', '?')} | — |")
+            lines.append(f"| {net} | {method} | {got.get('batch', '—')} | infeasible: {got.get('error', '?')} | — | — |")
     return "\n".join(lines)
 
 
