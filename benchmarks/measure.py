@@ -2,16 +2,18 @@
 
 Three kinds, each returning a small dict of numbers:
 
-- ``train``: median seconds of a training step after warm-up, and the peak memory.
-  ``standard`` = forward, cross-entropy, backward, Adam step. A bound method adds, in the same
-  step, ``margin_lower`` over the order-3 multiplicative bias field (k = 16, clipping on) and
-  the hinge loss of paper Eq. 6-7 / SPEC §4:
-  ``CE + α · mean_b(1[correct_b] · Σ_{i≠y} max(0, −margin_lower_{b,i}))``.
+- ``train``: median seconds of a training step after warm-up, and the peak memory. The step
+  is the product's (``robnet_svc.training.train_step`` on a ``RobustObjective``): forward,
+  cross-entropy, for a bound method ``margin_lower`` over the order-3 multiplicative bias
+  field (k = 16, clipping on) and the hinge loss of paper Eq. 6-7 / SPEC §4
+  (``CE + α · mean_b(1[correct_b] · Σ_{i≠y} max(0, −margin_lower_{b,i}))``), backward, Adam;
+  ``standard`` is the same step with ``α = 0``.
 - ``floor``: one SSIP bound pass vs one plain forward pass on ``2(k+1)·B`` images, both under
   ``no_grad`` — paper Theorem 3: the centre–radius symbolic form propagates ``k+1`` centre and
   ``k+1`` radius columns per sample, so it cannot cost less than that forward pass.
 - ``cert``: certification throughput, samples/s of a clean forward + ``margin_lower`` under
   ``no_grad`` (what ``certify`` does per batch, minus the attack).
+- ``peer-train`` / ``peer-cert``: the same with auto_LiRPA's analogue (``benchmarks.peer``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` since the configuration started;
 on CPU the process's RSS high-water mark (``ru_maxrss``), which is per configuration only
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.networks import NETWORKS
@@ -59,14 +60,18 @@ class Setup:
 
 
 def build(network: str, batch: int, device: torch.device, seed: int = 0) -> Setup:
-    """Seeded random weights, images and labels for ``network`` at ``batch`` on ``device``."""
+    """Seeded random weights and images for ``network`` at ``batch`` on ``device``; the labels
+    are the network's own predictions, so every sample is classified correctly and the
+    training step bounds the whole batch (training bounds only correctly classified samples:
+    with random labels it would bound a tenth of them and time nothing like a real epoch)."""
     from robnet_svc.plugins import load_registry
 
     torch.manual_seed(seed)
     spec = NETWORKS[network]
-    model = spec.build().to(device)
+    model = spec.build().to(device).eval()
     images = torch.rand(batch, *spec.input_shape, device=device)
-    labels = torch.randint(0, spec.num_classes, (batch,), device=device)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
     perturbation = load_registry().perturbation("bias-field")(EPS, order=ORDER, mode=MODE)
     return Setup(model, images, labels, perturbation, device)
 
@@ -88,32 +93,23 @@ def compiled(model: nn.Module):
     return compile_network(model)
 
 
-def robust_loss(logits: Tensor, margins: Tensor, labels: Tensor, alpha: float = ALPHA) -> Tensor:
-    """SPEC §4 / paper Eq. 6-7: logits ``[B, K]``, margin lower bounds ``[B, K-1]`` -> scalar."""
-    correct = (logits.argmax(1) == labels).to(logits.dtype)
-    hinge = F.relu(-margins).sum(1)  # Σ_{i≠y} max(0, ub(y_i − y_y))
-    return F.cross_entropy(logits, labels) + alpha * (correct * hinge).mean()
-
-
 def train_step(setup: Setup, method_name: str) -> Callable[[], None]:
-    """A closure running one full training step of ``method_name`` (``standard`` or a bound method)."""
+    """A closure running one step of the product's training loop (``robnet_svc.training``:
+    ``RobustObjective`` and ``train_step``): forward in train mode, cross-entropy, for a bound
+    method the margin bounds of the correctly classified samples in eval mode and the hinge
+    loss of paper Eq. 6-7, backward, Adam. ``standard`` is the same step with ``alpha = 0``."""
+    from robnet_svc.training import RobustObjective
+    from robnet_svc.training import train_step as product_step
+
     model, images, labels = setup.model, setup.images, setup.labels
     optimiser = torch.optim.Adam(model.parameters(), lr=5e-4)
-    if method_name == STANDARD:
-        def step() -> None:
-            optimiser.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images), labels).backward()
-            optimiser.step()
-        return step
-
-    method, net = bound_method(method_name, ordered=False), compiled(model)
+    alpha = 0.0 if method_name == STANDARD else ALPHA
+    method = None if method_name == STANDARD else bound_method(method_name, ordered=False)
+    net = None if method is None else compiled(model)
+    objective = RobustObjective(model, net, method, setup.perturbation, alpha)
 
     def step() -> None:
-        optimiser.zero_grad(set_to_none=True)
-        aset = setup.perturbation.affine_set(images)
-        loss = robust_loss(model(images), method.margin_lower(net, aset, labels), labels)
-        loss.backward()
-        optimiser.step()
+        product_step(objective, optimiser, images, labels, eps=EPS, alpha=alpha, global_size=len(labels))
     return step
 
 
@@ -205,7 +201,32 @@ def measure_cert(network: str, method: str, batch: int, device: torch.device,
 
     with torch.no_grad():
         timing = median_seconds(certify_batch, device, warmup, repeats)
-    return {"samples_per_s": batch / timing.wall_s, "batch": batch, "peak_mem_mb": peak_memory_mb(device)}
+    return {"samples_per_s": batch / timing.wall_s, "cpu_s": timing.cpu_s, "batch": batch,
+            "peak_mem_mb": peak_memory_mb(device)}
 
 
-KINDS = {"train": measure_train, "floor": measure_floor, "cert": measure_cert}
+def measure_peer_train(network: str, method: str, batch: int, device: torch.device,
+                       warmup: int, repeats: int) -> dict:
+    """``measure_train`` of auto_LiRPA's analogue of our ``method`` (``benchmarks.peer``)."""
+    from benchmarks import peer
+
+    setup = build(network, batch, device)
+    timing = median_seconds(peer.train_step(setup, peer.ANALOGUES[method][0]), device, warmup, repeats)
+    return {"step_s": timing.wall_s, "cpu_s": timing.cpu_s, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def measure_peer_cert(network: str, method: str, batch: int, device: torch.device,
+                      warmup: int, repeats: int) -> dict:
+    """``measure_cert`` of auto_LiRPA's analogue of our ``method`` (bounds only, no_grad)."""
+    from benchmarks import peer
+
+    setup = build(network, batch, device)
+    with torch.no_grad():
+        bounds = peer.margin_bounds(setup, peer.ANALOGUES[method][0])
+        timing = median_seconds(bounds, device, warmup, repeats)
+    return {"samples_per_s": batch / timing.wall_s, "cpu_s": timing.cpu_s, "batch": batch,
+            "peak_mem_mb": peak_memory_mb(device)}
+
+
+KINDS = {"train": measure_train, "floor": measure_floor, "cert": measure_cert,
+         "peer-train": measure_peer_train, "peer-cert": measure_peer_cert}

@@ -1,12 +1,13 @@
-"""The benchmark networks: SPEC §10 reference networks and an MRI-shaped CNN.
+"""The benchmark networks: the product's own definitions, never copies of them.
 
-Every network is a plain ``nn.Sequential`` classifier (logits out, ReLU after every layer
-but the last), exactly what ``onnx2torch`` hands the engine for the CROWN-IBP model
-definitions. Parameter and ReLU counts are asserted against SPEC §10 when built.
-
-The DM networks come from ``robnet_svc.models`` when it defines them (so the benchmark
-measures the product's networks); the local definitions are the fallback, and the count
-check applies to either.
+- DM-small / DM-medium / DM-large: ``robnet_svc.models`` (SPEC §10; counts asserted).
+- MRI-32 / MRI-64: the MRI CNN of ``benchmarks/reproduce_mri.py`` at 1×32×32 and 1×64×64
+  (the network the MRI experiment trains; issue 20 measures full CROWN on MRI-32).
+- tiny: ``robnet_svc.models.tiny_cnn`` at 1×8×8, 3 classes (the smoke test: seconds).
+- resnet18, efficientnet_b0 (``--real``): torchvision classifiers at 3×64×64, exported to
+  ONNX and imported the way ``robnet-svc`` imports a user's model (``onnx_io.load_model``),
+  so they exercise the op rules a real import needs (MaxPool, residual Add, SiLU, the
+  squeeze-and-excitation product).
 """
 
 from __future__ import annotations
@@ -22,76 +23,81 @@ class NetworkSpec:
     """A benchmark network: builder, input shape ``(C, H, W)``, classes, and the counts to check."""
 
     name: str
-    build_local: Callable[[], nn.Sequential]
+    builder: Callable[[], nn.Module]
     input_shape: tuple[int, int, int]
     num_classes: int
-    params: int | None  # exact parameter count (SPEC §10), None: checked by ``params_approx``
-    relus: int
+    params: int | None  # exact parameter count (SPEC §10), None: ``params_approx`` or unchecked
+    relus: int | None  # ReLU outputs per sample (Sequential networks), None: unchecked
     params_approx: float | None = None  # millions, rounded to one decimal (DM-large: 17.2)
     gpu_only: bool = False  # too slow for the default CPU run
 
-    def build(self) -> nn.Sequential:
-        model = _from_product(self.name) or self.build_local()
+    def build(self) -> nn.Module:
+        model = self.builder()
         check_counts(self, model)
         return model
 
 
-def _conv(cin: int, cout: int, k: int, s: int, p: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride=s, padding=p), nn.ReLU()]
+def _reference(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from robnet_svc.models import REFERENCE_MODELS
+
+        return REFERENCE_MODELS[name]()
+    return build
 
 
-def _fc(fin: int, fout: int, relu: bool = True) -> list[nn.Module]:
-    return [nn.Linear(fin, fout)] + ([nn.ReLU()] if relu else [])
+def _mri(size: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from benchmarks.reproduce_mri import mri_network
+
+        return mri_network(size)
+    return build
 
 
-def dm_small() -> nn.Sequential:
-    """Conv(3→16,k4,s2,p1) → Conv(16→32,k4,s2,p1) → FC(2048→100) → FC(100→10)."""
-    return nn.Sequential(*_conv(3, 16, 4, 2, 1), *_conv(16, 32, 4, 2, 1), nn.Flatten(),
-                         *_fc(2048, 100), *_fc(100, 10, relu=False))
+def _tiny() -> nn.Module:
+    from robnet_svc.models import tiny_cnn
+
+    return tiny_cnn(in_channels=1, num_classes=3, image_size=8, width=2)
 
 
-def dm_medium() -> nn.Sequential:
-    """Conv(3→32,k3,s1,p1) → Conv(32→32,k4,s2,p1) → Conv(32→64,k3,s1,p1) →
-    Conv(64→64,k4,s2,p1) → FC(4096→512) → FC(512→512) → FC(512→10)."""
-    return nn.Sequential(*_conv(3, 32, 3, 1, 1), *_conv(32, 32, 4, 2, 1), *_conv(32, 64, 3, 1, 1),
-                         *_conv(64, 64, 4, 2, 1), nn.Flatten(),
-                         *_fc(4096, 512), *_fc(512, 512), *_fc(512, 10, relu=False))
+def _imported(name: str, shape: tuple[int, int, int], classes: int) -> Callable[[], nn.Module]:
+    """A torchvision classifier with seeded random weights, through ONNX and the product's importer."""
+    def build() -> nn.Module:
+        import tempfile
+        import warnings
+        from pathlib import Path
 
+        import torchvision
 
-def dm_large() -> nn.Sequential:
-    """Conv(3→64,k3,s1,p1) → Conv(64→64,k3,s1,p1) → Conv(64→128,k3,s2,p1) →
-    Conv(128→128,k3,s1,p1) ×2 → FC(32768→512) → FC(512→10)."""
-    return nn.Sequential(*_conv(3, 64, 3, 1, 1), *_conv(64, 64, 3, 1, 1), *_conv(64, 128, 3, 2, 1),
-                         *_conv(128, 128, 3, 1, 1), *_conv(128, 128, 3, 1, 1), nn.Flatten(),
-                         *_fc(32768, 512), *_fc(512, 10, relu=False))
+        from robnet_svc.models import export_onnx
+        from robnet_svc.onnx_io.load import load_model
 
-
-def mri_cnn() -> nn.Sequential:
-    """MRI-shaped CNN (ours, not from the paper): 1×64×64 grey slices, 4 tumour classes.
-
-    Conv(1→16,k4,s2,p1) → Conv(16→32,k4,s2,p1) → Conv(32→64,k4,s2,p1) → FC(4096→128) → FC(128→4):
-    the DM-small pattern with one more stride-2 stage for the larger image.
-    """
-    return nn.Sequential(*_conv(1, 16, 4, 2, 1), *_conv(16, 32, 4, 2, 1), *_conv(32, 64, 4, 2, 1),
-                         nn.Flatten(), *_fc(4096, 128), *_fc(128, 4, relu=False))
-
-
-def tiny() -> nn.Sequential:
-    """A miniature CNN (1×8×8, 3 classes) for the smoke test: seconds, not minutes."""
-    return nn.Sequential(*_conv(1, 4, 4, 2, 1), nn.Flatten(), *_fc(64, 8), *_fc(8, 3, relu=False))
+        model = getattr(torchvision.models, name)(weights=None, num_classes=classes).eval()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = export_onnx(model, shape, Path(tmp) / f"{name}.onnx")
+            return load_model(path).module
+    return build
 
 
 NETWORKS: dict[str, NetworkSpec] = {
-    "DM-small": NetworkSpec("DM-small", dm_small, (3, 32, 32), 10, params=214_918, relus=6_244),
-    "DM-medium": NetworkSpec("DM-medium", dm_medium, (3, 32, 32), 10, params=2_466_858, relus=62_464),
-    "DM-large": NetworkSpec("DM-large", dm_large, (3, 32, 32), 10, params=None, relus=229_888,
+    "DM-small": NetworkSpec("DM-small", _reference("dm-small"), (3, 32, 32), 10, params=214_918, relus=6_244),
+    "DM-medium": NetworkSpec("DM-medium", _reference("dm-medium"), (3, 32, 32), 10, params=2_466_858,
+                             relus=62_464),
+    "DM-large": NetworkSpec("DM-large", _reference("dm-large"), (3, 32, 32), 10, params=None, relus=229_888,
                             params_approx=17.2, gpu_only=True),
-    "MRI-64": NetworkSpec("MRI-64", mri_cnn, (1, 64, 64), 4, params=566_260, relus=28_800),
-    "tiny": NetworkSpec("tiny", tiny, (1, 8, 8), 3, params=615, relus=72),
+    "MRI-32": NetworkSpec("MRI-32", _mri(32), (1, 32, 32), 4, params=173_044, relus=7_296),
+    "MRI-64": NetworkSpec("MRI-64", _mri(64), (1, 64, 64), 4, params=566_260, relus=28_800),
+    "tiny": NetworkSpec("tiny", _tiny, (1, 8, 8), 3, params=4_507, relus=256),
+    "resnet18": NetworkSpec("resnet18", _imported("resnet18", (3, 64, 64), 10), (3, 64, 64), 10,
+                            params=None, relus=None, params_approx=11.2),
+    "efficientnet_b0": NetworkSpec("efficientnet_b0", _imported("efficientnet_b0", (3, 64, 64), 10), (3, 64, 64),
+                                   10, params=None, relus=None, params_approx=4.0),
 }
+#: the real architectures of ``--real`` (batch 32 by default)
+REAL_NETWORKS = ("resnet18", "efficientnet_b0")
 
 
-def count_relus(model: nn.Sequential, input_shape: tuple[int, int, int]) -> int:
+def count_relus(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Number of ReLU outputs for one input of ``input_shape`` (shape walk, no data needed)."""
     import torch
 
@@ -105,26 +111,14 @@ def count_relus(model: nn.Sequential, input_shape: tuple[int, int, int]) -> int:
     return total
 
 
-def check_counts(spec: NetworkSpec, model: nn.Sequential) -> None:
-    """Assert the parameter and ReLU counts of SPEC §10 (a wrong network benchmarks nothing)."""
+def check_counts(spec: NetworkSpec, model: nn.Module) -> None:
+    """Assert the parameter and ReLU counts (a wrong network benchmarks nothing)."""
     params = sum(p.numel() for p in model.parameters())
     if spec.params is not None:
-        assert params == spec.params, f"{spec.name}: {params} parameters, SPEC §10 says {spec.params}"
-    else:
+        assert params == spec.params, f"{spec.name}: {params} parameters, expected {spec.params}"
+    elif spec.params_approx is not None:
         assert round(params / 1e6, 1) == spec.params_approx, \
-            f"{spec.name}: {params} parameters, SPEC §10 says {spec.params_approx} M"
-    relus = count_relus(model, spec.input_shape)
-    assert relus == spec.relus, f"{spec.name}: {relus} ReLUs, expected {spec.relus}"
-
-
-def _from_product(name: str) -> nn.Module | None:
-    """The product's own definition of a SPEC §10 network (``robnet_svc.models``), if present;
-    MRI-64 and tiny are the benchmark's own (the product's ``tiny`` is a different network)."""
-    if not name.startswith("DM-"):
-        return None
-    try:
-        from robnet_svc.models import REFERENCE_MODELS  # noqa: PLC0415 - owned by another engineer
-    except ImportError:
-        return None
-    builder = REFERENCE_MODELS.get(name.lower())
-    return builder() if builder is not None else None
+            f"{spec.name}: {params} parameters, expected {spec.params_approx} M"
+    if spec.relus is not None:
+        relus = count_relus(model, spec.input_shape)
+        assert relus == spec.relus, f"{spec.name}: {relus} ReLUs, expected {spec.relus}"

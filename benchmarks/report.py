@@ -129,6 +129,48 @@ def targets(train: dict, floor: dict, main_batch: int, device_type: str, mem_bat
     return out
 
 
+def peer_targets(train: dict, cert: dict, peers: dict) -> list[Target]:
+    """Issue 20: ours ÷ auto_LiRPA's analogue, measured in this run (``peers[(kind, network,
+    method, batch)]``): training steps in seconds, certification in seconds per sample."""
+    from benchmarks.peer import ANALOGUES, TARGETS
+
+    out = []
+    for (kind, network, method, batch), got in peers.items():
+        name = f"{method} / auto_LiRPA {ANALOGUES[method][0]} [{network}, batch {batch}]"
+        if kind == "train":
+            ours = train.get((network, method, batch), {})
+            value, cpu = _ratio(ours.get("step_s"), got.get("step_s")), _ratio(ours.get("cpu_s"), got.get("cpu_s"))
+        else:
+            ours = cert.get((network, method), {})
+            value = _ratio(got.get("samples_per_s"), ours.get("samples_per_s"))  # time ratio
+            cpu = _ratio(ours.get("cpu_s"), got.get("cpu_s"))
+        out.append(Target(name, value, TARGETS[method], got.get("error", ""), cpu))
+    return out
+
+
+#: issue 20, auto_LiRPA 0.7.1 CROWN on this CPU (one thread): seconds per 100 MRI-32 samples
+AUTOLIRPA_CROWN_MRI32_S = (4.6, 12.4)
+
+
+def rsip_targets(cert: dict) -> list[Target]:
+    """Issue 20's full-CROWN facts: seconds per 100 MRI-32 samples against auto_LiRPA's figure
+    from the issue (another run: INFO), and DM-medium certifiable at batch >= 8 within 8 GiB."""
+    out = []
+    got = cert.get(("MRI-32", "rsip"), {})
+    if "samples_per_s" in got:
+        low, high = AUTOLIRPA_CROWN_MRI32_S
+        cpu = 100 * got["cpu_s"] / got["batch"] if "cpu_s" in got else None
+        out.append(Target("rsip s per 100 samples [MRI-32]", 100 / got["samples_per_s"], None,
+                          f"auto_LiRPA CROWN {low}-{high} s in issue 20's run, not this one", cpu))
+    got = cert.get(("DM-medium", "rsip"), {})
+    if got:
+        mem = got.get("peak_mem_mb")
+        note = f"batch {got.get('batch')}" + ("" if got.get("batch", 0) >= 8 else ", below the target's 8")
+        out.append(Target("rsip peak memory / 8 GiB [DM-medium]", None if mem is None else mem / GIB8_MB, 1.0,
+                          got.get("error", note)))
+    return out
+
+
 def table(train: dict, main_batch: int) -> str:
     """Markdown table of the training steps (one row per network × method × batch)."""
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
@@ -154,13 +196,15 @@ def extra_tables(floor: dict, cert: dict) -> str:
                          f"{got['cpu_ratio']:.2f} |")
         else:
             lines.append(f"| {net} | — | — | {got.get('error', 'failed')} | — |")
-    lines += ["", "| network | method | batch | samples/s | peak mem (MiB) |", "|---|---|---:|---:|---:|"]
+    lines += ["", "| network | method | batch | samples/s | CPU s / sample | peak mem (MiB) |",
+              "|---|---|---:|---:|---:|---:|"]
     for (net, method), got in cert.items():
         if "samples_per_s" in got:
-            lines.append(f"| {net} | {method} | {got['batch']} | {got['samples_per_s']:.1f} | "
+            cpu = f"{got['cpu_s'] / got['batch']:.3f}" if "cpu_s" in got else "—"
+            lines.append(f"| {net} | {method} | {got['batch']} | {got['samples_per_s']:.2f} | {cpu} | "
                          f"{got['peak_mem_mb']:.0f} |")
         else:
-            lines.append(f"| {net} | {method} | {got.get('batch', '—')} | infeasible: {got.get('error', '?')} | — |")
+            lines.append(f"| {net} | {method} | {got.get('batch', '—')} | infeasible: {got.get('error', '?')} | — | — |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,11 @@ certification throughput on the SPEC §10 networks and an MRI-shaped CNN.
     python -m benchmarks.run                  # full run (~15 min on 2 CPU cores)
     python -m benchmarks.run --quick          # DM-small + MRI-64, fewer repeats (~2 min)
     python -m benchmarks.run --device cuda    # on a GPU: DM-large included
+    python -m benchmarks.run --real           # resnet18 and efficientnet_b0 at 3x64x64, batch 32 only
+
+When auto_LiRPA is importable, every measurement of a method with an auto_LiRPA analogue is
+followed by the analogue's (``benchmarks.peer``; ``--no-peer`` to skip) and the ratios are
+printed beside issue 20's targets.
 
 Prints the table and every target as a ratio with PASS/MISS, writes the results JSON
 (``--out``) and rewrites this device's results section of ``docs/benchmarks.md`` (``--docs``).
@@ -15,21 +20,23 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks import machine, report
+from benchmarks import machine, peer, report
 from benchmarks.measure import CERT_METHODS, STANDARD, TRAIN_METHODS
-from benchmarks.networks import NETWORKS
+from benchmarks.networks import NETWORKS, REAL_NETWORKS
 from benchmarks.worker import REPO, Job, run_here, run_isolated
 
-DEFAULT_NETWORKS = ("DM-small", "DM-medium", "MRI-64")
+DEFAULT_NETWORKS = ("DM-small", "DM-medium", "MRI-32", "MRI-64")
 QUICK_NETWORKS = ("DM-small", "MRI-64")
-MEM_CHECK_NETWORK_PREFIX = "MRI"
-# Full CROWN (rsip) bounds every neuron of every layer by a backward pass: O(neurons · forward).
-# On 2 CPU cores DM-small takes ~40 CPU-s per 8 samples, so it is timed on small batches.
-RSIP_CERT_BATCH = {"DM-small": 2, "MRI-64": 1, "DM-medium": 1, "DM-large": 1, "tiny": 2}  # issue 7: the MRI-shaped net at batch 32 must fit 8 GiB
+MEM_CHECK_NETWORK = "MRI-64"  # issue 7: the MRI-shaped net at batch 32 must fit 8 GiB
+# Full CROWN (rsip) back-substitutes every unstable neuron of every layer: O(neurons · forward),
+# so it is timed once on a moderate batch (issue 20: DM-medium at batch >= 8 within 8 GiB).
+RSIP_CERT_BATCH = {"DM-small": 8, "MRI-32": 16, "MRI-64": 2, "DM-medium": 8, "DM-large": 1, "tiny": 2}
+REAL_BATCH = 32
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,10 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), help="networks to run")
     parser.add_argument("--large", action="store_true", help="include DM-large (default only on a GPU)")
+    parser.add_argument("--real", action="store_true",
+                        help=f"only the real architectures ({', '.join(REAL_NETWORKS)} at 3x64x64): training "
+                        f"steps at batch {REAL_BATCH}, 1 warm-up + 1 timed step, no certification")
+    parser.add_argument("--no-peer", action="store_true", help="skip the auto_LiRPA analogues even when importable")
     parser.add_argument("--methods", nargs="+", choices=TRAIN_METHODS, default=list(TRAIN_METHODS))
     parser.add_argument("--cert-methods", nargs="*", choices=CERT_METHODS,
                         help="certification methods (default rsip-ssip and rsip; --quick: rsip-ssip)")
-    parser.add_argument("--batch", type=int, default=64, help="training batch size (issue 7: 64)")
+    parser.add_argument("--batch", type=int, help=f"training batch size (default 64, issue 7; --real {REAL_BATCH})")
     parser.add_argument("--mem-batch", type=int, default=32,
                         help="second batch size for the MRI net's memory check (0: skip)")
     parser.add_argument("--cert-batch", type=int, default=64, help="certification batch for rsip-ssip")
@@ -65,13 +76,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
                         "(default docs/benchmarks.md; --quick: none)")
     args = parser.parse_args(argv)
+    if args.real:
+        args.networks = args.networks or list(REAL_NETWORKS)
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.repeats = 1 if args.repeats is None else args.repeats
+        args.cert_methods, args.mem_batch = [], 0
+        args.out = args.out or REPO / "benchmarks" / "results.real.json"
+    args.batch = args.batch or (REAL_BATCH if args.real else 64)
     args.warmup = (1 if args.quick else 2) if args.warmup is None else args.warmup
     if args.cert_methods is None:
         args.cert_methods = ["rsip-ssip"] if args.quick else list(CERT_METHODS)
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if args.out is None:
         args.out = REPO / "benchmarks" / ("results.quick.json" if args.quick else "results.json")
-    if args.docs is None and not args.quick:
+    if args.docs is None and not (args.quick or args.real):
         args.docs = REPO / "docs" / "benchmarks.md"
     return args
 
@@ -93,19 +111,27 @@ def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], lis
     make = lambda kind, net, method, batch: Job(kind, net, method, batch, str(device),  # noqa: E731
                                                 args.warmup, args.repeats, args.threads)
     methods = [STANDARD] + [m for m in args.methods if m != STANDARD]
+    with_peer = args.peer
     jobs = []
+
+    def add(job: Job) -> None:  # ours, then (interleaved) the auto_LiRPA analogue of the same job
+        jobs.append(job)
+        if with_peer and peer.ANALOGUES.get(job.method, (None, None))[1] == job.kind:
+            jobs.append(Job(f"peer-{job.kind}", *list(asdict(job).values())[1:]))
+
     for net in networks:
-        jobs += [make("train", net, m, args.batch) for m in methods]
-        if args.mem_batch and args.mem_batch != args.batch and net.startswith(MEM_CHECK_NETWORK_PREFIX):
+        for m in methods:
+            add(make("train", net, m, args.batch))
+        if args.mem_batch and args.mem_batch != args.batch and net == MEM_CHECK_NETWORK:
             jobs += [make("train", net, m, args.mem_batch) for m in methods]
-        if "ssip" in args.methods or "rsip-ssip" in args.methods:
+        if not args.real and ("ssip" in args.methods or "rsip-ssip" in args.methods):
             jobs.append(make("floor", net, "ssip", args.batch))
         for m in args.cert_methods:
             if m == "rsip":
                 batch = args.rsip_cert_batch or RSIP_CERT_BATCH.get(net, 1)
-                jobs.append(Job("cert", net, m, batch, str(device), 0, 1, args.threads))
+                add(Job("cert", net, m, batch, str(device), 0, 1, args.threads))
             else:
-                jobs.append(make("cert", net, m, args.cert_batch))
+                add(make("cert", net, m, args.cert_batch))
     return networks, jobs
 
 
@@ -114,19 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     description = machine.describe(device)
+    missing = peer.unavailable()
+    args.peer = not args.no_peer and missing is None
     networks, jobs = plan(args, device)
     load_start = os.getloadavg()[0]
     print(f"machine: {description}; load average {load_start:.1f}", flush=True)
+    print("peer mode: " + ("auto_LiRPA analogues interleaved" if args.peer else "off (--no-peer)" if args.no_peer
+                           else missing), flush=True)
     print(f"{len(jobs)} measurements on {', '.join(networks)}; batch {args.batch}, "
           f"{args.warmup} warm-up + {args.repeats} timed steps each", flush=True)
 
-    train, floor, cert = {}, {}, {}
+    train, floor, cert, peers = {}, {}, {}, {}
     started = time.perf_counter()
     for index, job in enumerate(jobs, 1):
         t0 = time.perf_counter()
         timeout = args.rsip_timeout if job.method == "rsip" else args.timeout
         got = run_here_safely(job) if args.no_isolate else run_isolated(job, timeout)
-        if job.kind == "train":
+        if job.kind.startswith("peer-"):
+            peers[(job.kind[5:], job.network, job.method, job.batch)] = got
+        elif job.kind == "train":
             train[(job.network, job.method, job.batch)] = got
         elif job.kind == "floor":
             floor[job.network] = got
@@ -138,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = report.build_results(description, train, floor, cert, args.batch)
     verdicts = report.targets(train, floor, args.batch, device.type, args.mem_batch)
+    verdicts += report.peer_targets(train, cert, peers)
+    verdicts += report.rsip_targets(cert)
     elapsed = time.perf_counter() - started
     args.load = (load_start, os.getloadavg()[0])  # other processes on the machine skew absolute times
     print()
@@ -145,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.extra_tables(floor, cert))
     print()
-    print("targets (issue 7), each a ratio measured in this run:")
+    print("targets (issues 7 and 20), each a ratio measured in this run:")
     for target in verdicts:
         print("  " + target.line())
     print(f"\n{len(jobs)} measurements in {elapsed:.0f} s; results: {args.out}")
@@ -187,7 +221,7 @@ def docs_section(args, device, description, train, floor, cert, verdicts, elapse
         "",
         report.extra_tables(floor, cert),
         "",
-        "Targets (issue 7):",
+        "Targets (issues 7 and 20):",
         "",
         "```",
         *(t.line() for t in verdicts),

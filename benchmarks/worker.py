@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Job:
-    """One measurement: ``kind`` in ``measure.KINDS``; ``method`` unused by ``floor``."""
+    """One measurement: ``kind`` in ``measure.KINDS``; ``method`` unused by ``floor`` (for the
+    ``peer-*`` kinds: our method whose auto_LiRPA analogue is measured)."""
 
     kind: str
     network: str
@@ -44,8 +45,10 @@ def run_here(job: Job) -> dict:
     import torch
 
     from benchmarks import measure
+    from robnet_svc.bounds.alloc import keep_freed_memory
 
     torch.set_num_threads(job.threads)
+    keep_freed_memory()  # the same allocator settings for every job, ours and the peer's
     device = torch.device(job.device)
     if job.kind == "floor":
         return measure.measure_floor(job.network, job.batch, device, job.warmup, job.repeats)

@@ -43,6 +43,9 @@ def test_benchmark_command_writes_issue7_results(tmp_path):
     assert all(v > 0 for v in results["cert_samples_per_s"]["tiny"].values())
 
     assert "SSIP pass / floor [tiny]" in done.stdout  # every measured target is printed as a ratio
+    from benchmarks.peer import unavailable
+    if unavailable():  # peer mode says why it is off
+        assert f"peer mode: {unavailable()}" in done.stdout
     docs = (tmp_path / "benchmarks.md").read_text()
     assert "prose kept" in docs and "tail kept" in docs and "old" not in docs
     assert "| tiny | rsip-ssip |" in docs and docs.count("<!-- results:cpu -->") == 1
@@ -63,3 +66,39 @@ def test_failed_configuration_is_reported_not_raised(capsys):
                  '"device": "cpu", "warmup": 0, "repeats": 1, "threads": 1}']) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(MARKER) and "no-such-method" in json.loads(line[len(MARKER):])["error"]
+
+
+def test_peer_jobs_follow_their_analogue_and_the_real_option_is_short():
+    """With peer mode on, each job of a method with an auto_LiRPA analogue is followed by the
+    analogue's job (interleaved); ``--real`` times only training steps of the real architectures."""
+    import torch
+
+    from benchmarks.run import parse_args, plan
+
+    args = parse_args(["--networks", "tiny", "--mem-batch", "0"])
+    args.peer = True
+    _, jobs = plan(args, torch.device("cpu"))
+    kinds = [(j.kind, j.method) for j in jobs]
+    for ours, kind in (("rsip-ibp", "train"), ("ssip", "train"), ("rsip-ssip", "train"), ("rsip", "cert")):
+        at = kinds.index((kind, ours))
+        assert kinds[at + 1] == (f"peer-{kind}", ours)
+    assert ("peer-train", "ibp") not in kinds and ("peer-train", "standard") not in kinds
+
+    args = parse_args(["--real"])
+    args.peer = False
+    networks, jobs = plan(args, torch.device("cpu"))
+    assert networks == ["resnet18", "efficientnet_b0"]
+    assert {j.kind for j in jobs} == {"train"} and {j.batch for j in jobs} == {32}
+    assert {(j.warmup, j.repeats) for j in jobs} == {(1, 1)}
+
+
+def test_benchmarked_step_bounds_the_whole_batch():
+    """The training step is the product's, which bounds only correctly classified samples: the
+    benchmark's labels are the network's predictions, so it bounds every sample."""
+    import torch
+
+    from benchmarks.measure import build
+
+    setup = build("tiny", 8, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(setup.model(setup.images).argmax(1), setup.labels)

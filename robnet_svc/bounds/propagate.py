@@ -15,6 +15,7 @@ Shapes: ``B`` samples, ``k`` coefficients, ``S`` rows of Λ, node shapes per sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -307,15 +308,20 @@ def symbolic_frontier(fwd: ForwardResult) -> Frontier:
 
 def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
                     relax: dict[int, Relaxation] | None = None,
-                    frontier: Frontier | None = None) -> Tensor:
+                    frontier: Frontier | None = None, both_signs: bool = False) -> Tensor:
     """Sound lower bounds ``[B, S]`` of ``Λ·x_start`` over the box, ``lam [B, S, *shape_start]``.
 
     Λ is accumulated per node in reverse topological order (DAGs: a node feeding two ops
     receives the sum). At an activation node, ``frontier`` (when given) concretises;
     otherwise the node's ``relax`` relaxation back-substitutes (lower relaxation for Λ >= 0,
     upper for Λ < 0).
+
+    ``both_signs``: bound ``[Λ; −Λ]`` (``[B, 2S]``: lower bounds, then negated upper bounds).
+    Up to the first non-linear node everything is linear in Λ, so that stretch runs once and
+    is negated there (exactly: negation commutes with rounding) before the two diverge.
     """
     b, s = lam.shape[:2]
+    split = both_signs
     # which relaxations are exact (all neurons stable) or the identity: their step is cheaper
     exact = {} if frontier is not None else {i: _relaxation_kind(r) for i, r in relax.items()
                                              if i <= start and isinstance(r, Relaxation)}
@@ -323,6 +329,9 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     const = lam.new_zeros((b, s))
     coef: Tensor | None = None
     for i in range(start, -1, -1):
+        if split and i in acc and (i == 0 or frame.is_nonlinear(i)):
+            acc = {j: torch.cat([t, -t], 1) for j, t in acc.items()}
+            const, s, split = torch.cat([const, -const], 1), 2 * s, False
         lam_i = acc.pop(i, None)
         if lam_i is None:
             continue
@@ -360,6 +369,51 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
     if coef is None:
         return const
     return aset.concretize(coef, const)
+
+
+def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box: PreActivationBounds,
+                  mask: Tensor | None, chunk_elements: int) -> PreActivationBounds:
+    """``box`` tightened by back-substitution from node ``p`` (its relaxations ``relax`` of the
+    non-linear nodes before it) at the neurons ``mask [B, n]`` (None: all), ∩ ``box``.
+
+    Each sample's selected neurons are listed first (padded to the batch's largest count with
+    a dummy index ``n`` whose results are dropped), and Λ = ``[+e_j; −e_j]`` for them runs in one
+    backward pass per chunk, so lower and upper bounds share it (and its affine stretch down to
+    the first non-linear node, ``back_substitute(both_signs=True)``); a chunk holds at most
+    ``chunk_elements`` Λ entries at the widest node of the network.
+    """
+    b, shape = aset.batch_size, frame.shapes[p]
+    n = box.lower[0].numel()
+    lower, upper = box.lower.reshape(b, n), box.upper.reshape(b, n)
+    if mask is None:
+        idx = torch.arange(n, device=lower.device).expand(b, n)
+    else:
+        count = mask.sum(1)
+        width = int(count.max())
+        if width == 0:
+            return box
+        # selected neurons first (a stable sort keeps their order), then the dummy index n
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+        slot = torch.arange(width, device=lower.device).unsqueeze(0)
+        idx = torch.where(slot < count.unsqueeze(1), order, n)
+    width = idx.shape[1]
+    widest = max(math.prod(s) for s in frame.shapes)
+    step = max(1, chunk_elements // (2 * b * widest))
+    lows, ups = [], []
+    for s in range(0, width, step):
+        cols = idx[:, s:s + step]
+        m = cols.shape[1]
+        eye = lower.new_zeros((b, m, n + 1)).scatter_(2, cols.unsqueeze(-1), 1.0)[..., :n]
+        both = back_substitute(frame, aset, p, eye.reshape(b, m, *shape), relax, both_signs=True)
+        lows.append(both[:, :m])
+        ups.append(-both[:, m:])
+    pad = lower.new_zeros((b, 1))
+    lower_p, upper_p = torch.cat([lower, pad], 1), torch.cat([upper, pad], 1)
+    tight_lo = torch.maximum(torch.cat(lows, 1), lower_p.gather(1, idx))
+    tight_up = torch.minimum(torch.cat(ups, 1), upper_p.gather(1, idx))
+    new_lo = lower_p.scatter(1, idx, tight_lo)[:, :n]
+    new_up = upper_p.scatter(1, idx, tight_up)[:, :n]
+    return PreActivationBounds(new_lo.reshape(b, *shape), new_up.reshape(b, *shape))
 
 
 def _accumulate(acc: dict[int, Tensor], j: int, t: Tensor) -> None:

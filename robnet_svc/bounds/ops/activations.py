@@ -123,6 +123,18 @@ class ClipRule(ActivationRule):
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         return clip_relaxation(lower, upper, self.a, self.b)
 
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """``[l, u]`` strictly contains a kink; otherwise it lies in one linear piece, whose
+        exact lines hold on any sub-box."""
+        a, b = self.a, self.b
+        if a is not None and b is not None and a > b:
+            a = b
+        kinks = [k for k in (a, b) if k is not None]
+        mask = torch.zeros_like(lower, dtype=torch.bool)
+        for k in kinks:  # at most two scalar kinks
+            mask |= (lower < k) & (upper > k)
+        return mask
+
 
 class LeakyReluRule(ActivationRule):
     """``nn.LeakyReLU`` / ``F.leaky_relu`` (ONNX ``LeakyRelu``) and ``nn.PReLU`` / ``F.prelu`` /
@@ -185,6 +197,12 @@ class LeakyReluRule(ActivationRule):
         return _widen(Relaxation(torch.where(unstable, s_lo, stable_s), torch.where(unstable, b_lo, zero),
                                  torch.where(unstable, s_up, stable_s), torch.where(unstable, b_up, zero)),
                       lower, upper, unstable)
+
+
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """``l < 0 <= u`` (as for ReLU): otherwise the relaxation (``x`` or ``αx``) is the same
+        on any sub-box."""
+        return (lower < 0) & (upper >= 0)
 
 
 class HardSigmoidRule(ActivationRule):

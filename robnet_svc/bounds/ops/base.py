@@ -176,6 +176,14 @@ class ActivationRule(OpRule):
         """Linear lower and upper bounds of ``σ`` valid on ``[lower, upper]``."""
         raise NotImplementedError
 
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        """The neurons whose relaxation depends on the values of their bounds (a bool mask
+        like ``lower``); on every other neuron ``relax`` gives the same lines on any sub-box
+        of ``[lower, upper]``, so tighter bounds there change nothing. Full CROWN computes
+        tight bounds only where this is True. None (the default, e.g. smooth activations):
+        every neuron."""
+        return None
+
 
 class LinearBounds:
     """Linear lower and upper bounds of a non-elementwise op ``y = g(x_1..x_n)`` valid on the

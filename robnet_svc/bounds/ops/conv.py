@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robnet_svc.bounds.ops.base import AffineRule
+
+
+_FOLD_MAX_IN_CHANNELS = 3  # Lᵀ as a matrix product and ``fold`` up to this many input channels
 
 
 class ConvRule(AffineRule):
@@ -41,4 +45,12 @@ class ConvRule(AffineRule):
             in_hw[d] - ((out_hw[d] - 1) * m.stride[d] - 2 * m.padding[d] + m.dilation[d] * (m.kernel_size[d] - 1) + 1)
             for d in range(2)
         )
+        differentiable = torch.is_grad_enabled() and (lam.requires_grad or m.weight.requires_grad)
+        if m.groups == 1 and m.in_channels <= _FOLD_MAX_IN_CHANNELS and not differentiable:
+            # Λ·W per output pixel, then fold sums the overlapping windows: on one core about
+            # 2.5x faster than conv_transpose2d into 1-3 channels (an image), which full CROWN
+            # runs for every bounded neuron of every layer. Not under autograd: fold's
+            # backward (im2col) is far slower than the transposed convolution's.
+            cols = torch.matmul(m.weight.reshape(m.out_channels, -1).t(), lam.flatten(2))
+            return (F.fold(cols, in_hw, m.kernel_size, m.dilation, m.padding, m.stride),)
         return (F.conv_transpose2d(lam, m.weight, None, m.stride, m.padding, extra, m.groups, m.dilation),)

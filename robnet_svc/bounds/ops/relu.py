@@ -25,6 +25,12 @@ class ReluRule(ActivationRule):
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         return relu_relaxation(lower, upper)
 
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """``l < 0 <= u``: otherwise the relaxation (identity or zero) is the same on any sub-box.
+        ``u = 0`` counts as unstable because ``relax`` tests ``l >= 0`` first: a tighter lower
+        bound of exactly 0 would turn the zero line into the identity."""
+        return (lower < 0) & (upper >= 0)
+
 
 def relu_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
     """The ReLU relaxation on ``[lower, upper]`` (elementwise, any shape)."""
