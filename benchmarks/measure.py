@@ -82,9 +82,7 @@ def bound_method(name: str, ordered: bool = True):
     guarantee the cross-method ordering; certification keeps ``ordered=True``."""
     from robnet_svc.plugins import load_registry
 
-    method = load_registry().bound_method(name)()
-    method.ordered = ordered
-    return method
+    return load_registry().bound_method(name)(ordered=ordered)
 
 
 def compiled(model: nn.Module):
@@ -98,15 +96,16 @@ def train_step(setup: Setup, method_name: str) -> Callable[[], None]:
     ``RobustObjective`` and ``train_step``): forward in train mode, cross-entropy, for a bound
     method the margin bounds of the correctly classified samples in eval mode and the hinge
     loss of paper Eq. 6-7, backward, Adam. ``standard`` is the same step with ``alpha = 0``."""
+    from robnet_svc.bounder import Bounder
     from robnet_svc.training import RobustObjective
     from robnet_svc.training import train_step as product_step
 
     model, images, labels = setup.model, setup.images, setup.labels
     optimiser = torch.optim.Adam(model.parameters(), lr=5e-4)
     alpha = 0.0 if method_name == STANDARD else ALPHA
-    method = None if method_name == STANDARD else bound_method(method_name, ordered=False)
-    net = None if method is None else compiled(model)
-    objective = RobustObjective(model, net, method, setup.perturbation, alpha)
+    # ``standard``: alpha 0 never asks the bounder (any method will do)
+    method = bound_method("ibp" if method_name == STANDARD else method_name, ordered=False)
+    objective = RobustObjective(Bounder(model, method, setup.perturbation, tuple(images.shape[1:])), alpha)
 
     def step() -> None:
         product_step(objective, optimiser, images, labels, eps=EPS, alpha=alpha, global_size=len(labels))

@@ -7,7 +7,7 @@ import json
 import h5py
 import pytest
 
-from cli_support import FAST, invoke
+from cli_support import FAST, digits_model, invoke
 from robnet_svc.config import read_config
 from robnet_svc.errors import RobnetError
 
