@@ -58,7 +58,7 @@ BOUND_DTYPE = torch.float64
 #: The decision rule, as recorded in the certificate's provenance.
 CERTIFIED_RULE = ("prediction == label and margin_lower > rounding_allowance for every other class "
                   "(bounds in float64, no TF32; allowance: float forward error bound from the set's magnitudes, "
-                  "docs/method.md)")
+                  "SSIP-tightened for ssip and rsip-ssip, docs/method.md)")
 
 #: Every box corner is tried as an attack start when the perturbation has at most this many coefficients.
 MAX_CORNER_COEFFS = 6
@@ -154,6 +154,14 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
     return (best, flipped, best_point) if return_point else (best, flipped)
 
 
+def _symbolic(bounder) -> bool:
+    """Whether the allowance takes its magnitudes from SSIP ∩ IBP intervals rather than IBP alone:
+    for the methods that run the symbolic pass anyway (``needs_dense``: ``ssip``, ``rsip-ssip``),
+    at most doubling their cost. IBP magnitudes of a network trained with symbolic bounds can be
+    an order of magnitude above its real ranges, and the allowance with them (docs/results.md)."""
+    return bool(getattr(bounder.method, "needs_dense", False))
+
+
 def is_certified(prediction: Tensor, labels: Tensor, margin_lower: Tensor, allowance: Tensor) -> Tensor:
     """The certified decision ``[B]`` (``CERTIFIED_RULE``): the clean prediction is the label and
     every margin lower bound exceeds its rounding allowance."""
@@ -236,7 +244,7 @@ def certified_radius(bounder, aset, labels: Tensor, prediction: Tensor, known: T
         scaled = scaled_set(aset, eps / settings.max)
         with torch.no_grad():
             margin = bounder.margin_lower_over(scaled, labels)
-            allowance = margin_allowance(bounder.net, scaled, labels, deployed)
+            allowance = margin_allowance(bounder.net, scaled, labels, deployed, symbolic=_symbolic(bounder))
         return is_certified(prediction, labels, margin, allowance)
 
     at_max = certified_at(top)
@@ -331,7 +339,7 @@ def certify_model(bounder, images: Tensor, labels: Tensor, *,
             with torch.no_grad():
                 prediction = module(x).argmax(-1)
                 margin_lower = bounder64.margin_lower_over(aset64, y)
-                allowance = margin_allowance(bounder64.net, aset64, y, deployed)
+                allowance = margin_allowance(bounder64.net, aset64, y, deployed, symbolic=_symbolic(bounder64))
             found, success, point = attack_margin(module, aset, y, attack, batch_ids, return_point=True)
             certified = is_certified(prediction, y, margin_lower, allowance)
             if radius is not None:

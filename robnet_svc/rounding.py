@@ -14,7 +14,9 @@ covers the bias addition and one rounding of constants a runtime folds together 
 BatchNorm into the preceding convolution).
 
 Per node ``i`` of the bound graph, with ``m_j = max(|l_j|, |u_j|)`` from an interval pass over
-the set and ``e_j`` the error bound of the node's input:
+the set (``symbolic=True``: the SSIP ∩ IBP intervals, sound and often far smaller: IBP's ranges
+grow with depth, and every bound below grows with them) and ``e_j`` the error bound of the
+node's input:
 
 - the image: ``e_0 = u · m_0`` (the model receives the float image nearest to the exact one);
 - an affine node ``f = L(x) + b``: ``e_i = |L|(e_in) + γ_{n_i+2} (|L|(m_in) + |b|)``, ``n_i`` its
@@ -165,7 +167,7 @@ def _node_errors(frame, fwd, u: float) -> tuple[list, list]:
     return err, own
 
 
-def margin_allowance(net, aset, labels: Tensor, deployed_dtype: torch.dtype) -> Tensor:
+def margin_allowance(net, aset, labels: Tensor, deployed_dtype: torch.dtype, symbolic: bool = False) -> Tensor:
     """``[B, K-1]`` rounding allowance of each margin ``y_label − y_j`` (``j != label``, increasing),
     for a model deployed in ``deployed_dtype``; computed in the dtype of ``aset`` (float64 in
     certification, whose own unit roundoff is added).
@@ -181,7 +183,10 @@ def margin_allowance(net, aset, labels: Tensor, deployed_dtype: torch.dtype) -> 
     net = compile_network(net)
     frame = net.frame(aset)
     u = unit_roundoff(deployed_dtype) + unit_roundoff(aset.lower.dtype)
-    err, own = _node_errors(frame, forward_pass(frame, aset), u)
+    fwd = forward_pass(frame, aset)
+    if symbolic and getattr(aset, "supports_dense", True):  # SSIP ∩ IBP intervals: smaller magnitudes
+        fwd = forward_pass(frame, aset, symbolic=True, tighter=fwd.pre)
+    err, own = _node_errors(frame, fwd, u)
     b, out = aset.batch_size, frame.output
     k = err[out].reshape(b, -1).shape[1]
     steps = torch.arange(k - 1, device=labels.device).unsqueeze(0)

@@ -74,6 +74,15 @@ def _float32_vs_float64(net: nn.Module, pert, images: torch.Tensor, samples: int
     return low, exact, net64, aset64, errors
 
 
+def _symbolic_errors(net64, aset64, b: int) -> torch.Tensor:
+    """The per-logit error bounds from SSIP ∩ IBP magnitudes ``[B, 1, K]``."""
+    with torch.no_grad():
+        frame = net64.frame(aset64)
+        plain = forward_pass(frame, aset64)
+        fwd = forward_pass(frame, aset64, symbolic=True, tighter=plain.pre)
+        return logit_errors(frame, fwd, 2.0 ** -24 + 2.0 ** -53).reshape(b, 1, -1)
+
+
 @pytest.mark.parametrize("perturbation, eps", [("bias-field", 0.4), ("linf", 0.05)])
 def test_allowance_covers_float32_evaluations(perturbation, eps):
     """At sampled points of the set, float32 logits differ from float64 ones by at most the
@@ -98,6 +107,13 @@ def test_allowance_covers_float32_evaluations(perturbation, eps):
     margin_error = ((low[..., :1] - low[..., 1:]) - (exact[..., :1] - exact[..., 1:])).abs().amax(1)  # label 0
     assert allowance.shape == (5, 3) and (margin_error <= allowance).all()
     assert (allowance <= errors[:, 0, :1] + errors[:, 0, 1:]).all()  # the margin's own row is never looser
+    with torch.no_grad():  # magnitudes from SSIP ∩ IBP intervals (what symbolic certification uses)
+        tight = margin_allowance(net64, aset64, torch.zeros(5, dtype=torch.long), torch.float32, symbolic=True)
+    assert (margin_error <= tight).all() and (tight <= allowance).all()
+    if perturbation == "bias-field":
+        assert (tight < allowance).any()
+    else:  # a set without a dense form keeps the interval magnitudes
+        assert torch.equal(tight, allowance)
 
 
 class _Recorder(BoundMethod):
@@ -200,6 +216,7 @@ def test_allowance_covers_float32_evaluations_through_activations(act):
     assert observed.max() > 0
     assert (observed <= errors).all()
     assert errors.max() < 1.0  # a usable allowance, not the width of every neuron's range
+    assert (observed <= _symbolic_errors(net64, aset64, observed.shape[0])).all()
 
 
 class _Squeeze(nn.Module):
@@ -226,3 +243,4 @@ def test_allowance_covers_float32_evaluations_through_maxpool_and_products():
     observed = (low - exact).abs()
     assert observed.max() > 0
     assert (observed <= errors).all()
+    assert (observed <= _symbolic_errors(net64, aset64, observed.shape[0])).all()
