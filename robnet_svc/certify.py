@@ -58,7 +58,7 @@ BOUND_DTYPE = torch.float64
 #: The decision rule, as recorded in the certificate's provenance.
 CERTIFIED_RULE = ("prediction == label and margin_lower > rounding_allowance for every other class "
                   "(bounds in float64, no TF32; allowance: float forward error bound from the set's magnitudes, "
-                  "SSIP-tightened for ssip and rsip-ssip, docs/method.md)")
+                  "SSIP-tightened for ssip, rsip-ssip and rsip, docs/method.md)")
 
 #: Every box corner is tried as an attack start when the perturbation has at most this many coefficients.
 MAX_CORNER_COEFFS = 6
@@ -157,9 +157,12 @@ def attack_margin(module: nn.Module, aset, labels: Tensor, settings: AttackSetti
 def _symbolic(bounder) -> bool:
     """Whether the allowance takes its magnitudes from SSIP ∩ IBP intervals rather than IBP alone:
     for the methods that run the symbolic pass anyway (``needs_dense``: ``ssip``, ``rsip-ssip``),
-    at most doubling their cost. IBP magnitudes of a network trained with symbolic bounds can be
-    an order of magnitude above its real ranges, and the allowance with them (docs/results.md)."""
-    return bool(getattr(bounder.method, "needs_dense", False))
+    at most doubling their cost, and for full CROWN (``rsip``), next to which the pass is cheap.
+    IBP magnitudes of a network trained with symbolic bounds can be an order of magnitude above
+    its real ranges, and the allowance with them (docs/method.md §5, docs/results.md). ``ibp``
+    and ``rsip-ibp``, chosen for speed, keep the interval magnitudes."""
+    method = bounder.method
+    return bool(getattr(method, "needs_dense", False) or getattr(method, "intermediate", None) == "backward")
 
 
 def is_certified(prediction: Tensor, labels: Tensor, margin_lower: Tensor, allowance: Tensor) -> Tensor:

@@ -39,12 +39,18 @@ def demo_options(out: Path, fast: bool, device: str) -> Options:
 
 
 def train_input_model(path: Path, image_shape: tuple[int, int, int] = IMAGE_SHAPE, epochs: int = 12,
-                      width: int = 8, seed: int = 0):
+                      width: int = 8, seed: int = 0, held_out: Options | None = None):
     """Train ``tiny_cnn`` normally on the embedded digits at ``image_shape`` and export it to ONNX
-    at ``path``; returns the dataset's ``Splits``."""
+    at ``path``; returns the dataset's ``Splits``. ``held_out``: the harden options whose
+    validation split the model must not see (``pipeline.validation_split``)."""
+    from robnet_svc.pipeline import validation_split
     from robnet_svc.plugins import load_registry
 
     splits = load_registry().dataset("digits")(None).load(image_shape)
+    if held_out is not None:
+        _val, keep = validation_split(splits.train_labels.shape[0], held_out.val_fraction, held_out.seed,
+                                      held_out.max_train)
+        splits.train_images, splits.train_labels = splits.train_images[keep], splits.train_labels[keep]
     torch.manual_seed(seed)  # the initial weights
     model = tiny_cnn(in_channels=image_shape[0], num_classes=splits.num_classes, image_size=image_shape[1],
                      width=width)
@@ -62,7 +68,7 @@ def run_demo(out: str | Path, *, fast: bool = False, force: bool = False, device
     _device(device)  # a bad --device is one line now, not after training the input model
     out.mkdir(parents=True, exist_ok=True)
     reporter.log("training a small CNN normally on the embedded digits (scikit-learn)")
-    train_input_model(out / INPUT_MODEL, epochs=3 if fast else 12)
     options = demo_options(out, fast, device)
+    train_input_model(out / INPUT_MODEL, epochs=3 if fast else 12, held_out=options)
     config = {k: v for k, v in vars(options).items() if k not in ("force", "resume")}
     return harden(options, config, f"robnet-svc demo --out {out}" + (" --fast" if fast else ""), reporter)

@@ -168,9 +168,10 @@ class Options:
     ramp_epochs: float | None = opt(None, type=click.FloatRange(min=0), commands=HARDEN,
                                     help="Epochs over which eps grows from 0 (default: 4/7 of --epochs, as in "
                                          "the paper).")
-    ramp_shape: str = opt("smooth", type=click.Choice(["linear", "smooth"]), commands=HARDEN,
+    ramp_shape: str = opt("linear", type=click.Choice(["linear", "smooth"]), commands=HARDEN,
                           help="How eps grows over the ramp: linear (the paper's) or smooth (a quadratic start "
-                               "joined to a line: far smaller radii in the first steps; docs/method.md).")
+                               "joined to a line: far smaller radii in the first steps; use it with rsip-ibp or "
+                               "ibp; docs/method.md).")
     alpha: float = opt(1.0, type=click.FloatRange(min=0), commands=HARDEN, help="Weight of the robust loss.")
     lr: float = opt(5e-4, type=click.FloatRange(min=0, min_open=True), commands=HARDEN,
                     help="Initial learning rate (then /10 and /100).")

@@ -419,16 +419,24 @@ def _subsample(num: int, limit: int | None) -> np.ndarray:
     return (np.arange(limit, dtype=np.int64) * num) // limit
 
 
+def validation_split(num_train: int, val_fraction: float, seed: int,
+                     max_train: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(validation, training)`` positions into a training split of ``num_train`` samples, as
+    ``harden`` draws them (seeded subsample ``--max-train``, then ``--val-fraction`` held out).
+    Train an input model on the second part only and the validation split stays unseen data,
+    which is what the clean-accuracy budget assumes."""
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
+    if max_train is not None:
+        order = order[:max_train]
+    num_val = int(round(val_fraction * order.shape[0]))
+    if order.shape[0] - num_val < 1:
+        raise RobnetError(f"--val-fraction {val_fraction} leaves no training samples")
+    return order[:num_val], order[num_val:]
+
+
 def _train_data(splits, options: Options, device: torch.device) -> TrainData:
     """Seeded subsample (``--max-train``) and held-out validation split (``--val-fraction``)."""
-    generator = torch.Generator().manual_seed(options.seed)
-    order = torch.randperm(splits.train_labels.shape[0], generator=generator)
-    if options.max_train is not None:
-        order = order[: options.max_train]
-    num_val = int(round(options.val_fraction * order.shape[0]))
-    if order.shape[0] - num_val < 1:
-        raise RobnetError(f"--val-fraction {options.val_fraction} leaves no training samples")
-    val, tr = order[:num_val], order[num_val:]
+    val, tr = validation_split(splits.train_labels.shape[0], options.val_fraction, options.seed, options.max_train)
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
     data = TrainData(images[tr.to(device)], labels[tr.to(device)], images[val.to(device)], labels[val.to(device)],
                      num_classes=splits.num_classes)

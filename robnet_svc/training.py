@@ -11,9 +11,10 @@ perturbation set at the current radius, so ``relu(-margin_lower)`` is the upper 
 bounds are not even computed.
 
 Schedules: the radius grows from 0 to ``eps`` over the first ``ramp_epochs`` (per step, not
-per epoch), along ``ramp_shape``: ``linear`` (the paper's), or ``smooth``, a quadratic ease-in
-joined to a line (``ramp_fraction``), which spends the first steps at far smaller radii, where a
-normally trained network's loose bounds would otherwise wreck it (docs/results.md, issue 21); the learning rate is ``lr`` for the first 100/175 of the steps, then
+per epoch), along ``ramp_shape``: ``linear`` (the paper's, the default), or ``smooth``, a
+quadratic ease-in joined to a line (``ramp_fraction``), which spends the first steps at far
+smaller radii, where a normally trained network's loose IBP bounds would otherwise wreck it
+(docs/results.md, issue 21); the learning rate is ``lr`` for the first 100/175 of the steps, then
 ``lr/10`` until 150/175, then ``lr/100`` (the paper's 100 + 50 + 25 epochs, scaled).
 
 BatchNorm: the cross-entropy forward runs in train mode (batch statistics, running stats
@@ -86,7 +87,7 @@ class TrainSettings:
     batch_size: int = 64
     seed: int = 0
     max_clean_drop: float | None = 0.02  # validation clean-accuracy budget (None: no budget); see ``Selection``
-    ramp_shape: str = "smooth"  # "linear" (the paper's) or "smooth" (``ramp_fraction``)
+    ramp_shape: str = "linear"  # "linear" (the paper's) or "smooth" (``ramp_fraction``)
 
     @property
     def ramp(self) -> float:

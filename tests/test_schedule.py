@@ -42,7 +42,7 @@ def _params(args, tmp_path):
 
 def test_preset_paper_sets_the_paper_schedule_and_flags_and_config_win(tmp_path):
     base = _params([], tmp_path)
-    assert base["epochs"] == 10 and base["ramp_shape"] == "smooth" and base["max_clean_drop"] == 0.02
+    assert base["epochs"] == 10 and base["ramp_shape"] == "linear" and base["max_clean_drop"] == 0.02
     paper = _params(["--preset", "paper"], tmp_path)
     assert (paper["epochs"], paper["ramp_epochs"], paper["ramp_shape"], paper["max_clean_drop"]) == \
         (175, 100.0, "linear", None)
