@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from robnet_svc.certificates import Certificates
 from robnet_svc.errors import RobnetError, SoundnessError
+from robnet_svc.options import default
 from robnet_svc.precision import full_precision
 from robnet_svc.progress import SILENT, Reporter
 from robnet_svc.rounding import margin_allowance
@@ -68,9 +69,9 @@ MAX_CORNER_COEFFS = 6
 class AttackSettings:
     """Projected-gradient attack on the perturbation coefficients."""
 
-    steps: int = 10
-    restarts: int = 8  # random starts per sample (a quarter of them random corners), besides the nominal point
-    seed: int = 0
+    steps: int = default("attack_steps")
+    restarts: int = default("attack_restarts")  # random starts per sample (a quarter random corners), besides the nominal point
+    seed: int = default("seed")
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:

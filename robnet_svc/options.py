@@ -233,6 +233,13 @@ class Options:
         return given
 
 
+def default(name: str) -> Any:
+    """The declared default of option ``name``: what the settings classes of the subsystems
+    (``training.TrainSettings``, ``certify.AttackSettings``) take as theirs, never a copy."""
+    f = Options.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two given values of an option are the same (``3`` and ``"3.0"`` are)."""
     try:

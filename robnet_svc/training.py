@@ -67,6 +67,7 @@ from robnet_svc.atomic import atomic_path
 from robnet_svc.bounds.alloc import release_free_memory
 from robnet_svc.distributed import Dist
 from robnet_svc.errors import RobnetError
+from robnet_svc.options import default
 from robnet_svc.progress import SILENT, Reporter
 
 CHECKPOINT_FORMAT = 4  # 4: carries the model selection (baseline, best state so far); 3: re-seeded per step,
@@ -80,14 +81,14 @@ class TrainSettings:
     """Hyper-parameters of robust fine-tuning (the checkpoint refuses to resume if they differ)."""
 
     eps: float
-    epochs: int = 10
-    ramp_epochs: float | None = None  # None: the first 100/175 of the epochs, as in the paper
-    alpha: float = 1.0
-    lr: float = 5e-4
-    batch_size: int = 64
-    seed: int = 0
-    max_clean_drop: float | None = 0.02  # validation clean-accuracy budget (None: no budget); see ``Selection``
-    ramp_shape: str = "linear"  # "linear" (the paper's) or "smooth" (``ramp_fraction``)
+    epochs: int = default("epochs")
+    ramp_epochs: float | None = default("ramp_epochs")  # None: the first 100/175 of the epochs, as in the paper
+    alpha: float = default("alpha")
+    lr: float = default("lr")
+    batch_size: int = default("batch_size")
+    seed: int = default("seed")
+    max_clean_drop: float | None = default("max_clean_drop")  # None: no budget; see ``Selection``
+    ramp_shape: str = default("ramp_shape")  # "linear" (the paper's) or "smooth" (``ramp_fraction``)
 
     @property
     def ramp(self) -> float:
