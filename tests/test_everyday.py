@@ -180,8 +180,8 @@ def test_outputs_are_readable_by_the_group_and_config_is_resolved(run):
     assert config["ramp_epochs"] == pytest.approx(4 / 7) and config["max_test"] == 40
     assert config["max_train"] == 128 and config["device"] == "cpu"
     unresolved = sorted(k for k, v in config.items() if v is None)
-    # not applicable here (no --radius, no data folder, ...), not unresolved defaults
-    assert unresolved == ["data_dir", "fail_under", "image_shape", "radius_max", "radius_precision"]
+    # not applicable here (no --radius, no data folder, no preset, ...), not unresolved defaults
+    assert unresolved == ["data_dir", "fail_under", "image_shape", "preset", "radius_max", "radius_precision"]
 
 
 def test_summary_reports_peak_memory(run):
