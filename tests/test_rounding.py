@@ -196,6 +196,23 @@ def test_cuda_certification_ignores_tf32_and_matches_cpu():
         net.cpu()
 
 
+def _covers_sampled_float32_errors(net: nn.Module, scale: float, image_shape: tuple, eps: float):
+    """Scale ``net``'s parameters by ``scale`` (so rounding matters), then check at sampled points of
+    an order-1 bias field's sets that float32 logits differ from float64 ones (rounding did happen)
+    by at most the per-logit error bound, from interval and from SSIP magnitudes alike.
+    Returns the float64 frame and the interval error bounds."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    pert = load_registry().perturbation("bias-field")(eps, order=1)
+    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, torch.rand(*image_shape))
+    observed = (low - exact).abs()
+    assert observed.max() > 0
+    assert (observed <= errors).all()
+    assert (observed <= _symbolic_errors(net64, aset64, observed.shape[0])).all()
+    return net64.frame(aset64), errors
+
+
 @pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.ELU, nn.Softplus, nn.Hardswish,
                                  nn.Hardsigmoid, nn.ReLU6, lambda: nn.LeakyReLU(0.2)])
 def test_allowance_covers_float32_evaluations_through_activations(act):
@@ -203,20 +220,10 @@ def test_allowance_covers_float32_evaluations_through_activations(act):
     the allowance: at sampled points, float32 logits stay within the per-logit error bound."""
     torch.manual_seed(7)
     net = nn.Sequential(nn.Flatten(), nn.Linear(32, 24), act(), nn.Linear(24, 24), act(), nn.Linear(24, 4)).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(8)
-    images = torch.rand(5, 2, 4, 4)
-    pert = load_registry().perturbation("bias-field")(0.2, order=1)
-    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, images)
-    frame = net64.frame(aset64)
+    frame, errors = _covers_sampled_float32_errors(net, 8, (5, 2, 4, 4), 0.2)
     assert all(getattr(frame.rule(i), "lipschitz", 1.0) is not None
                for i in range(1, len(frame.nodes)) if frame.is_activation(i))
-    observed = (low - exact).abs()
-    assert observed.max() > 0
-    assert (observed <= errors).all()
     assert errors.max() < 1.0  # a usable allowance, not the width of every neuron's range
-    assert (observed <= _symbolic_errors(net64, aset64, observed.shape[0])).all()
 
 
 class _Squeeze(nn.Module):
@@ -232,15 +239,5 @@ def test_allowance_covers_float32_evaluations_through_maxpool_and_products():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True), _Squeeze(),
                         nn.Conv2d(6, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 3 * 3, 4)).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(20)
-    images = torch.rand(5, 2, 5, 5)
-    pert = load_registry().perturbation("bias-field")(0.3, order=1)
-    low, exact, net64, aset64, errors = _float32_vs_float64(net, pert, images)
-    frame = net64.frame(aset64)
+    frame, _errors = _covers_sampled_float32_errors(net, 20, (5, 2, 5, 5), 0.3)
     assert any(frame.is_relaxed(i) for i in range(1, len(frame.nodes)))
-    observed = (low - exact).abs()
-    assert observed.max() > 0
-    assert (observed <= errors).all()
-    assert (observed <= _symbolic_errors(net64, aset64, observed.shape[0])).all()

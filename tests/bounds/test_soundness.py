@@ -54,11 +54,10 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
     return out
 
 
-@pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
-@settings(**PROPERTY, max_examples=5)
-@given(data=st.data(), clip=st.booleans())
-def test_random_networks_sound_and_ordered(pert_id, data, clip):
-    recipe = data.draw(recipes(), label="recipe")
+def _check_drawn_network(data, recipe_strategy, pert_id: str, clip: bool) -> None:
+    """Draw a network from ``recipe_strategy`` and inputs for it; every method's bounds must be
+    sound at sampled points of the set and ordered as the methods promise."""
+    recipe = data.draw(recipe_strategy, label="recipe")
     images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
     module = build(recipe)
     aset = make_set(pert_id, images, eps, clip)
@@ -66,6 +65,13 @@ def test_random_networks_sound_and_ordered(pert_id, data, clip):
     bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
     check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
     check_order(bounds, context)
+
+
+@pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
+@settings(**PROPERTY, max_examples=5)
+@given(data=st.data(), clip=st.booleans())
+def test_random_networks_sound_and_ordered(pert_id, data, clip):
+    _check_drawn_network(data, recipes(), pert_id, clip)
 
 
 @pytest.mark.parametrize("pert_id", list(PERTURBATIONS))
@@ -76,14 +82,7 @@ def test_networks_with_maxpool_products_and_structural_ops_sound_and_ordered(fam
     """Issue 12's non-affine and structural ops (MaxPool1d/2d with every option, McCormick
     products incl. squeeze-excitation broadcasting, Split/Concat/shuffle/slice/gather/resize/
     reduce) through every method and perturbation."""
-    recipe = data.draw(recipes(families=(family,)), label="recipe")
-    images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
-    module = build(recipe)
-    aset = make_set(pert_id, images, eps, clip)
-    context = f"{pert_id}, eps={eps}, clip={clip}, {recipe}"
-    bounds = _bounds(module, aset, labels, _methods(pert_id), recipe.classes)
-    check_sound(bounds, sampled_margins(module, aset, labels, NUM_SAMPLES), context)
-    check_order(bounds, context)
+    _check_drawn_network(data, recipes(families=(family,)), pert_id, clip)
 
 
 @pytest.mark.parametrize("method", DENSE_METHODS)
