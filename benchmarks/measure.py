@@ -223,8 +223,13 @@ def measure_peer_cert(network: str, method: str, batch: int, device: torch.devic
     with torch.no_grad():
         bounds = peer.margin_bounds(setup, peer.ANALOGUES[method][0])
         timing = median_seconds(bounds, device, warmup, repeats)
+        theirs = bounds()
+        ours = bound_method(method, ordered=False).margin_lower(
+            compiled(setup.model), setup.perturbation.affine_set(setup.images), setup.labels)
+    # the same bound computed by both sides: how far apart (a check that the pair is fair)
     return {"samples_per_s": batch / timing.wall_s, "cpu_s": timing.cpu_s, "batch": batch,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "peak_mem_mb": peak_memory_mb(device), "max_abs_diff": float((ours - theirs).abs().max()),
+            "mean_margin_ours": float(ours.mean()), "mean_margin_peer": float(theirs.mean())}
 
 
 KINDS = {"train": measure_train, "floor": measure_floor, "cert": measure_cert,

@@ -1,9 +1,11 @@
 """Peer mode: the same measurements with auto_LiRPA, when it is importable (issue 20).
 
-auto_LiRPA is not a dependency of robnet-svc (it is not even installable with this project's
-torch from the package index: the index has only 0.3, pinned to torch < 1.13, which does not
-import with numpy 2); install it by hand to compare. Each of our methods is paired with its
-analogue, bounding the same network over the same per-sample bias-field map:
+auto_LiRPA is not a dependency of robnet-svc. The package index has only 0.3, pinned to
+torch < 1.13, which does not import with numpy 2; 0.7.1 from its repository imports with this
+project's torch when its package folder is on ``PYTHONPATH`` (with appdirs, pyyaml, tqdm and
+graphviz; its setup.py caps torch below 2.9, so ``pip install`` of it would replace torch).
+Each of our methods is paired with its analogue, bounding the same network over the same
+per-sample bias-field map:
 
 | ours       | auto_LiRPA                  | measured as                   |
 |------------|-----------------------------|-------------------------------|
@@ -14,7 +16,9 @@ analogue, bounding the same network over the same per-sample bias-field map:
 
 The peer bounds ``net(clip(W_b a + c_b))`` in the coefficients ``a`` (an L∞ box around the
 box's centre with its radius), with ``W_b``/``c_b`` the perturbation's own per-sample affine
-map, and the margin specification ``C`` of the same labels. Its training step is ours with
+map, and the margin specification ``C`` of the same labels. The certification pair also
+reports how far apart the two sides' margin bounds are (``max_abs_diff``: CROWN and our
+``rsip`` are the same bound, so this is rounding). Its training step is ours with
 the margin bounds replaced (the same hinge loss, backward and Adam). Both sides run in fresh
 processes with the same allocator tuning (``bounds/alloc.py``), interleaved job by job.
 """
@@ -43,18 +47,21 @@ def unavailable() -> str | None:
 
 
 class _CoefficientInput(nn.Module):
-    """``a [B, k] -> net(clip(W a + c))`` with the per-sample map ``W [B, N, k]``, ``c [B, N]``."""
+    """``a [B, k+1] -> net(clip(W a))`` with the per-sample map ``W [B, N, k+1]`` whose last column
+    is the offset ``c`` (the last coefficient is fixed at 1). auto_LiRPA treats a constant as shared
+    by the batch: with ``bmm`` or a per-sample ``+ c`` it fails on shapes; an element-wise product
+    with a per-sample constant and a sum it bounds."""
 
-    def __init__(self, net: nn.Module, weights: Tensor, offset: Tensor, image_shape, clip):
+    def __init__(self, net: nn.Module, weights: Tensor, image_shape, clip):
         super().__init__()
         self.net, self.image_shape, self.clip = net, tuple(image_shape), clip
         self.register_buffer("weights", weights.detach())
-        self.register_buffer("offset", offset.detach())
 
     def forward(self, a: Tensor) -> Tensor:
-        pixels = torch.bmm(self.weights, a.unsqueeze(-1)).squeeze(-1) + self.offset
-        if self.clip is not None:
-            pixels = torch.clamp(pixels, self.clip[0], self.clip[1])
+        pixels = (self.weights * a.unsqueeze(1)).sum(-1)
+        if self.clip is not None:  # clamp as lo + relu(x - lo) - relu(x - hi): auto_LiRPA's own clamp
+            low, high = self.clip      # (BoundHardTanh) fails to trace with torch >= 2.9
+            pixels = low + torch.relu(pixels - low) - torch.relu(pixels - high)
         return self.net(pixels.reshape(-1, *self.image_shape))
 
 
@@ -72,11 +79,14 @@ def margin_bounds(setup, method: str) -> Callable[[], Tensor]:
     aset = setup.perturbation.affine_set(setup.images)
     weights, offset = aset.dense()  # [B, k, *image], [B, *image]
     b, k = weights.shape[:2]
-    wrapped = _CoefficientInput(setup.model, weights.reshape(b, k, -1).transpose(1, 2), offset.reshape(b, -1),
-                                setup.images.shape[1:], getattr(setup.perturbation, "clip", (0.0, 1.0)))
-    mid = (aset.lower + aset.upper) / 2
+    columns = torch.cat([weights.reshape(b, k, -1), offset.reshape(b, 1, -1)], 1).transpose(1, 2)
+    wrapped = _CoefficientInput(setup.model, columns, setup.images.shape[1:],
+                                getattr(setup.perturbation, "clip", (0.0, 1.0)))
+    one = torch.ones_like(aset.lower[:, :1])
+    lower, upper = torch.cat([aset.lower, one], 1), torch.cat([aset.upper, one], 1)
+    mid = (lower + upper) / 2
     bounded = BoundedModule(wrapped, (mid,), device=str(setup.device))
-    x = BoundedTensor(mid, PerturbationLpNorm(norm=float("inf"), x_L=aset.lower, x_U=aset.upper))
+    x = BoundedTensor(mid, PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper))
     spec = _spec(setup.labels, int(setup.model(setup.images[:1]).shape[-1])).to(mid.dtype)
 
     def run() -> Tensor:

@@ -144,7 +144,11 @@ def peer_targets(train: dict, cert: dict, peers: dict) -> list[Target]:
             ours = cert.get((network, method), {})
             value = _ratio(got.get("samples_per_s"), ours.get("samples_per_s"))  # time ratio
             cpu = _ratio(ours.get("cpu_s"), got.get("cpu_s"))
-        out.append(Target(name, value, TARGETS[method], got.get("error", ""), cpu))
+        note = got.get("error", "")
+        if "max_abs_diff" in got:  # the same bound on both sides: how far apart the margins came out
+            note = (f"margin bounds differ by at most {got['max_abs_diff']:.1e} (mean {got['mean_margin_ours']:.4g} "
+                    f"ours, {got['mean_margin_peer']:.4g} auto_LiRPA)")
+        out.append(Target(name, value, TARGETS[method], note, cpu))
     return out
 
 

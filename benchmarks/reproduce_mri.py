@@ -179,6 +179,78 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the ε at which the curves table reports certified accuracy (the paper's Table 3 radii, up to 2× the largest)
+CURVE_TABLE_EPS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
+def curve_rows(curves: list[tuple[str, Path]]) -> list[dict]:
+    """Per model with a finished ``certify --radius``: its label, the sample count and the certified and
+    empirical robust accuracy (%) at ``CURVE_TABLE_EPS`` (up to the radius search's maximum)."""
+    from robnet_svc.report import read_report
+
+    rows = []
+    for label, certificate in curves:
+        if not certificate.is_file():
+            continue
+        report = read_report(certificate)
+        certs, top = report.sections["model"], report.radius_settings["max"]
+        eps = [e for e in CURVE_TABLE_EPS if e <= top + 1e-9]
+        at = certs.accuracy_at(eps)
+        rows.append({"model": label, "n": certs.num_samples, "eps": eps, "certificate": str(certificate),
+                     "certified": [100 * v for v in at["certified_accuracy"]],
+                     "empirical": [100 * v for v in at["empirical_robust_accuracy"]]})
+    return rows
+
+
+def curves_markdown(rows: list[dict]) -> str:
+    """Certified % (empirical robust % in brackets) at each ε, one row per model."""
+    if not rows:
+        return ""
+    eps = max((r["eps"] for r in rows), key=len)
+    lines = ["| model | n | " + " | ".join(f"ε = {e:g}" for e in eps) + " |", "|---|---" + "|---" * len(eps) + "|"]
+    for r in rows:
+        cells = [f"{c:.1f} ({m:.1f})" for c, m in zip(r["certified"], r["empirical"])]
+        lines.append(f"| {r['model']} | {r['n']} | " + " | ".join(cells + ["—"] * (len(eps) - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(curves: list[tuple[str, Path]], path: Path, title: str) -> Path | None:
+    """One figure of every model's certified (solid) and empirical robust (dashed) accuracy against ε
+    (step curves from the per-sample radii), written atomically to ``path``; None without curves."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from robnet_svc.atomic import atomic_path
+    from robnet_svc.report import eps_grid, read_report
+
+    done = [(label, read_report(c)) for label, c in curves if c.is_file()]
+    if not done:
+        return None
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, report) in enumerate(done):
+        certs, top = report.sections["model"], report.radius_settings["max"]
+        grid = eps_grid(top, 200)
+        at = certs.accuracy_at(grid)
+        colour = f"C{i}"
+        ax.step(grid, 100 * np.asarray(at["certified_accuracy"]), where="post", color=colour,
+                label=f"{label}: certified")
+        ax.step(grid, 100 * np.asarray(at["empirical_robust_accuracy"]), where="post", color=colour,
+                linestyle="--", label=f"{label}: empirical (attack)")
+    ax.set_xlabel("radius ε of the order-3 multiplicative bias field")
+    ax.set_ylabel(f"accuracy on {done[0][1].sections['model'].num_samples} test images (%)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -209,9 +281,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {folder} failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
     results = collect(rows)
+    labelled = [(label, folder / "certificate.h5") for label, (folder, _) in zip(
+        ["standard", *(f"{m} ε={e:g}" for m, e, _ in rows)], curves)]
+    results["curves"] = curve_rows(labelled)
+    text = markdown(results, args)
+    if results["curves"]:
+        figure = curves_figure(labelled, out / "curves.png",
+                               f"MRI {args.size}x{args.size}: certified (rsip-ssip) and empirical robust accuracy")
+        text += ("\nCertified accuracy % (empirical robust % in brackets) against ε; figure: "
+                 f"{figure}\n\n" + curves_markdown(results["curves"]))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results, args))
-    print(markdown(results, args))
+    (out / "results.md").write_text(text)
+    print(text)
     return 0
 
 

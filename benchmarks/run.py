@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results.json, "
                         "--quick: benchmarks/results.quick.json)")
     parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
-                        "(default docs/benchmarks.md; --quick: none)")
+                        "(default docs/benchmarks.md for a full run; --quick, --real, --networks: none)")
     args = parser.parse_args(argv)
     if args.real:
         args.networks = args.networks or list(REAL_NETWORKS)
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if args.out is None:
         args.out = REPO / "benchmarks" / ("results.quick.json" if args.quick else "results.json")
-    if args.docs is None and not (args.quick or args.real):
+    if args.docs is None and not (args.quick or args.real or args.networks):  # only a full run replaces them
         args.docs = REPO / "docs" / "benchmarks.md"
     return args
 

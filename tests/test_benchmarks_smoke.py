@@ -102,3 +102,17 @@ def test_benchmarked_step_bounds_the_whole_batch():
     setup = build("tiny", 8, torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(setup.model(setup.images).argmax(1), setup.labels)
+
+
+def test_peer_crown_computes_our_rsip_bound():
+    """Where auto_LiRPA is importable (benchmarks.peer says how to make it so), its CROWN on the
+    peer wrapper and our ``rsip`` bound the same network over the same box: the margins agree to
+    rounding, so the timing pair compares like with like."""
+    pytest.importorskip("auto_LiRPA")
+    import torch
+
+    from benchmarks import measure
+
+    got = measure.measure_peer_cert("tiny", "rsip", 2, torch.device("cpu"), 0, 1)
+    assert got["max_abs_diff"] < 1e-4 * max(1.0, abs(got["mean_margin_ours"]))
+    assert got["samples_per_s"] > 0
