@@ -183,20 +183,23 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 CURVE_TABLE_EPS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
 
 
-def curve_rows(curves: list[tuple[str, Path]]) -> list[dict]:
-    """Per model with a finished ``certify --radius``: its label, the sample count and the certified and
-    empirical robust accuracy (%) at ``CURVE_TABLE_EPS`` (up to the radius search's maximum)."""
+def load_curves(curves: list[tuple[str, Path]]) -> list[tuple[str, object]]:
+    """``(label, Report)`` of every finished ``certify --radius`` in ``curves`` (label, certificate path),
+    read once for the table and the figure; unfinished runs are left out."""
     from robnet_svc.report import read_report
 
+    return [(label, read_report(certificate)) for label, certificate in curves if certificate.is_file()]
+
+
+def curve_rows(loaded: list[tuple[str, object]]) -> list[dict]:
+    """Per loaded model: its label, the sample count and the certified and empirical robust
+    accuracy (%) at ``CURVE_TABLE_EPS`` (up to the radius search's maximum)."""
     rows = []
-    for label, certificate in curves:
-        if not certificate.is_file():
-            continue
-        report = read_report(certificate)
+    for label, report in loaded:
         certs, top = report.sections["model"], report.radius_settings["max"]
         eps = [e for e in CURVE_TABLE_EPS if e <= top + 1e-9]
         at = certs.accuracy_at(eps)
-        rows.append({"model": label, "n": certs.num_samples, "eps": eps, "certificate": str(certificate),
+        rows.append({"model": label, "n": certs.num_samples, "eps": eps,
                      "certified": [100 * v for v in at["certified_accuracy"]],
                      "empirical": [100 * v for v in at["empirical_robust_accuracy"]]})
     return rows
@@ -214,40 +217,35 @@ def curves_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curves_figure(curves: list[tuple[str, Path]], path: Path, title: str) -> Path | None:
-    """One figure of every model's certified (solid) and empirical robust (dashed) accuracy against ε
-    (step curves from the per-sample radii), written atomically to ``path``; None without curves."""
+def curves_figure(loaded: list[tuple[str, object]], path: Path, title: str) -> Path | None:
+    """One figure of every loaded model's certified (solid) and empirical robust (dashed) accuracy
+    against ε (step curves from the per-sample radii), written atomically to ``path`` with the
+    report page's figure helpers; None when nothing is loaded."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     from robnet_svc.atomic import atomic_path
-    from robnet_svc.report import eps_grid, read_report
+    from robnet_svc.report import eps_grid
+    from robnet_svc.report_plot import _figure, _png
 
-    done = [(label, read_report(c)) for label, c in curves if c.is_file()]
-    if not done:
+    if not loaded:
         return None
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
-    for i, (label, report) in enumerate(done):
-        certs, top = report.sections["model"], report.radius_settings["max"]
-        grid = eps_grid(top, 200)
-        at = certs.accuracy_at(grid)
-        colour = f"C{i}"
-        ax.step(grid, 100 * np.asarray(at["certified_accuracy"]), where="post", color=colour,
-                label=f"{label}: certified")
-        ax.step(grid, 100 * np.asarray(at["empirical_robust_accuracy"]), where="post", color=colour,
-                linestyle="--", label=f"{label}: empirical (attack)")
+    for i, (label, report) in enumerate(loaded):
+        at = report.sections["model"].accuracy_at(eps_grid(report.radius_settings["max"], 200))
+        for key, style, what in (("certified_accuracy", "-", "certified"),
+                                 ("empirical_robust_accuracy", "--", "empirical (attack)")):
+            ax.step(at["eps"], 100 * np.asarray(at[key]), where="post", color=f"C{i}", linestyle=style,
+                    label=f"{label}: {what}")
     ax.set_xlabel("radius ε of the order-3 multiplicative bias field")
-    ax.set_ylabel(f"accuracy on {done[0][1].sections['model'].num_samples} test images (%)")
+    ax.set_ylabel(f"accuracy on {loaded[0][1].sections['model'].num_samples} test images (%)")
     ax.set_xlim(left=0)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        tmp.write_bytes(_png(fig))
     return path
 
 
@@ -281,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {folder} failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
     results = collect(rows)
-    labelled = [(label, folder / "certificate.h5") for label, (folder, _) in zip(
-        ["standard", *(f"{m} ε={e:g}" for m, e, _ in rows)], curves)]
-    results["curves"] = curve_rows(labelled)
+    loaded = load_curves([(label, folder / "certificate.h5") for label, (folder, _) in zip(
+        ["standard", *(f"{m} ε={e:g}" for m, e, _ in rows)], curves)])
+    results["curves"] = curve_rows(loaded)
     text = markdown(results, args)
-    if results["curves"]:
-        figure = curves_figure(labelled, out / "curves.png",
+    if loaded:
+        figure = curves_figure(loaded, out / "curves.png",
                                f"MRI {args.size}x{args.size}: certified (rsip-ssip) and empirical robust accuracy")
         text += ("\nCertified accuracy % (empirical robust % in brackets) against ε; figure: "
                  f"{figure}\n\n" + curves_markdown(results["curves"]))

@@ -47,7 +47,8 @@ def test_curves_table_and_figure_from_real_radius_certificates(capsys, tmp_path)
     assert result.code == 0, result.err
     certificate = out / "certificate.h5"
     curves = [("standard", certificate), ("never run", tmp_path / "missing" / "certificate.h5")]
-    rows = reproduce_mri.curve_rows(curves)
+    loaded = reproduce_mri.load_curves(curves)
+    rows = reproduce_mri.curve_rows(loaded)
     assert [r["model"] for r in rows] == ["standard"]
     row, certs = rows[0], read_report(certificate).sections["model"]
     assert row["eps"] == [0.0, 0.05, 0.1] and row["n"] == certs.num_samples == 40
@@ -57,6 +58,6 @@ def test_curves_table_and_figure_from_real_radius_certificates(capsys, tmp_path)
     assert all(c <= e for c, e in zip(row["certified"], row["empirical"]))
     table = reproduce_mri.curves_markdown(rows).splitlines()
     assert table[0].startswith("| model | n | ε = 0 | ε = 0.05 | ε = 0.1") and table[2].startswith("| standard | 40 |")
-    png = reproduce_mri.curves_figure(curves, tmp_path / "curves.png", "test")
+    png = reproduce_mri.curves_figure(loaded, tmp_path / "curves.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert reproduce_mri.curves_figure(curves[1:], tmp_path / "none.png", "test") is None
+    assert reproduce_mri.curves_figure(reproduce_mri.load_curves(curves[1:]), tmp_path / "none.png", "test") is None
