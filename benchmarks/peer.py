@@ -47,18 +47,19 @@ def unavailable() -> str | None:
 
 
 class _CoefficientInput(nn.Module):
-    """``a [B, k+1] -> net(clip(W a))`` with the per-sample map ``W [B, N, k+1]`` whose last column
-    is the offset ``c`` (the last coefficient is fixed at 1). auto_LiRPA treats a constant as shared
-    by the batch: with ``bmm`` or a per-sample ``+ c`` it fails on shapes; an element-wise product
-    with a per-sample constant and a sum it bounds."""
+    """``(a [B, k+1], W [B, N, k+1]) -> net(clip(W a))``: the per-sample map ``W`` has the offset
+    ``c`` as its last column (the last coefficient is fixed at 1) and is a second, unperturbed
+    input. auto_LiRPA treats a buffer or parameter as shared by the batch: with ``bmm`` or a
+    per-sample ``+ c`` it fails on shapes, and its forward mode fails on an element-wise product
+    with a per-sample buffer; an element-wise product with a batched unperturbed input, then a
+    sum, every mode bounds."""
 
-    def __init__(self, net: nn.Module, weights: Tensor, image_shape, clip):
+    def __init__(self, net: nn.Module, image_shape, clip):
         super().__init__()
         self.net, self.image_shape, self.clip = net, tuple(image_shape), clip
-        self.register_buffer("weights", weights.detach())
 
-    def forward(self, a: Tensor) -> Tensor:
-        pixels = (self.weights * a.unsqueeze(1)).sum(-1)
+    def forward(self, a: Tensor, weights: Tensor) -> Tensor:
+        pixels = (weights * a.unsqueeze(1)).sum(-1)
         if self.clip is not None:  # clamp as lo + relu(x - lo) - relu(x - hi): auto_LiRPA's own clamp
             low, high = self.clip      # (BoundHardTanh) fails to trace with torch >= 2.9
             pixels = low + torch.relu(pixels - low) - torch.relu(pixels - high)
@@ -80,17 +81,17 @@ def margin_bounds(setup, method: str) -> Callable[[], Tensor]:
     weights, offset = aset.dense()  # [B, k, *image], [B, *image]
     b, k = weights.shape[:2]
     columns = torch.cat([weights.reshape(b, k, -1), offset.reshape(b, 1, -1)], 1).transpose(1, 2)
-    wrapped = _CoefficientInput(setup.model, columns, setup.images.shape[1:],
-                                getattr(setup.perturbation, "clip", (0.0, 1.0)))
+    columns = columns.detach().contiguous()
+    wrapped = _CoefficientInput(setup.model, setup.images.shape[1:], getattr(setup.perturbation, "clip", (0.0, 1.0)))
     one = torch.ones_like(aset.lower[:, :1])
     lower, upper = torch.cat([aset.lower, one], 1), torch.cat([aset.upper, one], 1)
     mid = (lower + upper) / 2
-    bounded = BoundedModule(wrapped, (mid,), device=str(setup.device))
+    bounded = BoundedModule(wrapped, (mid, columns), device=str(setup.device))
     x = BoundedTensor(mid, PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper))
     spec = _spec(setup.labels, int(setup.model(setup.images[:1]).shape[-1])).to(mid.dtype)
 
     def run() -> Tensor:
-        lower, _ = bounded.compute_bounds(x=(x,), C=spec, method=method, bound_upper=False)
+        lower, _ = bounded.compute_bounds(x=(x, columns), C=spec, method=method, bound_upper=False)
         return lower
     return run
 

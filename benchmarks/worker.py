@@ -72,8 +72,33 @@ def run_isolated(job: Job, timeout_s: float) -> dict:
     return {"error": tail[:300]}
 
 
+#: memory left to the rest of the machine when a CPU job's heap is capped (``cap_memory``)
+RESERVE_BYTES = 2 << 30
+
+
+def cap_memory() -> int | None:
+    """Cap this process's data segment (``RLIMIT_DATA``: heap and private mappings, Linux)
+    at physical memory less ``RESERVE_BYTES``, so a configuration that does not fit (auto_LiRPA's
+    CROWN on DM-medium wants far more than 24 GB) fails with a MemoryError of its own instead of
+    waking the kernel's OOM killer, which may pick another process. Returns the cap, or None."""
+    import resource
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cap = max(total - RESERVE_BYTES, total // 2)
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+        return cap
+    except (ValueError, OSError, AttributeError):  # not Linux, or not allowed
+        return None
+
+
 def main(argv: list[str]) -> int:
     job = Job(**json.loads(argv[0]))
+    if job.device == "cpu":
+        cap_memory()
     try:
         result = run_here(job)
     except Exception as exc:  # reported as this configuration's error; the run goes on

@@ -116,3 +116,43 @@ def test_peer_crown_computes_our_rsip_bound():
     got = measure.measure_peer_cert("tiny", "rsip", 2, torch.device("cpu"), 0, 1)
     assert got["max_abs_diff"] < 1e-4 * max(1.0, abs(got["mean_margin_ours"]))
     assert got["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["ssip", "rsip-ssip"])
+def test_peer_forward_modes_bound_the_same_margins(method):
+    """auto_LiRPA's forward modes (the analogues of ``ssip`` / ``rsip-ssip``) run on the peer
+    wrapper (the per-sample input map is a second, unperturbed input) and bound the margins
+    that sampled coefficients of the same box reach: the timing pair bounds the same thing."""
+    pytest.importorskip("auto_LiRPA")
+    import torch
+
+    from benchmarks import measure, peer
+    from robnet_svc.bounds.spec import margin_spec
+
+    setup = measure.build("tiny", 3, torch.device("cpu"))
+    aset = setup.perturbation.affine_set(setup.images)
+    with torch.no_grad():
+        theirs = peer.margin_bounds(setup, peer.ANALOGUES[method][0])()
+        coeffs = aset.sample(64, torch.Generator().manual_seed(0))  # [B, n, k]
+        images = aset.clipped(aset.images(coeffs))  # [B, n, C, H, W]
+        logits = setup.model(images.flatten(0, 1)).reshape(3, 64, -1)
+        spec = margin_spec(setup.labels, logits.shape[-1])  # [B, K-1, K]
+        margins = torch.einsum("bsk,bnk->bns", spec, logits)
+    assert theirs.shape == (3, logits.shape[-1] - 1)
+    assert (theirs.unsqueeze(1) <= margins + 1e-4).all()
+
+
+def test_worker_caps_its_heap_below_physical_memory():
+    """A CPU job that does not fit fails with an error of its own (RLIMIT_DATA), instead of
+    waking the kernel's OOM killer."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RLIMIT_DATA caps the heap on Linux")
+    code = ("from benchmarks.worker import cap_memory; import resource, torch; cap = cap_memory(); "
+            "assert cap and resource.getrlimit(resource.RLIMIT_DATA)[0] == cap\n"
+            "try:\n    torch.empty(cap // 4 + (1 << 28))\nexcept (MemoryError, RuntimeError) as e:\n"
+            "    print('refused', type(e).__name__)")
+    from benchmarks.worker import REPO
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused" in done.stdout

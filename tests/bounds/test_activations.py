@@ -210,3 +210,51 @@ def test_clip_with_one_bound_imports_and_bounds(low, high, tmp_path):
                                 [(4,)], (4,)))
     f32 = lambda v: None if v is None else pytest.approx(v, rel=1e-6)  # noqa: E731 (stored as float32)
     assert (rule.a, rule.b) == (f32(low), f32(high))
+
+
+def _relu_relaxation_by_cases(lower, upper):
+    """The ReLU relaxation written case by case (masks and ``where``): the definition that
+    ``relu_relaxation``'s arithmetic form must reproduce."""
+    active, unstable = lower >= 0, (lower < 0) & (upper > 0)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = torch.where(unstable, upper / width, torch.zeros_like(upper))
+    alpha = (upper >= -lower).to(upper.dtype)
+    one, zero = torch.ones_like(upper), torch.zeros_like(upper)
+    return (torch.where(active, one, torch.where(unstable, alpha, zero)), zero,
+            torch.where(active, one, chord), -chord * lower.clamp(max=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_relaxation_matches_its_case_by_case_definition(dtype):
+    """Values equal (bit for bit up to the sign of a zero) on every case, the edges included:
+    l = u = 0, bounds of ±0, subnormal and huge bounds, l = -u (alpha's tie); gradients
+    equal to rounding and never NaN (the l = u = 0 case divides by 1, not 0)."""
+    from robnet_svc.bounds.ops.relu import relu_relaxation
+
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    big = torch.finfo(dtype).max / 4
+    edges = [(0.0, 0.0), (-0.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (-1.0, -0.0), (-1.0, 1.0), (-2.0, 1.0),
+             (-1.0, 2.0), (1.0, 2.0), (-3.0, -1.0), (-tiny, tiny), (0.0, tiny), (-tiny, 0.0), (tiny, 2 * tiny),
+             (-big, big), (-big, 1.0), (-1.0, big), (2.0, 2.0), (-2.0, -2.0)]
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.cat([torch.tensor([e[0] for e in edges], dtype=dtype), torch.randn(500, generator=gen, dtype=dtype)])
+    up = torch.cat([torch.tensor([e[1] for e in edges], dtype=dtype),
+                    lo[len(edges):] + torch.rand(500, generator=gen, dtype=dtype) * 2])
+    got = relu_relaxation(lo, up)
+    for mine, ref in zip((got.lower_slope, got.lower_bias, got.upper_slope, got.upper_bias),
+                         _relu_relaxation_by_cases(lo, up)):
+        assert torch.equal(mine, ref)
+
+    lo_g, up_g = lo[len(edges):].clone().requires_grad_(), up[len(edges):].clone().requires_grad_()
+    lo_r, up_r = lo_g.detach().clone().requires_grad_(), up_g.detach().clone().requires_grad_()
+    weights = torch.rand(4, 500, generator=gen, dtype=dtype)
+    relax = relu_relaxation(lo_g, up_g)
+    (weights[2] * relax.upper_slope + weights[3] * relax.upper_bias).sum().backward()
+    ref = _relu_relaxation_by_cases(lo_r, up_r)
+    (weights[2] * ref[2] + weights[3] * ref[3]).sum().backward()
+    assert torch.allclose(lo_g.grad, lo_r.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(up_g.grad, up_r.grad, rtol=1e-5, atol=1e-6)
+    zero = torch.zeros(3, dtype=dtype, requires_grad=True)
+    relax = relu_relaxation(zero, zero)
+    (relax.upper_slope + relax.upper_bias).sum().backward()
+    assert torch.isfinite(zero.grad).all()

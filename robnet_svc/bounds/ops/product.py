@@ -87,7 +87,7 @@ class ProductBounds(LinearBounds):
 
     def backward(self, lam: Tensor):
         b, s = lam.shape[:2]
-        pos = lam.clamp(min=0)
+        pos = torch.relu(lam)  # = clamp(min=0) with a faster backward on the CPU
         neg = lam - pos
         const = (pos.reshape(b, s, -1) * self.lower_bias.reshape(b, 1, -1)).sum(-1) \
             + (neg.reshape(b, s, -1) * self.upper_bias.reshape(b, 1, -1)).sum(-1)

@@ -20,7 +20,7 @@ class ReluRule(ActivationRule):
     nonneg_slopes = True
 
     def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        return lower.clamp(min=0), upper.clamp(min=0)
+        return torch.relu(lower), torch.relu(upper)
 
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         return relu_relaxation(lower, upper)
@@ -33,14 +33,28 @@ class ReluRule(ActivationRule):
 
 
 def relu_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
-    """The ReLU relaxation on ``[lower, upper]`` (elementwise, any shape)."""
-    active = lower >= 0
-    unstable = (lower < 0) & (upper > 0)
-    # Division only where l < 0 < u, so the denominator is > 0 there.
-    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    chord = torch.where(unstable, upper / width, torch.zeros_like(upper))
-    upper_slope = torch.where(active, torch.ones_like(upper), chord)
-    upper_bias = -chord * lower.clamp(max=0)
-    alpha = (upper >= -lower).to(upper.dtype)
-    lower_slope = torch.where(active, torch.ones_like(upper), torch.where(unstable, alpha, torch.zeros_like(upper)))
-    return Relaxation(lower_slope, torch.zeros_like(upper), upper_slope, upper_bias)
+    """The ReLU relaxation on ``[lower, upper]`` (elementwise, any shape).
+
+    Written with ``relu``/``sign`` arithmetic on ``l⁻ = min(l, 0)`` and ``u⁺ = max(u, 0)``
+    instead of masks and ``where`` (on the CPU a ``where``, a boolean op or ``clamp``'s
+    backward costs as much as ten arithmetic ops, and this runs at every ReLU of every bound
+    pass, under autograd in training); the values are those of the case-by-case definition
+    (up to the sign of a zero):
+
+    - upper slope ``u⁺ / (u⁺ − l⁻)``: the chord ``u / (u − l)`` when ``l < 0 < u``, ``u / u = 1``
+      when ``l >= 0``, ``0 / −l = 0`` when ``u <= 0``; the one 0/0 (``l = u = 0``) gets a
+      denominator of 1 and the slope 1 (an active neuron), so no NaN reaches values or gradients;
+    - upper bias ``−chord · l⁻`` (0 unless unstable);
+    - lower slope ``α = [u⁺ + l⁻ >= 0]``: 1 when ``l >= 0``, 0 when ``u <= 0`` and ``l < 0``, CROWN's
+      adaptive ``[u >= −l]`` when unstable (the sign of a float sum is the sign of the exact sum).
+
+    Gradients are those of the case-by-case definition up to rounding (an active neuron's
+    ``u / u`` has derivative 0, computed as ``1/u − u/u²``).
+    """
+    neg, pos = -torch.relu(-lower), torch.relu(upper)
+    width = pos - neg
+    degenerate = (width == 0).to(width.dtype)  # l = u = 0
+    chord = pos / (width + degenerate)
+    upper_bias = -chord * neg
+    lower_slope = torch.sign(pos + neg).add_(1).clamp_(max=1)
+    return Relaxation(lower_slope, torch.zeros_like(upper), chord + degenerate, upper_bias)
