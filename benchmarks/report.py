@@ -150,6 +150,10 @@ def peer_targets(train: dict, cert: dict, peers: dict) -> list[Target]:
             value = _ratio(got.get("samples_per_s"), ours.get("samples_per_s"))  # time ratio
             cpu = _ratio(ours.get("cpu_s"), got.get("cpu_s"))
         note = got.get("error", "")
+        if "cpu_s_rounds" in got and "cpu_s_rounds" in ours:  # several alternating rounds: each one's CPU s
+            note = (f"median of {got['rounds']} rounds; CPU s ours "
+                    + "/".join(f"{v:.3g}" for v in ours["cpu_s_rounds"]) + ", auto_LiRPA "
+                    + "/".join(f"{v:.3g}" for v in got["cpu_s_rounds"]))
         if "max_abs_diff" in got:  # the same bound on both sides: how far apart the margins came out
             note = (f"margin bounds differ by at most {got['max_abs_diff']:.1e} (mean {got['mean_margin_ours']:.4g} "
                     f"ours, {got['mean_margin_peer']:.4g} auto_LiRPA)")

@@ -156,3 +156,29 @@ def test_worker_caps_its_heap_below_physical_memory():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused" in done.stdout
+
+
+def test_training_pairs_alternate_for_several_rounds_and_report_the_median():
+    """On the networks of issue 20's training targets each (ours, peer) pair runs ``--rounds``
+    times, alternating; each side's figure is the median over its rounds (a failed round
+    counts only when every round failed)."""
+    import torch
+
+    from benchmarks.run import ROUNDS_NETWORKS, combine_rounds, parse_args, plan
+
+    args = parse_args(["--networks", ROUNDS_NETWORKS[0], "tiny", "--mem-batch", "0", "--methods", "standard",
+                       "rsip-ibp", "--cert-methods", "--rounds", "3"])
+    args.peer = True
+    _, jobs = plan(args, torch.device("cpu"))
+    pairs = [(j.kind, j.network) for j in jobs if j.method == "rsip-ibp"]
+    assert pairs == [("train", ROUNDS_NETWORKS[0]), ("peer-train", ROUNDS_NETWORKS[0])] * 3 + \
+        [("train", "tiny"), ("peer-train", "tiny")]
+
+    seen: list[dict] = []
+    combine_rounds(seen, {"step_s": 3.0, "cpu_s": 3.0, "peak_mem_mb": 10.0})
+    combine_rounds(seen, {"error": "timed out"})
+    combine_rounds(seen, {"step_s": 1.0, "cpu_s": 1.5, "peak_mem_mb": 30.0})
+    got = combine_rounds(seen, {"step_s": 2.0, "cpu_s": 2.0, "peak_mem_mb": 20.0})
+    assert got["step_s"] == 2.0 and got["cpu_s"] == 2.0 and got["peak_mem_mb"] == 30.0
+    assert got["rounds"] == 3 and got["cpu_s_rounds"] == [3.0, 1.5, 2.0]
+    assert combine_rounds([], {"error": "x"}) == {"error": "x"}
