@@ -95,6 +95,17 @@ def cap_memory() -> int | None:
         return None
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a failed configuration: the exception's first line, or, when an allocation
+    failed (a MemoryError, or torch's allocator message, which TorchScript buries under its
+    own first line), ``out of memory`` with the allocator's line."""
+    lines = f"{type(exc).__name__}: {exc}".splitlines()
+    oom = [line.strip() for line in lines if "can't allocate memory" in line or "out of memory" in line.lower()]
+    if isinstance(exc, MemoryError) or oom:
+        return ("out of memory (heap capped a little below physical memory): " + (oom or lines)[-1])[:300]
+    return lines[0][:300]
+
+
 def main(argv: list[str]) -> int:
     job = Job(**json.loads(argv[0]))
     if job.device == "cpu":
@@ -102,7 +113,7 @@ def main(argv: list[str]) -> int:
     try:
         result = run_here(job)
     except Exception as exc:  # reported as this configuration's error; the run goes on
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        result = {"error": error_line(exc)}
     print(MARKER + json.dumps(result), flush=True)
     return 0
 

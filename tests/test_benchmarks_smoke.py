@@ -182,3 +182,14 @@ def test_training_pairs_alternate_for_several_rounds_and_report_the_median():
     assert got["step_s"] == 2.0 and got["cpu_s"] == 2.0 and got["peak_mem_mb"] == 30.0
     assert got["rounds"] == 3 and got["cpu_s_rounds"] == [3.0, 1.5, 2.0]
     assert combine_rounds([], {"error": "x"}) == {"error": "x"}
+
+
+def test_an_allocation_failure_is_reported_as_out_of_memory():
+    """TorchScript puts its own line first; the report names the allocation failure."""
+    from benchmarks.worker import error_line
+
+    exc = RuntimeError("The following operation failed in the TorchScript interpreter.\nTraceback...\n"
+                       "RuntimeError: [enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 3221225472 bytes.")
+    assert error_line(exc).startswith("out of memory") and "3221225472 bytes" in error_line(exc)
+    assert error_line(ValueError("bad\nsecond")) == "ValueError: bad"
