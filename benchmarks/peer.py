@@ -80,8 +80,7 @@ def margin_bounds(setup, method: str) -> Callable[[], Tensor]:
     aset = setup.perturbation.affine_set(setup.images)
     weights, offset = aset.dense()  # [B, k, *image], [B, *image]
     b, k = weights.shape[:2]
-    columns = torch.cat([weights.reshape(b, k, -1), offset.reshape(b, 1, -1)], 1).transpose(1, 2)
-    columns = columns.detach().contiguous()
+    columns = torch.cat([weights.reshape(b, k, -1), offset.reshape(b, 1, -1)], 1).transpose(1, 2).detach().contiguous()
     wrapped = _CoefficientInput(setup.model, setup.images.shape[1:], getattr(setup.perturbation, "clip", (0.0, 1.0)))
     one = torch.ones_like(aset.lower[:, :1])
     lower, upper = torch.cat([aset.lower, one], 1), torch.cat([aset.upper, one], 1)

@@ -270,11 +270,11 @@ def _is_exact(relax: Relaxation) -> bool:
 
 
 def _is_identity(relax: Relaxation) -> bool:
-    """The relaxation is ``x <= σ(x) <= x`` everywhere (e.g. the clip's first ReLU on non-negative
+    """An exact relaxation (``_is_exact``, which every caller checks first: the upper line is the
+    lower one) that is ``x <= σ(x) <= x`` everywhere (e.g. the clip's first ReLU on non-negative
     pixels), so Λ and equations pass through unchanged. One host sync."""
-    one, zero = torch.ones_like(relax.lower_slope), torch.zeros_like(relax.lower_bias)
-    return (torch.equal(relax.lower_slope, one) and torch.equal(relax.upper_slope, one)
-            and torch.equal(relax.lower_bias, zero) and torch.equal(relax.upper_bias, zero))
+    return (torch.equal(relax.lower_slope, torch.ones_like(relax.lower_slope))
+            and torch.equal(relax.lower_bias, torch.zeros_like(relax.lower_bias)))
 
 
 Frontier = Callable[[int, Tensor], tuple[Tensor | None, Tensor]]
