@@ -8,8 +8,8 @@ Three kinds, each returning a small dict of numbers:
   field (k = 16, clipping on) and the hinge loss of paper Eq. 6-7 / SPEC §4
   (``CE + α · mean_b(1[correct_b] · Σ_{i≠y} max(0, −margin_lower_{b,i}))``), backward, Adam;
   ``standard`` is the same step with ``α = 0``.
-- ``floor``: one SSIP bound pass vs one plain forward pass on ``2(k+1)·B`` images, both under
-  ``no_grad`` — paper Theorem 3: the centre–radius symbolic form propagates ``k+1`` centre and
+- ``floor``: one SSIP bound pass vs one plain forward pass on ``2(k+1)·B`` images (the faster
+  of NCHW and channels-last), both under ``no_grad`` — paper Theorem 3: the centre–radius symbolic form propagates ``k+1`` centre and
   ``k+1`` radius columns per sample, so it cannot cost less than that forward pass.
 - ``cert``: certification throughput, samples/s of a clean forward + ``margin_lower`` under
   ``no_grad`` (what ``certify`` does per batch, minus the attack).
@@ -22,6 +22,7 @@ when each measurement runs in a fresh process (``benchmarks.worker``).
 
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import sys
@@ -171,8 +172,10 @@ def measure_train(network: str, method: str, batch: int, device: torch.device,
 
 
 def measure_floor(network: str, batch: int, device: torch.device, warmup: int, repeats: int) -> dict:
-    """``{"ssip_pass_s", "floor_s", "ratio", "cpu_ratio"}``: SSIP bound pass ÷ forward of
-    ``2(k+1)·B`` images, in wall time (``ratio``) and in CPU time (``cpu_ratio``)."""
+    """``{"ssip_pass_s", "floor_s", "ratio", "cpu_ratio", "floor_layout", "floor_<layout>_s"}``:
+    SSIP bound pass ÷ forward of ``2(k+1)·B`` images, in wall time (``ratio``) and in CPU time
+    (``cpu_ratio``). The forward is timed with NCHW and with channels-last tensors and weights
+    (the bound pass picks its layout, ``propagate._layout``); the floor is the faster of them."""
     setup = build(network, batch, device)
     method, net = bound_method("ssip", ordered=False), compiled(setup.model)
     big = setup.images.repeat(2 * (setup.num_coeffs + 1), 1, 1, 1)  # [2(k+1)B, C, H, W]
@@ -180,9 +183,16 @@ def measure_floor(network: str, batch: int, device: torch.device, warmup: int, r
         ssip_s = median_seconds(
             lambda: method.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels),
             device, warmup, repeats)
-        floor_s = median_seconds(lambda: setup.model(big), device, warmup, repeats)
+        floors = {"nchw": median_seconds(lambda: setup.model(big), device, warmup, repeats)}
+        if big.dim() == 4:  # the forward in the other layout too; the floor is the faster one
+            model_cl = copy.deepcopy(setup.model).to(memory_format=torch.channels_last)
+            big_cl = big.contiguous(memory_format=torch.channels_last)
+            floors["channels_last"] = median_seconds(lambda: model_cl(big_cl), device, warmup, repeats)
+    layout = min(floors, key=lambda name: floors[name].wall_s)
+    floor_s = floors[layout]
     return {"ssip_pass_s": ssip_s.wall_s, "floor_s": floor_s.wall_s, "ratio": ssip_s.wall_s / floor_s.wall_s,
-            "cpu_ratio": ssip_s.cpu_s / floor_s.cpu_s}
+            "cpu_ratio": ssip_s.cpu_s / floor_s.cpu_s, "floor_layout": layout,
+            **{f"floor_{name}_s": t.wall_s for name, t in floors.items()}}
 
 
 def measure_cert(network: str, method: str, batch: int, device: torch.device,

@@ -414,6 +414,14 @@ class Frame:
         return i > 0 and isinstance(self.rule(i), (ActivationRule, RelaxedRule))
 
     @property
+    def prefers_channels_last(self) -> bool:
+        """Whether most of the rules that vote on the layout (2-D convolutions, ``ConvRule.channels_last``:
+        True when the convolution reads enough channels to run faster channels-last) ask for it."""
+        votes = [v for v in (getattr(self.rule(i), "channels_last", None) for i in range(1, len(self.nodes)))
+                 if v is not None]
+        return 2 * sum(votes) > len(votes)
+
+    @property
     def output(self) -> int:
         return len(self.nodes) - 1
 

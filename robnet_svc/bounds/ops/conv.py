@@ -10,6 +10,12 @@ from robnet_svc.bounds.ops.base import AffineRule
 
 
 _FOLD_MAX_IN_CHANNELS = 3  # Lᵀ as a matrix product and ``fold`` up to this many input channels
+#: A pass goes channels-last when most of its 2-D convolutions read at least this many channels
+#: (``Frame.prefers_channels_last``). Measured on one CPU core, the same process alternating
+#: layouts step by step, channels-last ÷ NCHW: DM-medium (convolutions reading 3, 32, 32, 64
+#: channels) SSIP pass 0.82, training ssip 0.82, rsip-ibp and rsip-ssip 0.94; MRI-64 (1, 16, 32)
+#: 0.94–1.10, DM-small (3, 16) 0.88–1.01, MRI-32 0.98–1.09: no clear gain.
+CHANNELS_LAST_MIN = 32
 
 
 class ConvRule(AffineRule):
@@ -17,6 +23,15 @@ class ConvRule(AffineRule):
     reflect/replicate/circular padding a pixel can meet the kernel twice and this is a sound
     over-approximation of ``|J|``); ``Lᵀ`` is ``conv_transpose2d`` (zero padding given as
     numbers), the generic VJP otherwise."""
+
+    @property
+    def channels_last(self) -> bool:
+        """This convolution's vote on the pass's layout on the CPU (``propagate._layout``): True
+        for a 2-D convolution reading at least ``CHANNELS_LAST_MIN`` channels, where oneDNN's
+        channels-last kernels beat its NCHW ones (with fewer, e.g. an RGB or grey image, they
+        do not, and the layout costs a copy at the flatten); False for another 2-D convolution."""
+        m = self.call.module
+        return m.weight.dim() == 4 and m.in_channels >= CHANNELS_LAST_MIN
 
     def abs_linear(self, rad: Tensor) -> Tensor:
         m = self.call.module
