@@ -10,7 +10,9 @@
                    ops after the last activations, concretising at activation outputs with a
                    ``frontier`` callback (how IBP and SSIP fold the spec into the last layers).
 
-Shapes: ``B`` samples, ``k`` coefficients, ``S`` rows of Λ, node shapes per sample.
+Shapes: ``B`` samples, ``k`` coefficients, ``S`` rows of Λ, node shapes per sample. Layout:
+image-shaped tensors may be channels-last in memory (``_layout``); shapes and values are the
+same either way.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _inverse(order: list[int]) -> list[int]:
 
 def channels_last(t: Tensor, lead: int = 1) -> Tensor:
     """``t [*lead axes, C, H, W]`` with the channels innermost in memory (the same values and
-    shape; ``torch.channels_last`` for ``lead = 1``). See ``ForwardResult``'s layout note."""
+    shape; ``torch.channels_last`` for ``lead = 1``). When a pass uses it: ``_layout``."""
     return t.movedim(lead, -1).contiguous().movedim(-1, lead)
 
 
@@ -219,9 +221,12 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
 
 def _layout(frame: Frame, aset) -> Callable[..., Tensor]:
     """How the pass lays out image-shaped tensors: channels-last (``channels_last``) on the CPU
-    for networks with 2-D convolutions, where oneDNN's convolutions and their backward run
-    25–40 % faster on it and every element-wise op follows its operands' layout; as given
-    otherwise (CUDA keeps NCHW). Values do not depend on it, only summation orders inside ops."""
+    when most 2-D convolutions read enough channels (``Frame.prefers_channels_last``), where
+    oneDNN's convolutions and their backward run 25–40 % faster on it; as given otherwise
+    (CUDA keeps NCHW). Element-wise ops follow their operands' layout; the steps at each
+    activation run on views in memory order (``_InOrder``) and every flattening of neurons
+    follows memory order (``memory_order``), so no step copies a full-size tensor to change
+    layout. Values do not depend on it, only summation orders inside ops."""
     if aset.lower.device.type == "cpu" and len(aset.image_shape) == 3 and frame.prefers_channels_last:
         return channels_last
     return lambda t, lead=1: t
@@ -495,7 +500,9 @@ def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box:
     tight_up = torch.minimum(torch.cat(ups, 1), upper_p.gather(1, idx))
     new_lo = lower_p.scatter(1, idx, tight_lo)[:, :n]
     new_up = upper_p.scatter(1, idx, tight_up)[:, :n]
-    return PreActivationBounds(new_lo.reshape(b, *shape), new_up.reshape(b, *shape))
+    # in the box's layout (channels-last or not), so the relaxations built on them match Λ's
+    return PreActivationBounds(torch.empty_like(box.lower).copy_(new_lo.reshape(b, *shape)),
+                               torch.empty_like(box.upper).copy_(new_up.reshape(b, *shape)))
 
 
 def _accumulate(acc: dict[int, Tensor], j: int, t: Tensor) -> None:

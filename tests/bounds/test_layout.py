@@ -56,9 +56,33 @@ class WideCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(h)))
 
 
-def _setting(dtype=torch.float64):
+class WideMixed(nn.Module):
+    """The relaxed ops on channels-last tensors: MaxPool, a squeeze-excitation product, split and
+    concat, BatchNorm and SiLU, with convolutions reading 3, 32, 32 and 32 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.gate = nn.Conv2d(32, 32, 1)
+        self.conv3 = nn.Conv2d(32, 8, 1)
+        self.fc = nn.Linear(8 * 2 * 2, 4)
+        with torch.no_grad():
+            self.gate.bias.fill_(0.5)
+            self.bn.running_mean.uniform_(-0.1, 0.1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        a, b = torch.chunk(h, 2, 1)
+        h = nn.functional.silu(self.bn(self.conv2(torch.cat([b, a], 1))))
+        h = h * torch.relu(self.gate(h.mean(dim=(2, 3), keepdim=True)))
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.conv3(h)), 2).flatten(1))
+
+
+def _setting(dtype=torch.float64, network=None):
     torch.manual_seed(0)
-    model = WideCNN().to(dtype)
+    model = (network or WideCNN)().to(dtype).eval()
     images = torch.rand(3, 3, 8, 8, dtype=dtype)
     aset = load_registry().perturbation("bias-field")(0.3, order=1, mode="mult").affine_set(images)
     return model, aset, model(images).argmax(1)
@@ -92,16 +116,27 @@ def test_wide_network_runs_channels_last():
     assert memory_order(fwd.intervals[conv2].mid) == [0, 2, 3, 1]
 
 
+@pytest.mark.parametrize("network", [WideCNN, WideMixed])
 @pytest.mark.parametrize("method", METHODS)
-def test_channels_last_bounds_and_gradients_equal_nchw(method, monkeypatch):
+def test_channels_last_bounds_and_gradients_equal_nchw(method, network, monkeypatch):
     """Margins and their parameter gradients, in float64: channels-last (the policy) and NCHW
-    (the policy switched off) agree to rounding."""
+    (the policy switched off) agree to rounding, and the margins bound sampled perturbations."""
     results = []
     for layout in ("policy", "nchw"):
         if layout == "nchw":
             monkeypatch.setattr(graph.Frame, "prefers_channels_last", property(lambda self: False))
-        model, aset, labels = _setting()
-        lower = load_registry().bound_method(method)().margin_lower(compile_network(model), aset, labels)
+        model, aset, labels = _setting(network=network)
+        net = compile_network(model)
+        assert net.frame(aset).prefers_channels_last is (layout == "policy")
+        lower = load_registry().bound_method(method)().margin_lower(net, aset, labels)
+        if layout == "policy":  # sound: below the margins of 256 sampled coefficient vectors
+            with torch.no_grad():
+                images = aset.clipped(aset.images(aset.sample(256, torch.Generator().manual_seed(1))))
+                logits = model(images.flatten(0, 1)).reshape(*images.shape[:2], -1)
+                true = logits.gather(2, labels.view(-1, 1, 1).expand(-1, images.shape[1], 1)) - logits
+                others = torch.stack([true[i, :, [j for j in range(logits.shape[2]) if j != labels[i]]]
+                                      for i in range(len(labels))])
+                assert (others.amin(1) >= lower.detach() - 1e-9).all()
         lower.sum().backward()
         results.append((lower.detach(), [p.grad for p in model.parameters()]))
     (lo_cl, grads_cl), (lo_nchw, grads_nchw) = results
