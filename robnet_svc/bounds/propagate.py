@@ -50,22 +50,19 @@ def concretize_pair(lo_eq: Equation, up_eq: Equation, aset) -> tuple[Tensor, Ten
     rows (one pass when ``lo_eq is up_eq``, an exact equation). Differentiable in everything;
     see ``_Concretize`` for why it has its own backward."""
     mid, rad = box_mid_rad(aset)
-    b = lo_eq.const.shape[0]
     # neurons flattened in the coefficient rows' memory order (a view also when they are
-    # channels-last, see ``channels_last``); the constants and results follow that order
-    order = memory_order(lo_eq.coef[:, 0])
-    shape = [lo_eq.const.shape[d] for d in order]
+    # channels-last, see ``_layout``); the constants and results follow that order
+    order = _InOrder.of(lo_eq.coef)
+    shape = order.node(lo_eq.const).shape
 
     def flat(eq: Equation) -> tuple[Tensor, Tensor]:
-        return (eq.coef.permute(0, 1, *(d + 1 for d in order[1:])).reshape(b, eq.coef.shape[1], -1),
-                eq.const.permute(order).reshape(b, -1))
+        return order.rows(eq.coef).flatten(2), order.node(eq.const).flatten(1)
 
     if lo_eq is up_eq:
         lower, upper = _Concretize.apply(*flat(lo_eq), None, None, mid, rad)
     else:
         lower, upper = _Concretize.apply(*flat(lo_eq), *flat(up_eq), mid, rad)
-    back = _inverse(order)
-    return lower.reshape(shape).permute(back), upper.reshape(shape).permute(back)
+    return order.back_node(lower.reshape(shape)), order.back_node(upper.reshape(shape))
 
 
 def memory_order(t: Tensor) -> list[int]:
@@ -75,11 +72,44 @@ def memory_order(t: Tensor) -> list[int]:
     return [0] + sorted(range(1, t.dim()), key=lambda d: -t.stride(d) if t.shape[d] > 1 else 0)
 
 
-def _inverse(order: list[int]) -> list[int]:
-    back = [0] * len(order)
-    for i, d in enumerate(order):
-        back[d] = i
-    return back
+class _InOrder:
+    """Views of a node's tensors with the axes in the memory order ``order`` (``memory_order``)
+    and back: ``node`` for ``[B, *shape]``, ``rows`` for ``[B, R, *shape]``. Flattening such a view
+    is a view in either layout. The element-wise steps at each activation also run on these
+    views: on a channels-last tensor, autograd's reduction of a broadcast slope's gradient (``sum``
+    over the row axis) writes an NCHW result and, with every op after it mixing layouts, runs
+    4–6× slower than on the permuted views, which are plain contiguous tensors."""
+
+    def __init__(self, order: list[int]):
+        self.order = order
+        self.inverse = sorted(range(len(order)), key=order.__getitem__)
+        self.identity = order == sorted(order)
+
+    @staticmethod
+    def of(t: Tensor, rows: bool = True) -> "_InOrder":
+        """The memory order of ``t``'s neuron axes (``rows``: ``t`` is ``[B, R, *shape]``)."""
+        return _InOrder(memory_order(t[:, 0] if rows else t))
+
+    def node(self, t: Tensor) -> Tensor:
+        return t.permute(self.order)
+
+    def rows(self, t: Tensor) -> Tensor:
+        return t.permute(0, 1, *(d + 1 for d in self.order[1:]))
+
+    def back_node(self, t: Tensor) -> Tensor:
+        return t.permute(self.inverse)
+
+    def back_rows(self, t: Tensor) -> Tensor:
+        return t.permute(0, 1, *(d + 1 for d in self.inverse[1:]))
+
+    def equation(self, eq: Equation) -> Equation:
+        return Equation(self.rows(eq.coef), self.node(eq.const))
+
+    def back(self, eq: Equation) -> Equation:
+        return Equation(self.back_rows(eq.coef), self.back_node(eq.const))
+
+    def relaxation(self, r: Relaxation) -> Relaxation:
+        return Relaxation(*(self.node(t) for t in (r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias)))
 
 
 def channels_last(t: Tensor, lead: int = 1) -> Tensor:
@@ -278,9 +308,8 @@ def _relax_forward(relax: Relaxation, lo_eq: Equation, up_eq: Equation, exact_in
     (``h = s_up/2·Up``, ``centre' = h + s_lo/2·Lo``, ``radius' = h − s_lo/2·Lo``), two while the
     input is exact (Lo = Up), one or none when every neuron is stable (exact relaxation).
     """
-    order = memory_order(lo_eq.coef[:, 0])
-    if order != sorted(order):  # channels-last: compute on views in memory order, see _InOrder
-        ordered = _InOrder(order)
+    ordered = _InOrder.of(lo_eq.coef)
+    if not ordered.identity:  # channels-last: compute on views in memory order, see _InOrder
         lo, up = ordered.equation(lo_eq), None if up_eq is lo_eq else ordered.equation(up_eq)
         out = _relax_forward(ordered.relaxation(relax), lo, lo if up is None else up, exact_input, nonneg_slopes)
         return SymbolicBounds(ordered.back(out.centre), None if out.radius is None else ordered.back(out.radius))
@@ -304,37 +333,6 @@ def _relax_forward(relax: Relaxation, lo_eq: Equation, up_eq: Equation, exact_in
     half_up = _scale(up_s.clamp(min=0), up_eq) + _scale(up_s.clamp(max=0), lo_eq)
     centre, radius = half_up + half_lo, half_up - half_lo
     return SymbolicBounds(Equation(centre.coef, centre.const + mid_b), Equation(radius.coef, radius.const + rad_b))
-
-
-@dataclass
-class _InOrder:
-    """Permutations of a node's tensors into the memory order ``order`` of its equations or Λ
-    (``memory_order``) and back. Element-wise steps run on these views: on a channels-last
-    tensor, autograd's reduction of a broadcast slope's gradient (``sum`` over the row axis)
-    writes an NCHW result and, with every op after it mixing layouts, runs 4–6× slower than on
-    the permuted views, which are plain contiguous tensors."""
-
-    order: list[int]
-
-    def node(self, t: Tensor) -> Tensor:  # [B, *shape]
-        return t.permute(self.order)
-
-    def rows(self, t: Tensor) -> Tensor:  # [B, R, *shape]
-        return t.permute(0, 1, *(d + 1 for d in self.order[1:]))
-
-    def equation(self, eq: Equation) -> Equation:
-        return Equation(self.rows(eq.coef), self.node(eq.const))
-
-    def relaxation(self, r: Relaxation) -> Relaxation:
-        return Relaxation(*(self.node(t) for t in (r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias)))
-
-    def back(self, eq: Equation) -> Equation:
-        back = _inverse(self.order)
-        return Equation(eq.coef.permute(0, 1, *(d + 1 for d in back[1:])), eq.const.permute(back))
-
-    def back_rows(self, t: Tensor) -> Tensor:
-        back = _inverse(self.order)
-        return t.permute(0, 1, *(d + 1 for d in back[1:]))
 
 
 def _scale(slope: Tensor, eq: Equation, bias: Tensor | None = None) -> Equation:
@@ -372,10 +370,10 @@ def symbolic_frontier(fwd: ForwardResult) -> Frontier:
     """``Λ·x >= Λ·centre(a) − |Λ|·radius(a)``: an equation in ``a`` (``[B, S, k]``, ``[B, S]``)."""
     def value(i: int, lam: Tensor) -> tuple[Tensor, Tensor]:
         sym = fwd.symbolic[i]
-        order = memory_order(lam[:, 0])  # every tensor flattened in Λ's memory order (see row_dot)
+        order = _InOrder.of(lam)  # every tensor flattened in Λ's memory order (see row_dot)
 
         def rows(t: Tensor) -> Tensor:  # [B, R, *shape] -> [B, R, n]
-            return t.permute(0, 1, *(d + 1 for d in order[1:])).flatten(2)
+            return order.rows(t).flatten(2)
 
         coef = torch.einsum("bsn,bkn->bsk", rows(lam), rows(sym.centre.coef))
         const = row_dot(lam, sym.centre.const)
@@ -447,9 +445,8 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
         rule = frame.rule(i)
         bias = frame.bias(i, lam_i)
         if bias is not None:
-            order = memory_order(lam_i[:, 0])  # bias [1, *shape]: one matrix–vector product
-            rows = lam_i.permute(0, 1, *(d + 1 for d in order[1:])).reshape(b, s, -1)
-            const = const + torch.matmul(rows, bias.permute(order).reshape(-1))
+            order = _InOrder.of(lam_i)  # bias [1, *shape]: one matrix–vector product
+            const = const + torch.matmul(order.rows(lam_i).flatten(2), order.node(bias).flatten())
         parents = rule.transpose(lam_i.reshape(b * s, *lam_i.shape[2:]))
         for j, t in zip(node.inputs, parents):
             _accumulate(acc, j, t.reshape(b, s, *frame.shapes[j]))
@@ -528,9 +525,8 @@ def _relax_backward(r: Relaxation, lam: Tensor, kind: str | None) -> tuple[Tenso
     """
     if kind == "identity":
         return lam, None
-    order = memory_order(lam[:, 0])
-    if order != sorted(order):  # channels-last: on views in memory order (``_InOrder``)
-        ordered = _InOrder(order)
+    ordered = _InOrder.of(lam)
+    if not ordered.identity:  # channels-last: on views in memory order (``_InOrder``)
         lam_in, offset = _relax_backward(ordered.relaxation(r), ordered.rows(lam), kind)
         return ordered.back_rows(lam_in), offset
     if kind == "exact":
@@ -545,7 +541,6 @@ def row_dot(lam: Tensor, v: Tensor) -> Tensor:
     """``Σ_n lam[b, s, n]·v[b, n]`` over a node's neurons, ``lam [B, S, *shape]``, ``v [B, *shape]``
     -> ``[B, S]``: one batched matrix–vector product, both flattened in Λ's memory order (a view
     of Λ in either layout; ``v`` is copied if its layout differs)."""
-    b, s = lam.shape[:2]
-    order = memory_order(lam[:, 0])
-    flat = lam.permute(0, 1, *(d + 1 for d in order[1:])).reshape(b, s, -1)
-    return torch.bmm(flat, v.expand(b, *v.shape[1:]).permute(order).reshape(b, -1, 1)).squeeze(-1)
+    order = _InOrder.of(lam)
+    flat_v = order.node(v.expand(lam.shape[0], *v.shape[1:])).flatten(1)
+    return torch.bmm(order.rows(lam).flatten(2), flat_v.unsqueeze(-1)).squeeze(-1)
