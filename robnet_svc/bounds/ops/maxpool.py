@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robnet_svc.bounds.ops.base import LinearBounds, OpCall, RelaxedRule
+from robnet_svc.bounds.propagate import row_dot
 
 _FUNCTIONAL = {F.max_pool1d: 1, F.max_pool2d: 2, torch.max_pool1d: 1, torch.max_pool2d: 2}
 _POSITIONAL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -146,7 +147,7 @@ class MaxPoolBounds(LinearBounds):
     def backward(self, lam: Tensor):
         b, s, c = lam.shape[0], lam.shape[1], self.in_shape[0]
         neg = -torch.relu(-lam)  # = clamp(max=0) with its gradient; clamp's backward is a slow CPU ``where``
-        const = (neg.reshape(b, s, -1) * self.upper_bias.reshape(b, 1, -1)).sum(-1)
+        const = row_dot(neg, self.upper_bias)
         # Λ >= 0: slope 1 (lower bound); Λ < 0: slope d (upper bound)
         eff = lam - neg * (1 - self.dominant.reshape(b, 1, *self.out_shape))
         flat = eff.reshape(b, s, c, -1)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from robnet_svc.bounds.ops.base import LinearBounds, OpCall, RelaxedRule
+from robnet_svc.bounds.propagate import row_dot
 
 
 class ProductRule(RelaxedRule):
@@ -86,11 +87,9 @@ class ProductBounds(LinearBounds):
         return self._apply(ins, 1)
 
     def backward(self, lam: Tensor):
-        b, s = lam.shape[:2]
         pos = torch.relu(lam)  # = clamp(min=0) with a faster backward on the CPU
         neg = lam - pos
-        const = (pos.reshape(b, s, -1) * self.lower_bias.reshape(b, 1, -1)).sum(-1) \
-            + (neg.reshape(b, s, -1) * self.upper_bias.reshape(b, 1, -1)).sum(-1)
+        const = row_dot(pos, self.lower_bias) + row_dot(neg, self.upper_bias)
         out = []
         for j, (lo_s, up_s) in enumerate(self.slopes):
             full = pos * lo_s.unsqueeze(1) + neg * up_s.unsqueeze(1)
