@@ -357,10 +357,6 @@ class _HalfSums(torch.autograd.Function):
     def backward(ctx, g_centre, g_radius):
         lo, up, hl, hu = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if g_centre is None or g_radius is None:
-            present = g_radius if g_centre is None else g_centre
-            g_centre = torch.zeros_like(present) if g_centre is None else g_centre
-            g_radius = torch.zeros_like(present) if g_radius is None else g_radius
         s = g_centre + g_radius  # d/d(hu·up)
         d = g_centre - g_radius  # d/d(hl·lo)
         g_lo = d * hl if need[0] else None
@@ -381,16 +377,13 @@ class _LowerUpper(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lo, g_up):
-        if g_lo is None:
-            return g_up, g_up
-        if g_up is None:
-            return g_lo, -g_lo
         return g_lo + g_up, g_up - g_lo
 
 
 def _lower_upper(sym: SymbolicBounds) -> tuple[Equation, Equation]:
-    """``(Lo, Up)`` of forward symbolic bounds (``SymbolicBounds.lower``/``upper``; one object when
-    the radius is zero), the rows through ``_LowerUpper``."""
+    """``(Lo, Up) = (centre − radius, centre + radius)`` of forward symbolic bounds (one object when
+    the radius is zero), the rows through ``_LowerUpper``. Every pass forms them here, once per
+    node: both are needed together (concretised, then relaxed)."""
     if sym.radius is None:
         return sym.centre, sym.centre
     lo, up = _LowerUpper.apply(sym.centre.coef, sym.radius.coef)
@@ -623,10 +616,6 @@ class _RelaxBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_in, g_const):
         lam, pos, lower_slope, upper_slope, lower_bias, upper_bias = ctx.saved_tensors
-        if g_in is None:
-            g_in = torch.zeros_like(lam)
-        if g_const is None:
-            g_const = lam.new_zeros(lam.shape[:2])
         need = ctx.needs_input_grad
         g_c = g_const.reshape(*g_const.shape, *([1] * (lam.dim() - 2)))  # [B, S, 1, ...]
         grads = [None] * 5

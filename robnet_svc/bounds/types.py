@@ -76,7 +76,7 @@ class Equation:
 @dataclass
 class SymbolicBounds:
     """Forward symbolic bounds of one node: equations in ``a`` (``Lo = centre − radius``,
-    ``Up = centre + radius``).
+    ``Up = centre + radius``, formed by ``propagate._lower_upper``).
 
     ``radius`` is None while it is exactly zero (the node is an affine function of ``a``),
     which skips half the work before the first unstable activation.
@@ -84,14 +84,6 @@ class SymbolicBounds:
 
     centre: Equation
     radius: Equation | None
-
-    @property
-    def lower(self) -> Equation:
-        return self.centre if self.radius is None else self.centre - self.radius
-
-    @property
-    def upper(self) -> Equation:
-        return self.centre if self.radius is None else self.centre + self.radius
 
 
 @dataclass

@@ -40,7 +40,7 @@ def test_half_sums_backward_matches_finite_differences(shape):
     lo, up = (torch.randn(b, k, *shape, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
     hl, hu = (torch.rand(b, 1, *shape, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
     assert torch.autograd.gradcheck(_HalfSums.apply, (lo, up, hl, hu), eps=1e-6, atol=1e-8, rtol=1e-6)
-    for pick in (0, 1):  # one output unused: its gradient arrives as None
+    for pick in (0, 1):  # one output unused (autograd passes zeros for its gradient)
         assert torch.autograd.gradcheck(lambda *a: _HalfSums.apply(*a)[pick], (lo, up, hl, hu),
                                         eps=1e-6, atol=1e-8, rtol=1e-6)
 
