@@ -150,8 +150,6 @@ class _Concretize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lo, g_up):
         lo_coef, up_coef, mid, rad = ctx.saved_tensors
-        g_lo = torch.zeros_like(lo_coef[:, 0]) if g_lo is None else g_lo
-        g_up = torch.zeros_like(lo_coef[:, 0]) if g_up is None else g_up
         need = ctx.needs_input_grad
         mid3, rad3 = mid.unsqueeze(-1), rad.unsqueeze(-1)  # [B, k, 1]
         grads = [None] * 6

@@ -33,7 +33,8 @@ def test_concretisation_backward_matches_finite_differences(shared):
 
 
 def test_concretisation_backward_with_one_output_used():
-    """Training uses the lower bound only: the other output's gradient arrives as None."""
+    """Training uses the lower bound only: the other output's gradient arrives as zeros
+    (autograd materialises it before calling the hand-written backward)."""
     g = torch.Generator().manual_seed(1)
     coef = _away_from_zero(2, 3, 4, generator=g).requires_grad_()
     const = torch.randn(2, 4, dtype=torch.float64, generator=g).requires_grad_()
