@@ -37,6 +37,10 @@ from benchmarks.networks import NETWORKS
 
 STANDARD = "standard"  # plain training, no bounds
 TRAIN_METHODS = (STANDARD, "ibp", "ssip", "rsip-ibp", "rsip-ssip")
+#: a method name with this suffix: the same method's step with ``harden --compile``'s fused kernels
+COMPILED = " --compile"
+#: the methods whose training step the fused kernels change (those with an SSIP pass)
+COMPILABLE = ("ssip", "rsip-ssip")
 CERT_METHODS = ("rsip-ssip", "rsip")
 
 EPS = 0.2  # the paper's MRI radius "ε = 20"; timings barely depend on it
@@ -92,11 +96,12 @@ def compiled(model: nn.Module):
     return compile_network(model)
 
 
-def train_step(setup: Setup, method_name: str) -> Callable[[], None]:
+def train_step(setup: Setup, method_name: str, kernels=None) -> Callable[[], None]:
     """A closure running one step of the product's training loop (``robnet_svc.training``:
     ``RobustObjective`` and ``train_step``): forward in train mode, cross-entropy, for a bound
     method the margin bounds of the correctly classified samples in eval mode and the hinge
-    loss of paper Eq. 6-7, backward, Adam. ``standard`` is the same step with ``alpha = 0``."""
+    loss of paper Eq. 6-7, backward, Adam. ``standard`` is the same step with ``alpha = 0``.
+    ``kernels``: the bounder's fused activation kernels (``harden --compile``; None: eager)."""
     from robnet_svc.bounder import Bounder
     from robnet_svc.training import RobustObjective
     from robnet_svc.training import train_step as product_step
@@ -106,7 +111,8 @@ def train_step(setup: Setup, method_name: str) -> Callable[[], None]:
     alpha = 0.0 if method_name == STANDARD else ALPHA
     # ``standard``: alpha 0 never asks the bounder (any method will do)
     method = bound_method("ibp" if method_name == STANDARD else method_name, ordered=False)
-    objective = RobustObjective(Bounder(model, method, setup.perturbation, tuple(images.shape[1:])), alpha)
+    bounder = Bounder(model, method, setup.perturbation, tuple(images.shape[1:]), kernels=kernels)
+    objective = RobustObjective(bounder, alpha)
 
     def step() -> None:
         product_step(objective, optimiser, images, labels, eps=EPS, alpha=alpha, global_size=len(labels))
@@ -161,28 +167,50 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def compiled_kernels(method: str, device: torch.device) -> tuple[str, object, dict]:
+    """``(method without COMPILED, its kernels or None, {"compile_s"} or {})``: a name ending in
+    ``COMPILED`` gets the fused kernels, compiled (or loaded from torch's cache) here, untimed."""
+    if not method.endswith(COMPILED):
+        return method, None, {}
+    from robnet_svc.bounds.kernels import check_compiled_kernels
+
+    started = time.perf_counter()
+    kernels = check_compiled_kernels(device)
+    return method[:-len(COMPILED)], kernels, {"compile_s": time.perf_counter() - started}
+
+
 def measure_train(network: str, method: str, batch: int, device: torch.device,
                   warmup: int, repeats: int) -> dict:
-    """``{"step_s", "cpu_s", "peak_mem_mb"}`` of one training configuration (median wall and CPU s)."""
+    """``{"step_s", "cpu_s", "peak_mem_mb"}`` of one training configuration (median wall and CPU s;
+    ``method`` may end in ``COMPILED``)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    method, kernels, extra = compiled_kernels(method, device)
     setup = build(network, batch, device)
-    timing = median_seconds(train_step(setup, method), device, warmup, repeats)
-    return {"step_s": timing.wall_s, "cpu_s": timing.cpu_s, "peak_mem_mb": peak_memory_mb(device)}
+    timing = median_seconds(train_step(setup, method, kernels), device, warmup, repeats)
+    return {"step_s": timing.wall_s, "cpu_s": timing.cpu_s, "peak_mem_mb": peak_memory_mb(device), **extra}
 
 
-def measure_floor(network: str, batch: int, device: torch.device, warmup: int, repeats: int) -> dict:
+def measure_floor(network: str, batch: int, device: torch.device, warmup: int, repeats: int,
+                  method: str = "ssip") -> dict:
     """``{"ssip_pass_s", "floor_s", "ratio", "cpu_ratio", "floor_layout", "floor_<layout>_s"}``:
     SSIP bound pass ÷ forward of ``2(k+1)·B`` images, in wall time (``ratio``) and in CPU time
     (``cpu_ratio``). The forward is timed with NCHW and with channels-last tensors and weights
-    (the bound pass picks its layout, ``propagate._layout``); the floor is the faster of them."""
+    (the bound pass picks its layout, ``propagate._layout``); the floor is the faster of them.
+    ``method`` ``"ssip" + COMPILED``: the pass with the fused kernels."""
+    from robnet_svc.bounds.kernels import fused_activations
+
+    _, kernels, extra = compiled_kernels(method, device)
     setup = build(network, batch, device)
-    method, net = bound_method("ssip", ordered=False), compiled(setup.model)
+    bounds, net = bound_method("ssip", ordered=False), compiled(setup.model)
     big = setup.images.repeat(2 * (setup.num_coeffs + 1), 1, 1, 1)  # [2(k+1)B, C, H, W]
+
+    def ssip_pass() -> Tensor:
+        with fused_activations(kernels):
+            return bounds.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels)
+
     with torch.no_grad():
-        ssip_s = median_seconds(
-            lambda: method.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels),
-            device, warmup, repeats)
+        ssip_s = median_seconds(ssip_pass, device, warmup, repeats)
         floors = {"nchw": median_seconds(lambda: setup.model(big), device, warmup, repeats)}
         if big.dim() == 4:  # the forward in the other layout too; the floor is the faster one
             model_cl = copy.deepcopy(setup.model).to(memory_format=torch.channels_last)
@@ -192,7 +220,7 @@ def measure_floor(network: str, batch: int, device: torch.device, warmup: int, r
     floor_s = floors[layout]
     return {"ssip_pass_s": ssip_s.wall_s, "floor_s": floor_s.wall_s, "ratio": ssip_s.wall_s / floor_s.wall_s,
             "cpu_ratio": ssip_s.cpu_s / floor_s.cpu_s, "floor_layout": layout,
-            **{f"floor_{name}_s": t.wall_s for name, t in floors.items()}}
+            **{f"floor_{name}_s": t.wall_s for name, t in floors.items()}, **extra}
 
 
 def measure_cert(network: str, method: str, batch: int, device: torch.device,

@@ -11,6 +11,10 @@ followed by the analogue's (``benchmarks.peer``; ``--no-peer`` to skip) and the 
 printed beside issue 20's targets; on DM-small and DM-medium each training pair runs
 ``--rounds`` times, alternating, and each side reports its median.
 
+When torch can compile here (``--no-compile`` to skip), ``ssip`` and ``rsip-ssip`` are also
+timed with ``harden --compile``'s fused kernels (rows ``ssip --compile`` ...; in the same
+rounds as their peer pairs) and the SSIP pass with them (floor row ``DM-small --compile`` ...).
+
 Prints the table and every target as a ratio with PASS/MISS, writes the results JSON
 (``--out``) and rewrites this device's results section of ``docs/benchmarks.md`` (``--docs``).
 """
@@ -19,16 +23,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks import machine, peer, report
-from benchmarks.measure import CERT_METHODS, STANDARD, TRAIN_METHODS
+from benchmarks.measure import CERT_METHODS, COMPILABLE, COMPILED, STANDARD, TRAIN_METHODS
 from benchmarks.networks import NETWORKS, REAL_NETWORKS
 from benchmarks.worker import REPO, Job, run_here, run_isolated
 
@@ -55,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"only the real architectures ({', '.join(REAL_NETWORKS)} at 3x64x64): training "
                         f"steps at batch {REAL_BATCH}, 1 warm-up + 1 timed step, no certification")
     parser.add_argument("--no-peer", action="store_true", help="skip the auto_LiRPA analogues even when importable")
+    parser.add_argument("--no-compile", action="store_true",
+                        help=f"skip the {' and '.join(COMPILABLE)} steps with harden --compile's fused kernels")
     parser.add_argument("--rounds", type=int, default=3,
                         help="peer mode: each training pair (ours, auto_LiRPA's analogue) on "
                         f"{' and '.join(ROUNDS_NETWORKS)} runs this many times, alternating, each in a fresh process; "
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, help="markdown file whose results section is rewritten "
                         "(default docs/benchmarks.md for a full run; --quick, --real, --networks: none)")
     args = parser.parse_args(argv)
+    args.compile = not args.no_compile  # main turns it off where torch cannot compile
     if args.real:
         args.networks = args.networks or list(REAL_NETWORKS)
         args.warmup = 1 if args.warmup is None else args.warmup
@@ -123,12 +131,16 @@ def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], lis
     with_peer = args.peer
     jobs = []
 
-    def add(job: Job) -> None:  # ours, then (interleaved) the auto_LiRPA analogue of the same job
+    def add(job: Job) -> None:
+        """Ours, then (interleaved) the auto_LiRPA analogue of the same job, then ours with the
+        fused kernels (when compiling and the method has an SSIP pass)."""
+        fused = ([replace(job, method=job.method + COMPILED)] if args.compile and job.kind == "train"
+                 and job.method in COMPILABLE else [])
         if not (with_peer and peer.ANALOGUES.get(job.method, (None, None))[1] == job.kind):
-            jobs.append(job)
+            jobs.extend([job, *fused])
             return
         rounds = max(1, args.rounds) if job.kind == "train" and job.network in ROUNDS_NETWORKS else 1
-        jobs.extend([job, Job(f"peer-{job.kind}", *list(asdict(job).values())[1:])] * rounds)
+        jobs.extend([job, replace(job, kind=f"peer-{job.kind}"), *fused] * rounds)
 
     for net in networks:
         for m in methods:
@@ -137,6 +149,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], lis
             jobs += [make("train", net, m, args.mem_batch) for m in methods]
         if not args.real and ("ssip" in args.methods or "rsip-ssip" in args.methods):
             jobs.append(make("floor", net, "ssip", args.batch))
+            if args.compile:
+                jobs.append(make("floor", net, "ssip" + COMPILED, args.batch))
         for m in args.cert_methods:
             if m == "rsip":
                 batch = args.rsip_cert_batch or RSIP_CERT_BATCH.get(net, 1)
@@ -153,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     description = machine.describe(device)
     missing = peer.unavailable()
     args.peer = not args.no_peer and missing is None
+    no_compiler = None if device.type == "cuda" or shutil.which(os.environ.get("CXX", "g++")) else \
+        "no C++ compiler: the --compile steps are skipped"
+    args.compile = args.compile and no_compiler is None
     networks, jobs = plan(args, device)
     load_start = os.getloadavg()[0]
     print(f"machine: {description}; load average {load_start:.1f}", flush=True)
     print("peer mode: " + ("auto_LiRPA analogues interleaved" if args.peer else "off (--no-peer)" if args.no_peer
                            else missing), flush=True)
+    print("compiled kernels: " + ("timed too (ssip and rsip-ssip with --compile)" if args.compile
+                                  else "off (--no-compile)" if args.no_compile else no_compiler), flush=True)
     print(f"{len(jobs)} measurements on {', '.join(networks)}; batch {args.batch}, "
           f"{args.warmup} warm-up + {args.repeats} timed steps each", flush=True)
 
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             key = (job.network, job.method, job.batch)
             train[key] = combine_rounds(repeated.setdefault(("ours",) + key, []), got)
         elif job.kind == "floor":
-            floor[job.network] = got
+            floor[job.network + job.method.removeprefix("ssip")] = got  # "DM-small", "DM-small --compile"
         else:
             cert[(job.network, job.method)] = {"batch": job.batch, **got}
         summary = got.get("error") or ", ".join(f"{k}={v:.4g}" for k, v in got.items() if isinstance(v, float))

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Job:
-    """One measurement: ``kind`` in ``measure.KINDS``; ``method`` unused by ``floor`` (for the
+    """One measurement: ``kind`` in ``measure.KINDS``; ``method`` may end in ``measure.COMPILED``
+    (``harden --compile``'s fused kernels; ``floor``: ``ssip`` or ``ssip --compile``; the
     ``peer-*`` kinds: our method whose auto_LiRPA analogue is measured)."""
 
     kind: str
@@ -51,7 +52,7 @@ def run_here(job: Job) -> dict:
     keep_freed_memory()  # the same allocator settings for every job, ours and the peer's
     device = torch.device(job.device)
     if job.kind == "floor":
-        return measure.measure_floor(job.network, job.batch, device, job.warmup, job.repeats)
+        return measure.measure_floor(job.network, job.batch, device, job.warmup, job.repeats, job.method)
     return measure.KINDS[job.kind](job.network, job.method, job.batch, device, job.warmup, job.repeats)
 
 

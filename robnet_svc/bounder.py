@@ -30,13 +30,16 @@ class Bounder:
     """``margin_lower(images, labels, eps=None)`` of ``module`` under ``method`` over ``perturbation``'s sets.
 
     ``module``: the classifier, or its compiled ``BoundNetwork``; ``image_shape``: ``(C, H, W)``
-    of its inputs; ``rules``: the op-rule table (None: the registry's, built-ins and plugins).
+    of its inputs; ``rules``: the op-rule table (None: the registry's, built-ins and plugins);
+    ``kernels``: the fused activation kernels its bounds run with (``harden --compile``, training
+    only: robnet_svc/bounds/kernels.py; None: the eager engine). The copies ``for_module`` and
+    ``bound_copy`` make (certification's) never use them.
     RobnetError (one line) when the method cannot bound the perturbation's sets of that shape
     or the network has an unsupported operation.
     """
 
     def __init__(self, module: nn.Module, method, perturbation, image_shape: tuple[int, ...],
-                 rules: dict | None = None):
+                 rules: dict | None = None, kernels=None):
         from robnet_svc.bounds import compile_network
 
         reason = method.check(perturbation, tuple(image_shape))
@@ -46,6 +49,7 @@ class Bounder:
         self.method = method
         self.perturbation = perturbation
         self.image_shape = tuple(image_shape)
+        self.kernels = kernels
 
     @property
     def module(self) -> nn.Module:
@@ -56,11 +60,14 @@ class Bounder:
         """``[B, K-1]`` sound lower bounds of ``logit[label] - logit[i]`` (``i != label``, increasing)
         over the perturbation's set of each image ``images [B, C, H, W]`` (at ``eps``, default the
         perturbation's own radius); differentiable w.r.t. the parameters; dtype and device of ``images``."""
-        return self.method.margin_lower(self.net, self.perturbation.affine_set(images, eps=eps), labels)
+        return self.margin_lower_over(self.perturbation.affine_set(images, eps=eps), labels)
 
     def margin_lower_over(self, aset, labels: Tensor) -> Tensor:
         """The same over a given ``AffineSet`` (certification's per-sample radius search scales one)."""
-        return self.method.margin_lower(self.net, aset, labels)
+        from robnet_svc.bounds.kernels import fused_activations
+
+        with fused_activations(self.kernels):
+            return self.method.margin_lower(self.net, aset, labels)
 
     def for_module(self, module: nn.Module) -> "Bounder":
         """The same method and perturbation for another network of the same inputs (the exported

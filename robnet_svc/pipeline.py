@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -238,7 +239,19 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, reporter
     # the service's check leaves the model where it is.
     module = imported.module if check_only else imported.module.to(device)
     certifier = Bounder(module, cert_method, perturbation, imported.image_shape, rules=registry.rules())
-    trainer = Bounder(certifier.net, train_method, perturbation, imported.image_shape) if training else None
+    trainer = None
+    if training:
+        kernels = None
+        if options.compile and not check_only:
+            from robnet_svc.bounds.kernels import check_compiled_kernels
+
+            shown = reporter if dist.is_main else SILENT
+            started = time.perf_counter()
+            with shown.task("compiling the fused kernels (--compile)"):
+                kernels = check_compiled_kernels(device)
+            shown.log(f"--compile: fused kernels ready in {time.perf_counter() - started:.0f} s "
+                      "(torch keeps them in its on-disk cache)")
+        trainer = Bounder(certifier.net, train_method, perturbation, imported.image_shape, kernels=kernels)
     radius = radius_settings(options)
     if radius is not None:
         from robnet_svc.certify import check_radius_support

@@ -5,6 +5,8 @@ job, not the test suite's."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["standard", "ibp", "ssip", "rsip-ibp", "rsip-ssip"]
+#: the run also times ssip and rsip-ssip with harden --compile's fused kernels where torch can compile
+COMPILES = shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -20,7 +24,7 @@ def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
                "--warmup", "0", "--repeats", "1", "--cert-batch", "4", "--rsip-cert-batch", "2",
                "--threads", "1", "--out", str(tmp_path / "results.json"),
                "--docs", str(tmp_path / "benchmarks.md"), *extra]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_benchmark_command_writes_issue7_results(tmp_path):
@@ -32,13 +36,15 @@ def test_benchmark_command_writes_issue7_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"machine", "rows", "ssip_floor_ratio", "cert_samples_per_s"}
     assert "cores" in results["machine"] and "torch" in results["machine"]
-    assert [r["method"] for r in results["rows"]] == METHODS
+    fused = ["ssip --compile", "rsip-ssip --compile"] if COMPILES else []
+    assert [r["method"] for r in results["rows"]] == METHODS[:3] + fused[:1] + METHODS[3:] + fused[1:]
     for row in results["rows"]:
         assert set(row) == {"network", "method", "step_s", "ratio_to_standard", "peak_mem_mb"}
         assert row["network"] == "tiny"
         assert row["step_s"] > 0 and row["ratio_to_standard"] > 0 and row["peak_mem_mb"] > 0, row
     assert results["rows"][0]["ratio_to_standard"] == pytest.approx(1.0)
     assert results["ssip_floor_ratio"]["tiny"] > 0
+    assert ("tiny --compile" in results["ssip_floor_ratio"]) == COMPILES
     assert set(results["cert_samples_per_s"]["tiny"]) == {"rsip-ssip", "rsip"}
     assert all(v > 0 for v in results["cert_samples_per_s"]["tiny"].values())
 
@@ -82,7 +88,15 @@ def test_peer_jobs_follow_their_analogue_and_the_real_option_is_short():
     for ours, kind in (("rsip-ibp", "train"), ("ssip", "train"), ("rsip-ssip", "train"), ("rsip", "cert")):
         at = kinds.index((kind, ours))
         assert kinds[at + 1] == (f"peer-{kind}", ours)
+        # the step with --compile's fused kernels follows the pair, for the methods with an SSIP pass
+        assert (kinds[at + 2:at + 3] == [("train", ours + " --compile")]) == (ours in ("ssip", "rsip-ssip"))
     assert ("peer-train", "ibp") not in kinds and ("peer-train", "standard") not in kinds
+    assert ("floor", "ssip --compile") in kinds
+
+    args = parse_args(["--networks", "tiny", "--mem-batch", "0", "--no-compile"])
+    args.peer = True
+    _, jobs = plan(args, torch.device("cpu"))
+    assert not [j for j in jobs if j.method.endswith(" --compile")]
 
     args = parse_args(["--real"])
     args.peer = False
@@ -193,3 +207,17 @@ def test_an_allocation_failure_is_reported_as_out_of_memory():
                        "you tried to allocate 3221225472 bytes.")
     assert error_line(exc).startswith("out of memory") and "3221225472 bytes" in error_line(exc)
     assert error_line(ValueError("bad\nsecond")) == "ValueError: bad"
+
+
+def test_peer_targets_show_the_compiled_step_beside_the_default_one():
+    """A training pair's ratio is printed for our default step and, when it was timed, for the
+    step with ``--compile``'s fused kernels, both against the same auto_LiRPA figure."""
+    from benchmarks.report import peer_targets
+
+    train = {("DM-small", "ssip", 64): {"step_s": 1.5, "cpu_s": 1.4},
+             ("DM-small", "ssip --compile", 64): {"step_s": 1.0, "cpu_s": 0.9}}
+    peers = {("train", "DM-small", "ssip", 64): {"step_s": 2.0, "cpu_s": 2.0}}
+    lines = [t.line() for t in peer_targets(train, {}, peers)]
+    assert lines == ["MISS  ssip / auto_LiRPA Forward [DM-small, batch 64]: 0.75 (CPU time 0.70), target <= 0.60",
+                     "PASS  ssip --compile / auto_LiRPA Forward [DM-small, batch 64]: 0.50 (CPU time 0.45), "
+                     "target <= 0.60"]

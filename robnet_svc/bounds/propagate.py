@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from robnet_svc.bounds.graph import Frame
+from robnet_svc.bounds.kernels import active_kernels, fused_step
 from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Relaxation, SymbolicBounds
 
 
@@ -184,6 +185,8 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
 
     ``pre_only``: the caller needs only ``pre`` (RSIP-SSIP), so the pass stops once the last
     activation's input bounds are known (``intervals``/``symbolic`` stay None after it).
+    Inside ``kernels.fused_activations`` (training with ``--compile``) the symbolic step at an
+    activation with a ``fused_relaxation`` runs as fused kernels (``kernels.fused_step``).
     """
     n = len(frame.nodes)
     intervals: list[Interval | None] = [None] * n
@@ -195,6 +198,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
         weights, offset = aset.dense()
         syms[0] = SymbolicBounds(Equation(layout(weights, 2), layout(offset)), None)
     last_activation = max((i for i in range(1, n) if frame.is_nonlinear(i)), default=0) if pre_only else n
+    kernels = active_kernels() if symbolic else None  # fused, compiled activation steps (training)
     for i in range(1, n):
         node = frame.nodes[i]
         rule = frame.rule(i)
@@ -222,6 +226,13 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
             lower, upper = ins[0].lower, ins[0].upper
             if symbolic:
                 sym = syms[node.inputs[0]]
+                relaxation = getattr(rule, "fused_relaxation", None)
+                if kernels is not None and relaxation is not None and sym.radius is not None and i != last_activation:
+                    result.pre[i], syms[i] = fused_step(kernels, relaxation, sym, ins[0],
+                                                        None if tighter is None else tighter.get(i), aset,
+                                                        _InOrder.of(sym.centre.coef))
+                    intervals[i] = Interval.from_bounds(*rule.interval(result.pre[i].lower, result.pre[i].upper))
+                    continue
                 lo_eq, up_eq = _lower_upper(sym)  # formed once: concretised here, relaxed below
                 sym_lower, sym_upper = concretize_pair(lo_eq, up_eq, aset)
                 lower, upper = torch.maximum(lower, sym_lower), torch.minimum(upper, sym_upper)

@@ -167,6 +167,11 @@ class ActivationRule(OpRule):
     """An elementwise non-linear activation ``y = σ(x)``."""
 
     family = "activation"
+    #: None, or a function ``(lower, upper) -> Relaxation`` equal to ``relax`` that
+    #: ``torch.compile`` can trace whole (tensor code, no host synchronisation; non-negative
+    #: slopes): then ``harden --compile`` runs this activation's SSIP step as fused kernels
+    #: (robnet_svc/bounds/kernels.py). The ReLU has one.
+    fused_relaxation = None
 
     def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         """Concrete bounds of ``σ(x)`` for ``x in [lower, upper]``."""

@@ -19,6 +19,11 @@ class ReluRule(ActivationRule):
 
     nonneg_slopes = True
 
+    @staticmethod
+    def fused_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
+        """``relax`` as the fused kernels trace it (robnet_svc/bounds/kernels.py)."""
+        return relu_relaxation(lower, upper)
+
     def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         return torch.relu(lower), torch.relu(upper)
 

@@ -1,0 +1,224 @@
+"""Fused, compiled kernels for SSIP's step at a ReLU in training (``harden --compile``).
+
+At an activation, SSIP's forward pass (``propagate.forward_pass``) forms ``Lo``/``Up`` from
+centre–radius rows ``(C, R)`` ``[B, k, N]``, concretises them over the coefficient box, relaxes
+the activation on the resulting bounds and writes the next rows. Eagerly that is about 11
+full-size passes forward and 20 backward (docs/benchmarks.md, *Where the time goes*), and no
+regrouping of eager ops gets below it. Here the step is one autograd Function whose work runs
+in three kernels that ``torch.compile`` fuses into loops reading each full-size tensor once or
+twice:
+
+``forward``     (C, R, box, interval bounds) -> concretised bounds, slopes, next rows
+                ``C' = (h_u + h_l)·C + (h_u − h_l)·R``, ``R' = (h_u − h_l)·C + (h_u + h_l)·R``
+                (``h`` half the slopes; the same algebra as ``Lo' = s_l·Lo``, ``Up' = s_u·Up``)
+``slope_grads`` (∂C', ∂R', C, R) -> ∂h_l = Σ_k (∂C' − ∂R')·Lo, ∂h_u = Σ_k (∂C' + ∂R')·Up
+``row_grads``   -> ∂C, ∂R from the rows' part and the concretisation's
+                (``∂lower/∂Lo = mid − rad·sign(Lo)``, as ``propagate._Concretize``)
+
+Between the two backward kernels the per-neuron part (the relaxation on ``[B, N]`` tensors) is
+differentiated by autograd on a recomputed graph. Only the inputs ``C``, ``R`` are saved at full
+size, as many bytes as the eager step keeps.
+
+The kernels compute the eager step's values in another summation order, equal up to rounding.
+They serve training only: a ``Bounder`` built with ``kernels`` runs its bounds inside
+``fused_activations``; certification's bounders never are, so certificates come from the
+eager engine alone. Without the context (the default) nothing here runs.
+
+An activation takes part when its rule has a ``fused_relaxation``: a module-level function
+``(lower, upper) -> Relaxation`` equal to ``relax``, with non-negative slopes and no host
+synchronisation, which the compiled forward kernel traces (the ReLU's).
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, SymbolicBounds
+from robnet_svc.errors import RobnetError
+
+
+def _per_neuron(s_lo: Tensor, s_up: Tensor, c_const: Tensor, r_const: Tensor, iv_lo: Tensor, iv_up: Tensor,
+                t_lo: Tensor, t_up: Tensor, relaxation: Callable):
+    """The ``[B, N]`` part: bounds (symbolic ∩ interval ∩ tighter), half slopes, next constants."""
+    lo_const, up_const = c_const - r_const, c_const + r_const
+    lower = torch.maximum(torch.maximum(iv_lo, lo_const + s_lo), t_lo)
+    upper = torch.minimum(torch.minimum(iv_up, up_const + s_up), t_up)
+    r = relaxation(lower, upper)
+    h_lo, h_up = r.lower_slope * 0.5, r.upper_slope * 0.5
+    centre_const = h_up * up_const + h_lo * lo_const + (r.upper_bias + r.lower_bias) * 0.5
+    radius_const = h_up * up_const - h_lo * lo_const + (r.upper_bias - r.lower_bias) * 0.5
+    return lower, upper, h_lo, h_up, centre_const, radius_const
+
+
+def _forward(c: Tensor, r: Tensor, c_const: Tensor, r_const: Tensor, mid: Tensor, rad: Tensor,
+             iv_lo: Tensor, iv_up: Tensor, t_lo: Tensor, t_up: Tensor, relaxation: Callable):
+    lo, up = c - r, c + r
+    m, q = mid.unsqueeze(-1), rad.unsqueeze(-1)  # [B, k, 1]
+    s_lo = (m * lo - q * lo.abs()).sum(1)
+    s_up = (m * up + q * up.abs()).sum(1)
+    lower, upper, h_lo, h_up, centre_const, radius_const = _per_neuron(
+        s_lo, s_up, c_const, r_const, iv_lo, iv_up, t_lo, t_up, relaxation)
+    a, b = (h_up + h_lo).unsqueeze(1), (h_up - h_lo).unsqueeze(1)
+    return s_lo, s_up, lower, upper, h_lo, h_up, a * c + b * r, b * c + a * r, centre_const, radius_const
+
+
+def _slope_grads(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    return ((g_c - g_r) * (c - r)).sum(1), ((g_c + g_r) * (c + r)).sum(1)
+
+
+def _row_grads(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor, h_lo: Tensor, h_up: Tensor, mid: Tensor,
+               rad: Tensor, g_s_lo: Tensor, g_s_up: Tensor) -> tuple[Tensor, Tensor]:
+    m, q = mid.unsqueeze(-1), rad.unsqueeze(-1)
+    g_lo = h_lo.unsqueeze(1) * (g_c - g_r) + g_s_lo.unsqueeze(1) * (m - q * torch.sign(c - r))
+    g_up = h_up.unsqueeze(1) * (g_c + g_r) + g_s_up.unsqueeze(1) * (m + q * torch.sign(c + r))
+    return g_lo + g_up, g_up - g_lo
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The three kernels of the fused step, compiled (``compiled_kernels``) or plain (``EAGER``:
+    the same functions run op by op, slower than the eager engine; kept for tests)."""
+
+    forward: Callable
+    slope_grads: Callable
+    row_grads: Callable
+
+
+EAGER = Kernels(_forward, _slope_grads, _row_grads)
+
+
+@functools.cache
+def compiled_kernels() -> Kernels:
+    """The kernels through ``torch.compile`` (dynamic shapes: one compilation serves every layer
+    and batch size; C++ on the CPU, Triton on CUDA), compiled on first use and cached on disk by
+    torch (``TORCHINDUCTOR_CACHE_DIR``)."""
+    return Kernels(*(torch.compile(f, dynamic=True, fullgraph=True) for f in (_forward, _slope_grads, _row_grads)))
+
+
+def check_compiled_kernels(device: torch.device) -> Kernels:
+    """The compiled kernels, after running the fused step forward and backward once on tiny
+    tensors on ``device`` (which compiles them); RobnetError (one line) when torch cannot
+    compile here (no C++ compiler on the CPU, no Triton on CUDA)."""
+    from robnet_svc.bounds.ops.relu import ReluRule
+
+    kernels = compiled_kernels()
+    gen = torch.Generator().manual_seed(0)
+    b, k, n = 2, 3, 5  # no size 0 or 1: torch specialises those
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    rows = [rand(b, k, n).requires_grad_() for _ in range(2)]
+    mid, rad = rand(b, k), rand(b, k).abs()
+    try:
+        iv_lo, iv_up = torch.full((b, n), -9.0, device=device), torch.full((b, n), 9.0, device=device)
+        outs = _FusedStep.apply(kernels, ReluRule.fused_relaxation, *rows, rand(b, n), rand(b, n).abs(), mid, rad,
+                                iv_lo, iv_up, iv_lo, iv_up)
+        sum(o.sum() for o in outs).backward()
+    except Exception as e:  # noqa: BLE001 - any failure of the compiler stack is the same answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        need = "a C++ compiler (g++, or the one named by $CXX)" if device.type == "cpu" else "Triton"
+        raise RobnetError(f"--compile: torch.compile cannot build the fused kernels on {device.type} "
+                          f"({type(e).__name__}: {reason[:200]}); it needs {need}: install it, or run without "
+                          "--compile") from None
+    return kernels
+
+
+def _plain(*ts: Tensor) -> list[Tensor]:
+    """The tensors as the compiled kernels take them: contiguous, and detached, so that the guards
+    torch.compile puts on its inputs (strides, ``requires_grad``, the base of a view) hold for
+    every call and one compilation serves them all. Rows arrive contiguous from ``fused_step``;
+    a gradient may not (a broadcast zero for an unused output, another layout from the op that
+    reads the rows): that one is copied."""
+    return [t.detach().contiguous() for t in ts]
+
+
+class _FusedStep(torch.autograd.Function):
+    """``(C, R, centre/radius constants, box mid/rad, interval and tighter bounds) -> (lower,
+    upper, C', R', constants')`` of one activation, rows ``[B, k, N]``, the rest ``[B, N]``
+    (``mid``/``rad`` ``[B, k]``); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, kernels: Kernels, relaxation: Callable, c, r, c_const, r_const, mid, rad,
+                iv_lo, iv_up, t_lo, t_up):
+        s_lo, s_up, lower, upper, h_lo, h_up, c2, r2, c2_const, r2_const = kernels.forward(
+            *_plain(c, r, c_const, r_const, mid, rad, iv_lo, iv_up, t_lo, t_up), relaxation)
+        ctx.kernels, ctx.relaxation = kernels, relaxation
+        ctx.save_for_backward(c, r, c_const, r_const, mid, rad, iv_lo, iv_up, t_lo, t_up, s_lo, s_up, h_lo, h_up)
+        return lower, upper, c2, r2, c2_const, r2_const
+
+    @staticmethod
+    def backward(ctx, g_lower, g_upper, g_c2, g_r2, g_c2_const, g_r2_const):
+        c, r, c_const, r_const, mid, rad, iv_lo, iv_up, t_lo, t_up, s_lo, s_up, h_lo, h_up = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_c2, g_r2, c, r = _plain(g_c2, g_r2, c, r)
+        g_h_lo, g_h_up = ctx.kernels.slope_grads(g_c2, g_r2, c, r)
+        with torch.enable_grad():  # the [B, N] part, recomputed
+            leaves = [t.detach().requires_grad_() for t in (s_lo, s_up, c_const, r_const, iv_lo, iv_up, t_lo, t_up)]
+            outs = _per_neuron(*leaves, ctx.relaxation)
+            small = torch.autograd.grad(outs, leaves, (g_lower, g_upper, g_h_lo, g_h_up, g_c2_const, g_r2_const),
+                                        allow_unused=True)
+        g_s_lo, g_s_up = (torch.zeros_like(s_lo) if g is None else g for g in small[:2])
+        g_c = g_r = g_mid = g_rad = None
+        if need[2] or need[3]:
+            g_c, g_r = ctx.kernels.row_grads(g_c2, g_r2, c, r, *_plain(h_lo, h_up, mid, rad, g_s_lo, g_s_up))
+        if need[6] or need[7]:  # the box (not a parameter in training; kept exact all the same)
+            lo, up = c - r, c + r
+            g_mid = (torch.bmm(lo, g_s_lo.unsqueeze(-1)) + torch.bmm(up, g_s_up.unsqueeze(-1))).squeeze(-1)
+            g_rad = (torch.bmm(up.abs(), g_s_up.unsqueeze(-1)) - torch.bmm(lo.abs(), g_s_lo.unsqueeze(-1))).squeeze(-1)
+        return (None, None, g_c, g_r, *small[2:4], g_mid, g_rad, *small[4:])
+
+
+_ACTIVE: ContextVar[Kernels | None] = ContextVar("robnet_svc_fused_kernels", default=None)
+
+
+@contextmanager
+def fused_activations(kernels: Kernels | None) -> Iterator[None]:
+    """Within it, SSIP's forward passes run the fused step with ``kernels`` at every activation
+    that supports it (None: the eager engine, as outside)."""
+    token = _ACTIVE.set(kernels)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_kernels() -> Kernels | None:
+    return _ACTIVE.get()
+
+
+def fused_step(kernels: Kernels, relaxation: Callable, sym: SymbolicBounds, interval: Interval,
+               tighter: PreActivationBounds | None, aset, order) -> tuple[PreActivationBounds, SymbolicBounds]:
+    """The activation's input bounds and its output's SSIP bounds from its input's ``sym`` (with a
+    radius) and ``interval``, intersected with ``tighter``; ``order``: the rows' memory order
+    (``propagate._InOrder``), in which every tensor is flattened."""
+    shape = order.node(sym.centre.const).shape
+
+    def rows(t: Tensor) -> Tensor:
+        return order.rows(t).flatten(2)
+
+    def node(t: Tensor) -> Tensor:
+        return order.node(t).flatten(1)
+
+    iv_lo, iv_up = node(interval.lower), node(interval.upper)
+    t_lo, t_up = (iv_lo, iv_up) if tighter is None else (node(tighter.lower), node(tighter.upper))
+    mid, rad = (aset.lower + aset.upper) / 2, (aset.upper - aset.lower) / 2
+    lower, upper, c, r, c_const, r_const = _FusedStep.apply(
+        kernels, relaxation, rows(sym.centre.coef), rows(sym.radius.coef), node(sym.centre.const),
+        node(sym.radius.const), mid, rad, iv_lo, iv_up, t_lo, t_up)
+
+    def back_node(t: Tensor) -> Tensor:
+        return order.back_node(t.reshape(shape))
+
+    def back_rows(t: Tensor) -> Tensor:
+        return order.back_rows(t.reshape(t.shape[0], t.shape[1], *shape[1:]))
+
+    return (PreActivationBounds(back_node(lower), back_node(upper)),
+            SymbolicBounds(Equation(back_rows(c), back_node(c_const)), Equation(back_rows(r), back_node(r_const))))

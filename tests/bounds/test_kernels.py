@@ -1,0 +1,157 @@
+"""The fused activation step of ``harden --compile`` (robnet_svc/bounds/kernels.py).
+
+- its hand-written backward against finite differences (float64, the kernels run op by op);
+- on random networks of the soundness suite (float64), inside ``fused_activations`` the
+  training methods return the eager engine's bounds (to rounding) and stay sound at sampled
+  points;
+- the kernels compiled by ``torch.compile`` give the eager engine's margins and parameter
+  gradients on a channels-last CNN and an MLP, across batch sizes;
+- a ``Bounder`` runs its own kernels and certification's copies run none.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from robnet_svc.bounder import Bounder
+from robnet_svc.bounds import compile_network
+from robnet_svc.bounds.kernels import EAGER, _FusedStep, active_kernels, check_compiled_kernels, fused_activations
+from robnet_svc.bounds.ops.relu import ReluRule
+from robnet_svc.perturbations.bias_field import BiasField
+from robnet_svc.plugins import load_registry
+
+from .strategies import build, check_sound, make_set, perturbation_inputs, recipes, sampled_margins
+from .test_soundness import NUM_SAMPLES, PROPERTY
+
+TRAINING = ("ssip", "rsip-ssip")
+
+
+def _step_inputs(b: int, k: int, n: int, seed: int, tighter: bool) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+    rows = [rand(b, k, n), rand(b, k, n, scale=0.3)]
+    consts = [rand(b, n), rand(b, n, scale=0.3)]
+    mid, rad = torch.randn(b, k, generator=gen, dtype=torch.float64), torch.rand(b, k, generator=gen,
+                                                                                  dtype=torch.float64)
+    iv_lo, iv_up = rand(b, n, scale=3.0), None
+    iv_up = (iv_lo.detach() + 6 * torch.rand(b, n, generator=gen, dtype=torch.float64)).requires_grad_()
+    t_lo, t_up = ((iv_lo.detach() + 0.5).requires_grad_(), (iv_up.detach() - 0.5).requires_grad_()) if tighter \
+        else (iv_lo, iv_up)
+    return [*rows, *consts, mid.requires_grad_(), rad.requires_grad_(), iv_lo, iv_up, t_lo, t_up]
+
+
+@pytest.mark.parametrize("tighter", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_step_backward_matches_finite_differences(seed, tighter):
+    """Every input's gradient (rows, constants, the box, interval and tighter bounds), all
+    outputs used; random values keep every neuron off the relaxation's kinks."""
+    inputs = _step_inputs(3, 4, 7, seed, tighter)
+    torch.autograd.gradcheck(lambda *t: _FusedStep.apply(EAGER, ReluRule.fused_relaxation, *t), inputs,
+                             eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _fused_vs_eager(module: nn.Module, aset, labels, fused, method: str, ordered: bool):
+    net = compile_network(module)
+    bound = load_registry().bound_method(method)(ordered=ordered)
+    eager = bound.margin_lower(net, aset, labels)
+    with fused_activations(fused):
+        assert active_kernels() is fused
+        lower = bound.margin_lower(net, aset, labels)
+    return eager, lower
+
+
+@settings(**PROPERTY, max_examples=6)
+@given(data=st.data(), clip=st.booleans(), pert_id=st.sampled_from(["bias-mult-o2", "bias-both-o1", "contrast"]))
+def test_fused_bounds_equal_the_eager_engine_and_are_sound(data, clip, pert_id):
+    recipe = data.draw(recipes(), label="recipe")
+    images, labels, eps = data.draw(perturbation_inputs(recipe), label="inputs")
+    module = build(recipe).double()  # float64: the two summation orders agree to ~1e-15
+    # no pixel exactly at 0 or 1: there the additive field's box is symmetric about the clip's
+    # kink, u = −l exactly, and rounding may break the ReLU's tie α = [u >= −l] either way (two
+    # different, equally sound lines)
+    aset = make_set(pert_id, images.double() * 0.98 + 0.01, eps, clip)
+    sampled = sampled_margins(module, aset, labels, NUM_SAMPLES)
+    for method in TRAINING:
+        for ordered in (False, True):
+            eager, fused = _fused_vs_eager(module, aset, labels, EAGER, method, ordered)
+            scale = max(1.0, eager.abs().max().item())
+            torch.testing.assert_close(fused, eager, rtol=0, atol=1e-10 * scale,
+                                       msg=lambda m: f"{method} ordered={ordered} {pert_id} {recipe}: {m}")
+            check_sound({f"{method} fused": fused.detach()}, sampled, f"{pert_id}, clip={clip}, {recipe}")
+
+
+class _CNN(nn.Module):
+    """Wide enough for the channels-last layout (``Frame.prefers_channels_last``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 24)
+        self.fc2 = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc2(torch.relu(self.fc1(h.flatten(1))))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                         nn.Linear(16, 5))
+
+
+def _margins_and_grads(module: nn.Module, images, labels, method: str, kernels):
+    perturbation = BiasField(0.2, order=2, clip=(0.0, 1.0))
+    bounder = Bounder(module, load_registry().bound_method(method)(ordered=False), perturbation,
+                      tuple(images.shape[1:]), kernels=kernels)
+    module.zero_grad()
+    lower = bounder.margin_lower(images, labels)
+    torch.relu(1 - lower).sum().backward()
+    return lower.detach(), [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile needs a C++ compiler on the CPU")
+@pytest.mark.parametrize("make", [_CNN, _mlp], ids=["cnn", "mlp"])
+def test_compiled_kernels_give_the_eager_margins_and_gradients(make):
+    kernels = check_compiled_kernels(torch.device("cpu"))
+    torch.manual_seed(0)
+    module = make()
+    for batch in (6, 11):  # one compilation serves every shape (dynamic)
+        gen = torch.Generator().manual_seed(batch)
+        images, labels = torch.rand(batch, 3, 8, 8, generator=gen), torch.randint(0, 5, (batch,), generator=gen)
+        for method in TRAINING:
+            eager, eager_grads = _margins_and_grads(module, images, labels, method, None)
+            fused, fused_grads = _margins_and_grads(module, images, labels, method, kernels)
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+            for a, b in zip(fused_grads, eager_grads):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_a_bounder_runs_its_own_kernels_and_certification_copies_run_none():
+    module = _mlp()
+    perturbation = BiasField(0.1, order=1, clip=(0.0, 1.0))
+    seen = []
+
+    class Spy(load_registry().bound_method("ssip")):
+        def margin_lower(self, net, aset, labels):
+            seen.append(active_kernels())
+            return super().margin_lower(net, aset, labels)
+
+    bounder = Bounder(module, Spy(ordered=False), perturbation, (3, 8, 8), kernels=EAGER)
+    images, labels = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    with fused_activations(None):
+        bounder.margin_lower(images, labels)
+    for copy in (bounder.for_module(module), bounder.bound_copy(torch.float64)):
+        with fused_activations(EAGER):  # a caller's context does not reach a bounder without kernels
+            copy.margin_lower(images.to(next(copy.module.parameters()).dtype), labels)
+    assert seen == [EAGER, None, None]
