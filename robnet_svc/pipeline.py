@@ -242,10 +242,13 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, reporter
     trainer = None
     if training:
         kernels = None
-        if options.compile and not check_only:
+        shown = reporter if dist.is_main else SILENT
+        if options.compile and not check_only and not train_method.needs_dense:
+            shown.warn(f"--compile fuses the forward symbolic (SSIP) pass of ssip and rsip-ssip; --method "
+                       f"{train_method.name} has none, so it trains as without --compile")
+        elif options.compile and not check_only:
             from robnet_svc.bounds.kernels import check_compiled_kernels
 
-            shown = reporter if dist.is_main else SILENT
             started = time.perf_counter()
             with shown.task("compiling the fused kernels (--compile)"):
                 kernels = check_compiled_kernels(device)

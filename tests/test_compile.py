@@ -46,3 +46,11 @@ def test_compile_without_a_compiler_is_one_line_and_exit_2(digits_onnx, tmp_path
     assert len(lines) == 1 and "--compile" in lines[0] and "C++ compiler" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_compile_with_a_method_without_an_ssip_pass_warns_and_trains_as_usual(digits_onnx, tmp_path, capsys):
+    r = invoke(capsys, "harden", digits_onnx, *FAST, *FAST_TRAIN, "--method", "rsip-ibp", "--compile",
+               "--out", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert "warning: --compile fuses the forward symbolic (SSIP) pass" in r.err and "rsip-ibp" in r.err
+    assert "fused kernels ready" not in r.err

@@ -521,7 +521,8 @@ def back_substitute(frame: Frame, aset, start: int, lam: Tensor,
 
 
 def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box: PreActivationBounds,
-                  mask: Tensor | None, chunk_elements: int) -> PreActivationBounds:
+                  mask: Tensor | None, chunk_elements: int,
+                  after_chunk: Callable[[], None] | None = None) -> PreActivationBounds:
     """``box`` tightened by back-substitution from node ``p`` (its relaxations ``relax`` of the
     non-linear nodes before it) at the neurons ``mask [B, n]`` (None: all), ∩ ``box``.
 
@@ -529,7 +530,8 @@ def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box:
     a dummy index ``n`` whose results are dropped), and Λ = ``[+e_j; −e_j]`` for them runs in one
     backward pass per chunk, so lower and upper bounds share it (and its affine stretch down to
     the first non-linear node, ``back_substitute(both_signs=True)``); a chunk holds at most
-    ``chunk_elements`` Λ entries at the widest node of the network.
+    ``chunk_elements`` Λ entries at the widest node of the network; ``after_chunk`` (if given)
+    runs after each (full CROWN hands back fragmented heap there).
     """
     b, shape = aset.batch_size, frame.shapes[p]
     n = box.lower[0].numel()
@@ -556,6 +558,9 @@ def neuron_bounds(frame: Frame, aset, p: int, relax: dict[int, Relaxation], box:
         both = back_substitute(frame, aset, p, eye.reshape(b, m, *shape), relax, both_signs=True)
         lows.append(both[:, :m])
         ups.append(-both[:, m:])
+        del eye, both
+        if after_chunk is not None:
+            after_chunk()
     pad = lower.new_zeros((b, 1))
     lower_p, upper_p = torch.cat([lower, pad], 1), torch.cat([upper, pad], 1)
     tight_lo = torch.maximum(torch.cat(lows, 1), lower_p.gather(1, idx))

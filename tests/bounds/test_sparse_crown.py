@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from robnet_svc.bounds import compile_network
 from robnet_svc.bounds.methods import RSIP
 
-from .strategies import FAMILIES, OP_FAMILIES, build, make_set, perturbation_inputs, recipes
+from .strategies import FAMILIES, OP_FAMILIES, Recipe, build, make_set, perturbation_inputs, recipes
 from .test_soundness import PROPERTY
 
 # activations with an ``unstable`` mask (piecewise linear) and ones without (smooth: all neurons)
@@ -93,3 +93,32 @@ def test_smooth_activations_need_every_neuron():
     frame = net.frame(make_set("linf", torch.rand(1, 1, 2, 2), 0.1, clip=False))
     (i,) = [i for i in range(len(frame.nodes)) if frame.is_activation(i)]
     assert frame.rule(i).unstable(-torch.ones(1, 4), torch.ones(1, 4)) is None
+
+
+class _TrimmedChunks(RSIP):
+    """Full CROWN that hands the free heap back after every chunk (a limit of 0 bytes)."""
+
+    chunk_elements = 1 << 10
+    heap_limit = 0
+
+
+def test_handing_the_heap_back_between_chunks_changes_no_bound():
+    """``RSIP.heap_limit``: above it full CROWN trims the heap after a chunk (the allocator tuned
+    as the command line tunes it); the bounds do not depend on it."""
+    import sys
+
+    from robnet_svc.bounds.alloc import keep_freed_memory, resident_bytes
+
+    keep_freed_memory()
+    if sys.platform.startswith("linux"):
+        assert resident_bytes() > 0
+    recipe = Recipe("cnn", 1, (6, 6), 3, 4, True, "none", False, False, False, 1, False, False, 0)
+    module = build(recipe).double()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(3, recipe.channels, *recipe.size, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, recipe.classes, (3,), generator=gen)
+    aset = make_set("bias-mult-o2", images, 0.1, clip=True)
+    net = compile_network(module)
+    trimmed = _TrimmedChunks().margin_lower(net, aset, labels)
+    plain = _SparseSmallChunks().margin_lower(net, aset, labels)
+    assert torch.equal(trimmed, plain)
