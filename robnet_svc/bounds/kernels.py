@@ -195,9 +195,11 @@ def active_kernels() -> Kernels | None:
 
 
 def fused_step(kernels: Kernels, relaxation: Callable, sym: SymbolicBounds, interval: Interval,
-               tighter: PreActivationBounds | None, aset, order) -> tuple[PreActivationBounds, SymbolicBounds]:
+               tighter: PreActivationBounds | None, box: tuple[Tensor, Tensor],
+               order) -> tuple[PreActivationBounds, SymbolicBounds]:
     """The activation's input bounds and its output's SSIP bounds from its input's ``sym`` (with a
-    radius) and ``interval``, intersected with ``tighter``; ``order``: the rows' memory order
+    radius) and ``interval``, intersected with ``tighter``; ``box``: the coefficient box's centre and
+    radius (``propagate.box_mid_rad``); ``order``: the rows' memory order
     (``propagate._InOrder``), in which every tensor is flattened."""
     shape = order.node(sym.centre.const).shape
 
@@ -209,7 +211,7 @@ def fused_step(kernels: Kernels, relaxation: Callable, sym: SymbolicBounds, inte
 
     iv_lo, iv_up = node(interval.lower), node(interval.upper)
     t_lo, t_up = (iv_lo, iv_up) if tighter is None else (node(tighter.lower), node(tighter.upper))
-    mid, rad = (aset.lower + aset.upper) / 2, (aset.upper - aset.lower) / 2
+    mid, rad = box
     lower, upper, c, r, c_const, r_const = _FusedStep.apply(
         kernels, relaxation, rows(sym.centre.coef), rows(sym.radius.coef), node(sym.centre.const),
         node(sym.radius.const), mid, rad, iv_lo, iv_up, t_lo, t_up)

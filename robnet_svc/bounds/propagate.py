@@ -199,6 +199,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
         syms[0] = SymbolicBounds(Equation(layout(weights, 2), layout(offset)), None)
     last_activation = max((i for i in range(1, n) if frame.is_nonlinear(i)), default=0) if pre_only else n
     kernels = active_kernels() if symbolic else None  # fused, compiled activation steps (training)
+    box = box_mid_rad(aset) if kernels is not None else None  # once per pass, for every fused step
     for i in range(1, n):
         node = frame.nodes[i]
         rule = frame.rule(i)
@@ -229,7 +230,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
                 relaxation = getattr(rule, "fused_relaxation", None)
                 if kernels is not None and relaxation is not None and sym.radius is not None and i != last_activation:
                     result.pre[i], syms[i] = fused_step(kernels, relaxation, sym, ins[0],
-                                                        None if tighter is None else tighter.get(i), aset,
+                                                        None if tighter is None else tighter.get(i), box,
                                                         _InOrder.of(sym.centre.coef))
                     intervals[i] = Interval.from_bounds(*rule.interval(result.pre[i].lower, result.pre[i].upper))
                     continue
