@@ -20,6 +20,7 @@ cached per input shape) and hands out the op rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class PlanNode:
     rule_cls: type[OpRule] | None  # None for the image input
     inputs: list[int] = field(default_factory=list)
     call: OpCall | None = None
+    clip_layer: bool = False  # one of the clipping layer's nodes (``_clip_nodes``)
 
 
 def _scale_shift(x: Tensor, scale: float, shift: float) -> Tensor:
@@ -93,11 +95,11 @@ def _clip_nodes(clip: tuple[float, float] | None) -> list[PlanNode]:
 
     def affine(name: str, scale: float, shift: float, parent: int) -> PlanNode:
         call = OpCall(name, "call_function", _scale_shift, None, (PERTURBED, scale, shift), {})
-        return PlanNode(name, _ClipAffine, [parent], call)
+        return PlanNode(name, _ClipAffine, [parent], call, clip_layer=True)
 
     def relu(name: str, parent: int) -> PlanNode:
         call = OpCall(name, "call_function", torch.relu, None, (PERTURBED,), {})
-        return PlanNode(name, ReluRule, [parent], call)
+        return PlanNode(name, ReluRule, [parent], call, clip_layer=True)
 
     return [
         affine("clip_shift", 1.0, -lo, 0),
@@ -424,6 +426,32 @@ class Frame:
     @property
     def output(self) -> int:
         return len(self.nodes) - 1
+
+    @functools.cached_property
+    def clip_end(self) -> int:
+        """The clipping layer's last node (nodes ``1..clip_end``), 0 when the pass has none."""
+        end = 0
+        while end + 1 < len(self.nodes) and self.nodes[end + 1].clip_layer:
+            end += 1
+        return end
+
+    def affine_path_to_output(self, i: int) -> bool:
+        """Whether node ``i``'s value reaches the output through affine nodes alone (so a tail
+        back-substitution, ``propagate.back_substitute`` with a frontier, goes past it)."""
+        consumers: dict[int, list[int]] = {}
+        for j, node in enumerate(self.nodes):
+            for p in node.inputs:
+                consumers.setdefault(p, []).append(j)
+        todo, seen = [i], set()
+        while todo:
+            j = todo.pop()
+            if j == self.output:
+                return True
+            for c in consumers.get(j, []):
+                if c not in seen and not self.is_nonlinear(c):
+                    seen.add(c)
+                    todo.append(c)
+        return False
 
 
 def compile_network(module: nn.Module, rules: dict | None = None) -> BoundNetwork:

@@ -200,7 +200,10 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
     last_activation = max((i for i in range(1, n) if frame.is_nonlinear(i)), default=0) if pre_only else n
     kernels = active_kernels() if symbolic else None  # fused, compiled activation steps (training)
     box = box_mid_rad(aset) if kernels is not None else None  # once per pass, for every fused step
-    for i in range(1, n):
+    start = 1
+    if symbolic and _clip_layer_in_one_step(frame, syms[0], last_activation):
+        start = _clip_layer_forward(frame, aset, result, tighter)
+    for i in range(start, n):
         node = frame.nodes[i]
         rule = frame.rule(i)
         ins = [intervals[j] for j in node.inputs]
@@ -257,6 +260,84 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
         if symbolic:
             syms[i] = _affine_forward(rule, bias, [syms[j] for j in node.inputs])
     return result
+
+
+def _clip_layer_in_one_step(frame: Frame, image: SymbolicBounds, last_activation: int) -> bool:
+    """Whether the SSIP pass may run the clipping layer as one step (``_clip_layer_forward``):
+    there is one, its input (the image) is exact, the pass goes past it, and no tail
+    back-substitution reads its inner nodes (it would, were the layer's output to reach the
+    network's output through affine nodes alone; ``_clip_layer_forward`` leaves them empty)."""
+    end = frame.clip_end
+    return (end > 0 and image.radius is None and last_activation > end
+            and not frame.affine_path_to_output(end))
+
+
+def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
+                        tighter: dict[int, PreActivationBounds] | None) -> int:
+    """The clipping layer's nodes ``1..e`` (``e = frame.clip_end``) of an SSIP pass in one step;
+    returns ``e + 1``, the next node to process.
+
+    Every node of the layer is element-wise with non-negative slopes (ReLUs and ``±x + t``) and
+    its input is the exact image ``x = W a + c``, so each node's lower and upper equations are
+    per-neuron affine functions of its own pixel: ``Lo_i = λ_i·x + lo_i``, ``Up_i = υ_i·x + up_i``
+    (``[B, N]`` scalars: a scale ``s < 0`` swaps them, ``λ' = s·υ``; a relaxation ``(s_l, b_l,
+    s_u, b_u)`` maps ``λ' = s_l·λ``, ``lo' = s_l·lo + b_l`` and ``υ``, ``up`` alike). A pixel's
+    range over the box is the image node's interval ``[mid − rad, mid + rad]`` (the pass has it),
+    so ``min Lo_i = λ_i·mid − |λ_i|·rad + lo_i``: the bounds of the node-by-node pass, whose
+    concretisation of ``λ_i·W`` sums the same products in another order. Only the output's rows
+    ``((υ ± λ)/2)·W`` are formed: two full-size passes where node by node the layer takes about
+    fifteen (two concretisations, the relaxed rows, two negations). Only the output node's
+    ``symbolic`` entry is set (``_clip_layer_in_one_step`` checks that no other is read)."""
+    end = frame.clip_end
+    intervals, syms = result.intervals, result.symbolic
+    image = syms[0].centre
+    order = _InOrder.of(image.coef)
+    shape = order.node(image.const).shape
+
+    def flat(t: Tensor) -> Tensor:
+        return order.node(t).flatten(1)
+
+    def node(t: Tensor) -> Tensor:
+        return order.back_node(t.reshape(shape))
+
+    pixel_mid, pixel_rad = flat(intervals[0].mid), flat(intervals[0].rad)
+    lam = ups = torch.ones_like(pixel_mid)
+    lo = up = torch.zeros_like(pixel_mid)
+    for i in range(1, end + 1):
+        rule, iv = frame.rule(i), intervals[i - 1]
+        if frame.is_activation(i):
+            sym_lower = torch.addcmul(lo, lam, pixel_mid).sub_(lam.abs().mul_(pixel_rad))
+            sym_upper = torch.addcmul(up, ups, pixel_mid).add_(ups.abs().mul_(pixel_rad))
+            pre = PreActivationBounds(torch.maximum(iv.lower, node(sym_lower)), torch.minimum(iv.upper, node(sym_upper)))
+            if tighter is not None and i in tighter:
+                pre = pre.intersect(tighter[i])
+            result.pre[i] = pre
+            intervals[i] = Interval.from_bounds(*rule.interval(pre.lower, pre.upper))
+            r = rule.relax(pre.lower, pre.upper)
+            s_lo, s_up = flat(r.lower_slope), flat(r.upper_slope)
+            lam, lo = s_lo * lam, torch.addcmul(flat(r.lower_bias), s_lo, lo)
+            ups, up = s_up * ups, torch.addcmul(flat(r.upper_bias), s_up, up)
+        else:  # the layer's affine parts ``scale·x + shift`` (python scalars)
+            intervals[i] = Interval.from_bounds(*rule.interval_bounds(iv.lower, iv.upper))
+            scale, shift = rule.call.args[1:]
+            if scale < 0:
+                lam, ups, lo, up = ups, lam, up, lo
+            lam, ups, lo, up = lam * scale, ups * scale, lo * scale + shift, up * scale + shift
+    # Lo = λ·(W a + c) + lo: rows λ·W, constant λ·c + lo (and Up alike), in centre–radius form
+    w, c = order.rows(image.coef).flatten(2), flat(image.const)
+    half_sum, half_diff = (ups + lam) * 0.5, (ups - lam) * 0.5
+
+    def rows(scale: Tensor) -> Tensor:
+        return order.back_rows((scale.unsqueeze(1) * w).reshape(w.shape[0], w.shape[1], *shape[1:]))
+
+    centre_const = node(torch.addcmul((up + lo) * 0.5, half_sum, c))
+    if torch.equal(lam, ups) and torch.equal(lo, up):  # Lo = Up: the output is exact
+        centre = image.coef if torch.equal(half_sum, torch.ones_like(half_sum)) else rows(half_sum)
+        syms[end] = SymbolicBounds(Equation(centre, centre_const), None)
+    else:
+        radius_const = node(torch.addcmul((up - lo) * 0.5, half_diff, c))
+        syms[end] = SymbolicBounds(Equation(rows(half_sum), centre_const), Equation(rows(half_diff), radius_const))
+    return end + 1
 
 
 def _layout(frame: Frame, aset) -> Callable[..., Tensor]:
