@@ -59,8 +59,16 @@ class _ClipAffine(AffineRule):
     Scales are ±1, so every part is at most a negation (no full-size multiply by 1)."""
 
     @property
+    def scale(self) -> float:
+        return self.call.args[1]
+
+    @property
+    def shift(self) -> float:
+        return self.call.args[2]
+
+    @property
     def has_bias(self) -> bool:  # noqa: D401 - the shift of the usual [0, 1] clip is 0 in front
-        return self.call.args[2] != 0
+        return self.shift != 0
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self.call.args[1:]

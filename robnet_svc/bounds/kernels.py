@@ -202,12 +202,7 @@ def fused_step(kernels: Kernels, relaxation: Callable, sym: SymbolicBounds, inte
     radius (``propagate.box_mid_rad``); ``order``: the rows' memory order
     (``propagate._InOrder``), in which every tensor is flattened."""
     shape = order.node(sym.centre.const).shape
-
-    def rows(t: Tensor) -> Tensor:
-        return order.rows(t).flatten(2)
-
-    def node(t: Tensor) -> Tensor:
-        return order.node(t).flatten(1)
+    rows, node = order.flat_rows, order.flat_node
 
     iv_lo, iv_up = node(interval.lower), node(interval.upper)
     t_lo, t_up = (iv_lo, iv_up) if tighter is None else (node(tighter.lower), node(tighter.upper))
@@ -217,10 +212,10 @@ def fused_step(kernels: Kernels, relaxation: Callable, sym: SymbolicBounds, inte
         node(sym.radius.const), mid, rad, iv_lo, iv_up, t_lo, t_up)
 
     def back_node(t: Tensor) -> Tensor:
-        return order.back_node(t.reshape(shape))
+        return order.unflat_node(t, shape)
 
     def back_rows(t: Tensor) -> Tensor:
-        return order.back_rows(t.reshape(t.shape[0], t.shape[1], *shape[1:]))
+        return order.unflat_rows(t, shape)
 
     return (PreActivationBounds(back_node(lower), back_node(upper)),
             SymbolicBounds(Equation(back_rows(c), back_node(c_const)), Equation(back_rows(r), back_node(r_const))))

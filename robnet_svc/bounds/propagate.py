@@ -57,13 +57,13 @@ def concretize_pair(lo_eq: Equation, up_eq: Equation, aset) -> tuple[Tensor, Ten
     shape = order.node(lo_eq.const).shape
 
     def flat(eq: Equation) -> tuple[Tensor, Tensor]:
-        return order.rows(eq.coef).flatten(2), order.node(eq.const).flatten(1)
+        return order.flat_rows(eq.coef), order.flat_node(eq.const)
 
     if lo_eq is up_eq:
         lower, upper = _Concretize.apply(*flat(lo_eq), None, None, mid, rad)
     else:
         lower, upper = _Concretize.apply(*flat(lo_eq), *flat(up_eq), mid, rad)
-    return order.back_node(lower.reshape(shape)), order.back_node(upper.reshape(shape))
+    return order.unflat_node(lower, shape), order.unflat_node(upper, shape)
 
 
 def memory_order(t: Tensor) -> list[int]:
@@ -102,6 +102,23 @@ class _InOrder:
 
     def back_rows(self, t: Tensor) -> Tensor:
         return t.permute(0, 1, *(d + 1 for d in self.inverse[1:]))
+
+    def flat_node(self, t: Tensor) -> Tensor:
+        """``[B, *shape]`` -> ``[B, N]``, neurons in memory order (a view when ``t`` is dense)."""
+        return self.node(t).flatten(1)
+
+    def flat_rows(self, t: Tensor) -> Tensor:
+        """``[B, R, *shape]`` -> ``[B, R, N]``, neurons in memory order."""
+        return self.rows(t).flatten(2)
+
+    def unflat_node(self, t: Tensor, shape) -> Tensor:
+        """``flat_node``'s inverse: ``[B, N]`` -> ``[B, *shape]``; ``shape``: ``node(x).shape`` of
+        such a node tensor ``x`` (the permuted shape)."""
+        return self.back_node(t.reshape(shape))
+
+    def unflat_rows(self, t: Tensor, shape) -> Tensor:
+        """``flat_rows``'s inverse: ``[B, R, N]`` -> ``[B, R, *shape]`` (``shape`` as in ``unflat_node``)."""
+        return self.back_rows(t.reshape(t.shape[0], t.shape[1], *shape[1:]))
 
     def equation(self, eq: Equation) -> Equation:
         return Equation(self.rows(eq.coef), self.node(eq.const))
@@ -294,11 +311,10 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
     order = _InOrder.of(image.coef)
     shape = order.node(image.const).shape
 
-    def flat(t: Tensor) -> Tensor:
-        return order.node(t).flatten(1)
+    flat = order.flat_node
 
     def node(t: Tensor) -> Tensor:
-        return order.back_node(t.reshape(shape))
+        return order.unflat_node(t, shape)
 
     pixel_mid, pixel_rad = flat(intervals[0].mid), flat(intervals[0].rad)
     lam = ups = torch.ones_like(pixel_mid)
@@ -319,16 +335,16 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
             ups, up = s_up * ups, torch.addcmul(flat(r.upper_bias), s_up, up)
         else:  # the layer's affine parts ``scale·x + shift`` (python scalars)
             intervals[i] = Interval.from_bounds(*rule.interval_bounds(iv.lower, iv.upper))
-            scale, shift = rule.call.args[1:]
+            scale, shift = rule.scale, rule.shift
             if scale < 0:
                 lam, ups, lo, up = ups, lam, up, lo
             lam, ups, lo, up = lam * scale, ups * scale, lo * scale + shift, up * scale + shift
     # Lo = λ·(W a + c) + lo: rows λ·W, constant λ·c + lo (and Up alike), in centre–radius form
-    w, c = order.rows(image.coef).flatten(2), flat(image.const)
+    w, c = order.flat_rows(image.coef), flat(image.const)
     half_sum, half_diff = (ups + lam) * 0.5, (ups - lam) * 0.5
 
     def rows(scale: Tensor) -> Tensor:
-        return order.back_rows((scale.unsqueeze(1) * w).reshape(w.shape[0], w.shape[1], *shape[1:]))
+        return order.unflat_rows(scale.unsqueeze(1) * w, shape)
 
     centre_const = node(torch.addcmul((up + lo) * 0.5, half_sum, c))
     if torch.equal(lam, ups) and torch.equal(lo, up):  # Lo = Up: the output is exact
@@ -519,8 +535,7 @@ def symbolic_frontier(fwd: ForwardResult) -> Frontier:
         sym = fwd.symbolic[i]
         order = _InOrder.of(lam)  # every tensor flattened in Λ's memory order (see row_dot)
 
-        def rows(t: Tensor) -> Tensor:  # [B, R, *shape] -> [B, R, n]
-            return order.rows(t).flatten(2)
+        rows = order.flat_rows  # [B, R, *shape] -> [B, R, n]
 
         coef = torch.einsum("bsn,bkn->bsk", rows(lam), rows(sym.centre.coef))
         const = row_dot(lam, sym.centre.const)
@@ -743,5 +758,5 @@ def row_dot(lam: Tensor, v: Tensor) -> Tensor:
     -> ``[B, S]``: one batched matrix–vector product, both flattened in Λ's memory order (a view
     of Λ in either layout; ``v`` is copied if its layout differs)."""
     order = _InOrder.of(lam)
-    flat_v = order.node(v.expand(lam.shape[0], *v.shape[1:])).flatten(1)
-    return torch.bmm(order.rows(lam).flatten(2), flat_v.unsqueeze(-1)).squeeze(-1)
+    flat_v = order.flat_node(v.expand(lam.shape[0], *v.shape[1:]))
+    return torch.bmm(order.flat_rows(lam), flat_v.unsqueeze(-1)).squeeze(-1)
