@@ -31,7 +31,10 @@ from torch import Tensor, fx, nn
 
 from robnet_svc.bounds.fuse import fuse_activations
 from robnet_svc.bounds.ops.base import PERTURBED, ActivationRule, AffineRule, OpCall, OpRule, RelaxedRule
+from robnet_svc.bounds.ops import conv as conv_ops
+from robnet_svc.bounds.ops.linear import LinearRule
 from robnet_svc.bounds.ops.relu import ReluRule
+from robnet_svc.bounds.ops.shape import ReshapeRule
 from robnet_svc.errors import RobnetError
 
 
@@ -394,6 +397,8 @@ class Frame:
 
     def __init__(self, nodes: list[PlanNode], shapes: list[tuple[int, ...]], env: dict[str, Any]):
         self.nodes, self.shapes, self._env = nodes, shapes, env
+        #: the convolutions' layout threshold for this frame's passes (None: ``CHANNELS_LAST_MIN``)
+        self.channels_last_min: int | None = None
         self._rules: dict[int, OpRule] = {}
         self._bias: dict[int, Tensor] = {}
 
@@ -425,10 +430,12 @@ class Frame:
 
     @property
     def prefers_channels_last(self) -> bool:
-        """Whether most of the rules that vote on the layout (2-D convolutions, ``ConvRule.channels_last``:
-        True when the convolution reads enough channels to run faster channels-last) ask for it."""
-        votes = [v for v in (getattr(self.rule(i), "channels_last", None) for i in range(1, len(self.nodes)))
-                 if v is not None]
+        """Whether most of the rules that vote on the layout (2-D convolutions, ``ConvRule.layout_vote``:
+        True when the convolution reads at least ``channels_last_min`` channels) ask for it."""
+        threshold = conv_ops.CHANNELS_LAST_MIN if self.channels_last_min is None else self.channels_last_min
+        votes = [rule.layout_vote(threshold) for rule in (self.rule(i) for i in range(1, len(self.nodes)))
+                 if hasattr(rule, "layout_vote")]
+        votes = [v for v in votes if v is not None]
         return 2 * sum(votes) > len(votes)
 
     @property
@@ -443,13 +450,34 @@ class Frame:
             end += 1
         return end
 
-    def affine_path_to_output(self, i: int) -> bool:
-        """Whether node ``i``'s value reaches the output through affine nodes alone (so a tail
-        back-substitution, ``propagate.back_substitute`` with a frontier, goes past it)."""
+    @functools.cached_property
+    def consumers(self) -> dict[int, list[int]]:
+        """Node -> the nodes reading it."""
         consumers: dict[int, list[int]] = {}
         for j, node in enumerate(self.nodes):
             for p in node.inputs:
                 consumers.setdefault(p, []).append(j)
+        return consumers
+
+    def dense_after_flatten(self, i: int) -> int | None:
+        """The ``nn.Linear`` node that alone reads node ``i`` when ``i`` flattens a multi-axis
+        tensor (``[C, H, W] -> [C·H·W]``), else None: the SSIP pass may then skip the flatten's
+        rows and apply the dense layer to its input in the input's memory order
+        (``propagate._FlattenedDense``)."""
+        readers = self.consumers.get(i, [])
+        if i == 0 or len(readers) != 1 or not isinstance(self.rule(i), ReshapeRule):
+            return None
+        j = readers[0]
+        shape_in = self.shapes[self.nodes[i].inputs[0]]
+        if (len(shape_in) < 2 or self.shapes[i] != (math.prod(shape_in),) or self.nodes[j].inputs != [i]
+                or not isinstance(self.rule(j), LinearRule)):
+            return None
+        return j
+
+    def affine_path_to_output(self, i: int) -> bool:
+        """Whether node ``i``'s value reaches the output through affine nodes alone (so a tail
+        back-substitution, ``propagate.back_substitute`` with a frontier, goes past it)."""
+        consumers = self.consumers
         todo, seen = [i], set()
         while todo:
             j = todo.pop()

@@ -163,6 +163,10 @@ class RSIP(BoundMethod):
                                                  symbolic_frontier)
 
         frame, lam = _setup(net, aset, labels)
+        if self.intermediate == "backward":  # its narrow networks run faster NCHW (ops/conv.py)
+            from robnet_svc.bounds.ops.conv import CHANNELS_LAST_MIN_FULL_CROWN
+
+            frame.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN
         out = frame.output
         if self.intermediate == "ssip" and not self.ordered:
             # training: one SSIP pass (its own intervals make it IBP ∩ SSIP), one backward pass

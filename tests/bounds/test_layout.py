@@ -88,20 +88,23 @@ def _setting(dtype=torch.float64, network=None):
     return model, aset, model(images).argmax(1)
 
 
-@pytest.mark.parametrize("name, expected", [("dm-small", False), ("dm-medium", True), ("dm-large", True)])
-def test_layout_policy_follows_the_convolutions(name, expected):
-    """Channels-last when most 2-D convolutions read >= 32 channels: DM-small's read 3 and 16,
-    DM-medium's 3, 32, 32, 64; an MRI-shaped net (1, 16, 32) stays NCHW; so does the CPU pass
-    of a network without convolutions."""
+@pytest.mark.parametrize("name", ["dm-small", "dm-medium", "dm-large"])
+def test_layout_policy_follows_the_convolutions(name):
+    """Channels-last when most 2-D convolutions reading more than one channel ask for it (every
+    one does): the DM networks (3 and 16; 3, 32, 32, 64; ...) and an MRI-shaped net on grey images
+    (1 abstains; 16, 32); NCHW for a network without 2-D convolutions (no votes) and for one whose
+    convolutions are 1-D."""
     from robnet_svc.models import REFERENCE_MODELS
 
     images = torch.rand(1, 3, 32, 32)
     aset = load_registry().perturbation("bias-field")(0.1, order=1, mode="mult").affine_set(images)
-    assert compile_network(REFERENCE_MODELS[name]()).frame(aset).prefers_channels_last is expected
+    assert compile_network(REFERENCE_MODELS[name]()).frame(aset).prefers_channels_last
     mri = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
                         nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 3))
     grey = load_registry().perturbation("bias-field")(0.1, order=1, mode="mult").affine_set(torch.rand(1, 1, 32, 32))
-    assert not compile_network(mri).frame(grey).prefers_channels_last
+    assert compile_network(mri).frame(grey).prefers_channels_last
+    lone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
+    assert not compile_network(lone).frame(grey).prefers_channels_last  # its only convolution abstains
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.ReLU(), nn.Linear(8, 3))
     assert not compile_network(mlp).frame(aset).prefers_channels_last
 
@@ -144,3 +147,87 @@ def test_channels_last_bounds_and_gradients_equal_nchw(method, network, monkeypa
     torch.testing.assert_close(lo_cl, lo_nchw, rtol=1e-9, atol=1e-9)
     for a, b in zip(grads_cl, grads_nchw):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_dense_layer_reads_the_unflattened_channels_last_rows(monkeypatch):
+    """Flatten -> Linear on channels-last rows: the SSIP pass leaves the flatten's rows unformed
+    and the dense layer's bounds equal those through the flatten (float64, to rounding)."""
+    model, aset, _ = _setting()
+    frame = compile_network(model).frame(aset)
+    flatten = next(i for i in range(1, len(frame.nodes)) if frame.dense_after_flatten(i) is not None)
+    dense = frame.dense_after_flatten(flatten)
+    fwd = forward_pass(frame, aset, symbolic=True)
+    assert fwd.symbolic[flatten] is None and fwd.symbolic[dense] is not None
+    monkeypatch.setattr(graph.Frame, "dense_after_flatten", lambda self, i: None)
+    ref = forward_pass(compile_network(model).frame(aset), aset, symbolic=True)
+    assert ref.symbolic[flatten] is not None
+    for got, want in ((fwd.symbolic[dense].centre, ref.symbolic[dense].centre),
+                      (fwd.symbolic[dense].radius, ref.symbolic[dense].radius)):
+        torch.testing.assert_close(got.coef, want.coef, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.const, want.const, rtol=1e-12, atol=1e-12)
+    for i in fwd.pre:
+        torch.testing.assert_close(fwd.pre[i].lower, ref.pre[i].lower, rtol=1e-12, atol=1e-12)
+
+
+class _TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc, self.skip = nn.Linear(4 * 8 * 8, 4), nn.Linear(4 * 8 * 8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc(h) + self.skip(h)
+
+
+@pytest.mark.parametrize("case", ["two readers", "not dense", "not a flatten"])
+def test_flatten_stays_a_node_unless_one_dense_layer_reads_it(case):
+    """``Frame.dense_after_flatten`` only pairs a flatten with the single ``nn.Linear`` reading it;
+    other shapes keep the node-by-node pass, with margins that still bound sampled perturbations."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = {"two readers": _TwoReaders(),
+             "not dense": nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.ReLU(), nn.Linear(256, 4)),
+             "not a flatten": nn.Sequential(conv, nn.ReLU(), nn.Unflatten(1, (2, 2)), nn.Flatten(2),
+                                            nn.Flatten(), nn.Linear(256, 4))}[case].double().eval()
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    aset = load_registry().perturbation("bias-field")(0.3, order=1, mode="mult").affine_set(images)
+    frame = compile_network(model).frame(aset)
+    assert frame.prefers_channels_last
+    paired = [i for i in range(1, len(frame.nodes)) if frame.dense_after_flatten(i) is not None]
+    # "not a flatten": only the last Flatten ([2, 2, 64] -> [256]) is one; the [4, 8, 8] -> [2, 2, 8, 8]
+    # and [2, 2, 8, 8] -> [2, 2, 64] reshapes are not
+    assert len(paired) == (1 if case == "not a flatten" else 0)
+    labels = model(images).argmax(1)
+    lower = load_registry().bound_method("ssip")().margin_lower(compile_network(model), aset, labels)
+    with torch.no_grad():
+        xs = aset.clipped(aset.images(aset.sample(128, torch.Generator().manual_seed(1))))
+        logits = model(xs.flatten(0, 1)).reshape(*xs.shape[:2], -1)
+    for b in range(len(labels)):
+        margins = logits[b, :, labels[b], None] - logits[b]
+        others = torch.cat([margins[:, :labels[b]], margins[:, labels[b] + 1:]], 1)
+        assert (others.amin(0) >= lower[b] - 1e-9).all()
+
+
+def test_full_crown_keeps_narrow_networks_nchw(monkeypatch):
+    """``rsip`` (full CROWN) votes with ``CHANNELS_LAST_MIN_FULL_CROWN``: DM-small (3, 16 channels)
+    runs NCHW there and channels-last in ``ssip``; DM-medium (3, 32, 32, 64) would run
+    channels-last in both."""
+    from robnet_svc.bounds.ops.conv import CHANNELS_LAST_MIN_FULL_CROWN
+    from robnet_svc.models import REFERENCE_MODELS
+
+    frames = []
+    make_frame = graph.BoundNetwork.frame
+    monkeypatch.setattr(graph.BoundNetwork, "frame", lambda self, aset: frames.append(make_frame(self, aset))
+                        or frames[-1])
+    images = torch.rand(1, 3, 32, 32)
+    aset = load_registry().perturbation("bias-field")(0.01, order=1, mode="mult").affine_set(images)
+    net = compile_network(REFERENCE_MODELS["dm-small"]().eval())
+    labels = net(images).argmax(1)
+    for method, expected in (("ssip", True), ("rsip", False)):
+        with torch.no_grad():
+            load_registry().bound_method(method)().margin_lower(net, aset, labels)
+        assert frames[-1].prefers_channels_last is expected, method
+    wide = compile_network(REFERENCE_MODELS["dm-medium"]()).frame(aset)
+    wide.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN
+    assert wide.prefers_channels_last

@@ -10,12 +10,19 @@ from robnet_svc.bounds.ops.base import AffineRule
 
 
 _FOLD_MAX_IN_CHANNELS = 3  # Lᵀ as a matrix product and ``fold`` up to this many input channels
-#: A pass goes channels-last when most of its 2-D convolutions read at least this many channels
-#: (``Frame.prefers_channels_last``). Measured on one CPU core, the same process alternating
-#: layouts step by step, channels-last ÷ NCHW: DM-medium (convolutions reading 3, 32, 32, 64
-#: channels) SSIP pass 0.82, training ssip 0.82, rsip-ibp and rsip-ssip 0.94; MRI-64 (1, 16, 32)
-#: 0.94–1.10, DM-small (3, 16) 0.88–1.01, MRI-32 0.98–1.09: no clear gain.
-CHANNELS_LAST_MIN = 32
+#: A pass goes channels-last when most of its 2-D convolutions that read at least this many
+#: channels vote for it (``Frame.prefers_channels_last``); one reading a single channel has the
+#: same memory in both layouts and abstains. oneDNN's channels-last convolutions beat its NCHW
+#: ones at every width measured on one CPU core: on 1,024 images, 4×4 kernels with stride 2,
+#: reading 3 channels 11.4 vs 7.9 ms, 8 channels 10.2 vs 7.5, 16 channels 20.8 vs 14.9, 32
+#: channels 24.0 vs 16.9 (one channel 7.4 vs 7.4). Stop 30 had measured no gain for
+#: DM-small (3, 16) from the layout because its flatten copied every row back to NCHW; the SSIP
+#: pass now applies the dense layer to the channels-last rows (``propagate._FlattenedDense``).
+CHANNELS_LAST_MIN = 2
+#: The threshold for full CROWN (``rsip``), whose time goes to Λ's transposed convolutions:
+#: channels-last ÷ NCHW measured 1.04 on DM-small and 1.07 on MRI-32 (batch 8, five repeats
+#: alternating), so its narrow networks keep NCHW; its wide ones (DM-medium) go channels-last.
+CHANNELS_LAST_MIN_FULL_CROWN = 32
 
 
 class ConvRule(AffineRule):
@@ -24,14 +31,18 @@ class ConvRule(AffineRule):
     over-approximation of ``|J|``); ``Lᵀ`` is ``conv_transpose2d`` (zero padding given as
     numbers), the generic VJP otherwise."""
 
-    @property
-    def channels_last(self) -> bool:
-        """This convolution's vote on the pass's layout on the CPU (``propagate._layout``): True
-        for a 2-D convolution reading at least ``CHANNELS_LAST_MIN`` channels, where oneDNN's
-        channels-last kernels beat its NCHW ones (with fewer, e.g. an RGB or grey image, they
-        do not, and the layout costs a copy at the flatten); False for another 2-D convolution."""
+    def layout_vote(self, min_channels: int) -> bool | None:
+        """This convolution's vote on the pass's layout on the CPU (``Frame.prefers_channels_last``):
+        True for a 2-D convolution reading at least ``min_channels`` channels (``CHANNELS_LAST_MIN``
+        by default), where oneDNN's channels-last kernels beat its NCHW ones; False for another
+        2-D convolution reading more than one channel, or a 1-D or 3-D one; None (no vote) for a
+        2-D convolution reading one channel, whose input is the same in both layouts."""
         m = self.call.module
-        return m.weight.dim() == 4 and m.in_channels >= CHANNELS_LAST_MIN
+        if m.weight.dim() != 4:
+            return False
+        if m.in_channels == 1:
+            return None
+        return m.in_channels >= min_channels
 
     def abs_linear(self, rad: Tensor) -> Tensor:
         m = self.call.module
