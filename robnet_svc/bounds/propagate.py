@@ -138,6 +138,8 @@ def channels_last(t: Tensor, lead: int = 1) -> Tensor:
     axis to pick a convolution's output layout: here it is 1, so the first convolution of a
     grey-image network writes channels-last too (a copy of the one-channel tensor)."""
     moved = t.movedim(lead, -1)
+    if moved.is_contiguous() and t.stride(lead) == 1:  # laid out so already (no copy)
+        return t
     moved = moved.clone(memory_format=torch.contiguous_format) if t.shape[lead] == 1 else moved.contiguous()
     return moved.movedim(-1, lead)
 
@@ -218,7 +220,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
     layout = _layout(frame, aset)
     intervals[0] = Interval(*(layout(t) for t in aset.center_radius()))
     if symbolic:
-        weights, offset = aset.dense()
+        weights, offset = aset.dense_channels_last() if layout is channels_last else aset.dense()
         syms[0] = SymbolicBounds(Equation(layout(weights, 2), layout(offset)), None)
     last_activation = max((i for i in range(1, n) if frame.is_nonlinear(i)), default=0) if pre_only else n
     kernels = active_kernels() if symbolic else None  # fused, compiled activation steps (training)

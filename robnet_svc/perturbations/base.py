@@ -68,6 +68,13 @@ class AffineSet(ABC):
     def dense(self) -> tuple[Tensor, Tensor]:
         """``(weights [B, k, C, H, W], offset [B, C, H, W])``; RobnetError if too large."""
 
+    def dense_channels_last(self) -> tuple[Tensor, Tensor]:
+        """``dense()`` for a channels-last bound pass (``propagate._layout``): the same shapes and
+        values, the weights ideally with the channel axis innermost in memory already. The
+        default returns ``dense()``'s as they are and the pass copies the weights into that layout;
+        a set that can build them so for less than that copy overrides it."""
+        return self.dense()
+
     @abstractmethod
     def transpose(self, lam: Tensor) -> tuple[Tensor, Tensor]:
         """Back-substitute through the transform: ``lam [B, S, C, H, W]`` ->

@@ -118,16 +118,41 @@ class BiasField(Perturbation):
         b, _, height, width = images.shape
         basis = bias_field_basis(height, width, self.order, images.device, images.dtype)[None, :, None]  # [1,T,1,H,W]
 
+        if self.mode == "mult":  # W = x ⊙ φ_k, nominal x ⊙ 1
+            lower, upper, nominal = (t.repeat(b, 1) for t in self._field_box(eps, 1.0, images))
+            return _ImageTimesFields(images, basis[0, :, 0], lower, upper, nominal, clip=self.clip)
         parts = []  # (weights [B, T, C, H, W], lower, upper, nominal [T])
-        if self.mode in ("mult", "both"):
+        if self.mode == "both":
             parts.append((images.unsqueeze(1) * basis, *self._field_box(eps, 1.0, images)))
         if self.mode in ("add", "both"):
             parts.append((basis.expand(b, -1, *images.shape[1:]), *self._field_box(eps, 0.0, images)))
         weights = torch.cat([p[0] for p in parts], dim=1)
         lower, upper, nominal = (torch.cat([p[i] for p in parts]).repeat(b, 1) for i in (1, 2, 3))
-        # Add-only: the clean image is the offset. Mult (and both): it is the nominal x ⊙ 1.
+        # Add-only: the clean image is the offset. Both: it is the nominal x ⊙ 1.
         offset = images if self.mode == "add" else torch.zeros_like(images)
         return DenseAffineSet(weights, offset, lower, upper, nominal, clip=self.clip)
+
+
+class _ImageTimesFields(DenseAffineSet):
+    """The multiplicative field's set: ``W[b, k] = x_b ⊙ φ_k`` (each image times each basis field,
+    ``fields [k, H, W]``), offset 0. It builds its weights channels-last directly for a
+    channels-last pass: the product of the image and the fields with the channel axis innermost
+    (both operands contiguous, so one flat loop) instead of a copy of the NCHW weights into that
+    layout, whose inner loop runs over the C = 1 or 3 channels at a time (2 ms for DM-small's
+    64 x 16 x 3 x 32 x 32 weights, a sixth of that for the product)."""
+
+    def __init__(self, images: Tensor, fields: Tensor, lower: Tensor, upper: Tensor, nominal: Tensor,
+                 clip: tuple[float, float] | None):
+        super().__init__(images.unsqueeze(1) * fields[None, :, None], torch.zeros_like(images), lower, upper,
+                         nominal, clip=clip)
+        self._images, self._fields = images, fields
+
+    def dense_channels_last(self) -> tuple[Tensor, Tensor]:
+        b, c, h, w = self._images.shape
+        k = self._fields.shape[0]
+        x = self._images.permute(0, 2, 3, 1).reshape(b, 1, h * w * c)  # pixels (h, w, c) flat
+        fields = self._fields.unsqueeze(-1).expand(k, h, w, c).reshape(1, k, h * w * c)
+        return (x * fields).view(b, k, h, w, c).permute(0, 1, 4, 2, 3), self.offset
 
 
 class Brightness(BiasField):

@@ -119,6 +119,27 @@ def test_wide_network_runs_channels_last():
     assert memory_order(fwd.intervals[conv2].mid) == [0, 2, 3, 1]
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_bias_field_builds_its_weights_channels_last(channels):
+    """A channels-last pass asks the set for its weights in that layout (``dense_channels_last``);
+    the multiplicative bias field builds them so, no copy needed (``channels_last`` hands them back
+    as they are), bit for bit ``dense()``'s, and the pass's image rows are laid out so."""
+    torch.manual_seed(0)
+    images = torch.rand(2, channels, 8, 8, dtype=torch.float64)
+    aset = load_registry().perturbation("bias-field")(0.3, order=2, mode="mult").affine_set(images)
+    weights, offset = aset.dense()
+    weights_cl, offset_cl = aset.dense_channels_last()
+    assert weights.is_contiguous() and weights.stride(2) == 64 and weights_cl.stride(2) == 1
+    assert torch.equal(weights_cl, weights) and torch.equal(offset_cl, offset)
+    assert channels_last(weights_cl, 2) is weights_cl
+    model = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 3)).double()
+    frame = compile_network(model).frame(aset)
+    assert frame.prefers_channels_last
+    rows = forward_pass(frame, aset, symbolic=True).symbolic[0].centre.coef
+    assert rows.stride(2) == 1 and torch.equal(rows, weights)
+
+
 @pytest.mark.parametrize("network", [WideCNN, WideMixed])
 @pytest.mark.parametrize("method", METHODS)
 def test_channels_last_bounds_and_gradients_equal_nchw(method, network, monkeypatch):
