@@ -147,6 +147,17 @@ class _ImageTimesFields(DenseAffineSet):
                          nominal, clip=clip)
         self._images, self._fields = images, fields
 
+    def center_radius(self) -> tuple[Tensor, Tensor]:
+        """``x ⊙ (Σ_k mid_k φ_k)`` and ``|x| ⊙ (Σ_k rad_k |φ_k|)``: the dense set's sums over ``k`` with the
+        pixel factored out (equal up to rounding), from ``[B, k] x [k, H·W]`` products instead of
+        products with the ``[B, k, C, H, W]`` weights and their magnitude."""
+        b, _, h, w = self._images.shape
+        fields = self._fields.reshape(self._fields.shape[0], h * w)
+        mid, rad = (self.lower + self.upper) / 2, (self.upper - self.lower) / 2
+        centre = (mid @ fields).reshape(b, 1, h, w)
+        radius = (rad @ fields.abs()).reshape(b, 1, h, w)
+        return self._images * centre, self._images.abs() * radius
+
     def dense_channels_last(self) -> tuple[Tensor, Tensor]:
         b, c, h, w = self._images.shape
         k = self._fields.shape[0]
