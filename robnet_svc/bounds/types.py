@@ -31,19 +31,34 @@ import torch
 from torch import Tensor
 
 
-@dataclass
 class Interval:
     """Concrete bounds of one node as centre and radius, each ``[B, *node_shape]``.
 
     ``bounds``: the ``(lower, upper)`` the interval was built from, when it was (activations,
     the clipping layer): kept as they are, because ``mid ± rad`` rounds at the scale of the
     radius and would lose every detail below it (with a field range of 1e7 in float32, the
-    whole ``[0, 1]`` clip range).
+    whole ``[0, 1]`` clip range). Such an interval forms ``mid`` and ``rad`` when first asked
+    (many are only read as bounds: the clipping layer's, and every activation's input).
     """
 
-    mid: Tensor
-    rad: Tensor
-    bounds: tuple[Tensor, Tensor] | None = None
+    __slots__ = ("_mid", "_rad", "bounds")
+
+    def __init__(self, mid: Tensor | None, rad: Tensor | None, bounds: tuple[Tensor, Tensor] | None = None):
+        if (mid is None or rad is None) and bounds is None:
+            raise ValueError("an Interval needs its centre and radius, or its bounds")
+        self._mid, self._rad, self.bounds = mid, rad, bounds
+
+    @property
+    def mid(self) -> Tensor:
+        if self._mid is None:
+            self._mid = (self.bounds[1] + self.bounds[0]) / 2
+        return self._mid
+
+    @property
+    def rad(self) -> Tensor:
+        if self._rad is None:
+            self._rad = (self.bounds[1] - self.bounds[0]) / 2
+        return self._rad
 
     @property
     def lower(self) -> Tensor:
@@ -55,7 +70,10 @@ class Interval:
 
     @staticmethod
     def from_bounds(lower: Tensor, upper: Tensor) -> "Interval":
-        return Interval((upper + lower) / 2, (upper - lower) / 2, (lower, upper))
+        return Interval(None, None, (lower, upper))
+
+    def __repr__(self) -> str:
+        return f"Interval(lower={self.lower!r}, upper={self.upper!r})"
 
 
 @dataclass
