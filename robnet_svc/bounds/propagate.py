@@ -374,6 +374,9 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
             if tighter is not None and i in tighter:
                 pre = pre.intersect(tighter[i])
             result.pre[i] = pre
+            if rule.identity_on(pre.lower, pre.upper):  # e.g. the clip's first ReLU on non-negative pixels
+                intervals[i] = Interval.from_bounds(pre.lower, pre.upper)
+                continue
             intervals[i] = Interval.from_bounds(*rule.interval(pre.lower, pre.upper))
             r = rule.relax(pre.lower, pre.upper)
             s_lo, s_up = flat(r.lower_slope), flat(r.upper_slope)

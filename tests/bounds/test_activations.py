@@ -258,3 +258,19 @@ def test_relu_relaxation_matches_its_case_by_case_definition(dtype):
     relax = relu_relaxation(zero, zero)
     (relax.upper_slope + relax.upper_bias).sum().backward()
     assert torch.isfinite(zero.grad).all()
+
+
+def test_relu_is_the_identity_exactly_on_non_negative_boxes():
+    """``identity_on``: True exactly when every lower bound is >= 0 (-0 included), and there the
+    relaxation it lets callers skip is the identity line and the interval the box itself."""
+    from robnet_svc.bounds.ops.relu import ReluRule
+
+    rule = ReluRule.__new__(ReluRule)  # these methods read no graph node
+    lo = torch.tensor([[0.0, -0.0, 0.5, 3.0]])
+    up = torch.tensor([[0.0, 1.0, 0.5, 4.0]])
+    assert rule.identity_on(lo, up)
+    relax = rule.relax(lo, up)
+    assert torch.equal(relax.lower_slope, torch.ones_like(lo)) and torch.equal(relax.upper_slope, torch.ones_like(lo))
+    assert torch.equal(relax.lower_bias, torch.zeros_like(lo)) and torch.equal(relax.upper_bias, torch.zeros_like(lo))
+    assert all(torch.equal(a, b) for a, b in zip(rule.interval(lo, up), (lo, up)))
+    assert not rule.identity_on(torch.tensor([[0.0, -1e-30, 1.0]]), torch.tensor([[1.0, 1.0, 1.0]]))

@@ -189,6 +189,12 @@ class ActivationRule(OpRule):
         every neuron."""
         return None
 
+    def identity_on(self, lower: Tensor, upper: Tensor) -> bool:
+        """True when ``σ(x) = x`` on the whole box (then ``relax`` is ``x <= σ(x) <= x`` and
+        ``interval`` returns the box): callers may skip both. One host synchronisation at most;
+        the default (False) none."""
+        return False
+
 
 class LinearBounds:
     """Linear lower and upper bounds of a non-elementwise op ``y = g(x_1..x_n)`` valid on the

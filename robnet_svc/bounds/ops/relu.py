@@ -30,6 +30,10 @@ class ReluRule(ActivationRule):
     def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         return relu_relaxation(lower, upper)
 
+    def identity_on(self, lower: Tensor, upper: Tensor) -> bool:
+        """``l >= 0`` everywhere (``relax`` then gives slopes 1 and biases 0, ``interval`` the box)."""
+        return bool((lower >= 0).all())
+
     def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
         """``l < 0 <= u``: otherwise the relaxation (identity or zero) is the same on any sub-box.
         ``u = 0`` counts as unstable because ``relax`` tests ``l >= 0`` first: a tighter lower
