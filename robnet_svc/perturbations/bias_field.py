@@ -135,17 +135,26 @@ class BiasField(Perturbation):
 
 class _ImageTimesFields(DenseAffineSet):
     """The multiplicative field's set: ``W[b, k] = x_b ⊙ φ_k`` (each image times each basis field,
-    ``fields [k, H, W]``), offset 0. It builds its weights channels-last directly for a
-    channels-last pass: the product of the image and the fields with the channel axis innermost
-    (both operands contiguous, so one flat loop) instead of a copy of the NCHW weights into that
-    layout, whose inner loop runs over the C = 1 or 3 channels at a time (2 ms for DM-small's
-    64 x 16 x 3 x 32 x 32 weights, a sixth of that for the product)."""
+    ``fields [k, H, W]``), offset 0. The ``[B, k, C, H, W]`` weights are formed only when asked
+    (``weights``; attacks, back-substitution), never for the image's interval, which factors the
+    pixel out. For a channels-last pass it builds them channels-last directly: the product of the
+    image and the fields with the channel axis innermost (both operands contiguous, so one flat
+    loop) instead of a copy of the NCHW weights into that layout, whose inner loop runs over the
+    C = 1 or 3 channels at a time (2 ms for DM-small's 64 x 16 x 3 x 32 x 32 weights, a sixth of
+    that for the product)."""
 
     def __init__(self, images: Tensor, fields: Tensor, lower: Tensor, upper: Tensor, nominal: Tensor,
                  clip: tuple[float, float] | None):
-        super().__init__(images.unsqueeze(1) * fields[None, :, None], torch.zeros_like(images), lower, upper,
-                         nominal, clip=clip)
-        self._images, self._fields = images, fields
+        self._images, self._fields, self._weights = images, fields, None
+        self.offset = torch.zeros_like(images)
+        self.lower, self.upper, self.nominal, self.clip = lower, upper, nominal, clip
+        self.image_shape = tuple(images.shape[1:])
+
+    @property
+    def weights(self) -> Tensor:
+        if self._weights is None:
+            self._weights = self._images.unsqueeze(1) * self._fields[None, :, None]
+        return self._weights
 
     def center_radius(self) -> tuple[Tensor, Tensor]:
         """``x ⊙ (Σ_k mid_k φ_k)`` and ``|x| ⊙ (Σ_k rad_k |φ_k|)``: the dense set's sums over ``k`` with the
