@@ -163,7 +163,7 @@ class RSIP(BoundMethod):
                                                  symbolic_frontier)
 
         frame, lam = _setup(net, aset, labels)
-        if self.intermediate == "backward":  # its narrow networks run faster NCHW (ops/conv.py)
+        if self.intermediate in ("backward", "ibp"):  # their narrow networks run faster NCHW (ops/conv.py)
             from robnet_svc.bounds.ops.conv import CHANNELS_LAST_MIN_FULL_CROWN
 
             frame.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN
