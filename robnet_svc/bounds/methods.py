@@ -163,7 +163,10 @@ class RSIP(BoundMethod):
                                                  symbolic_frontier)
 
         frame, lam = _setup(net, aset, labels)
-        if self.intermediate in ("backward", "ibp"):  # their narrow networks run faster NCHW (ops/conv.py)
+        # their narrow networks run faster NCHW (ops/conv.py); ``rsip-ibp`` only in training:
+        # certification's ordered methods share one layout, so that each one's ``rsip-ibp`` part
+        # rounds as ``rsip-ibp`` itself does and the ordering holds exactly
+        if self.intermediate == "backward" or (self.intermediate == "ibp" and not self.ordered):
             from robnet_svc.bounds.ops.conv import CHANNELS_LAST_MIN_FULL_CROWN
 
             frame.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN

@@ -231,9 +231,10 @@ def test_flatten_stays_a_node_unless_one_dense_layer_reads_it(case):
 
 
 def test_full_crown_keeps_narrow_networks_nchw(monkeypatch):
-    """``rsip`` (full CROWN) and ``rsip-ibp`` vote with ``CHANNELS_LAST_MIN_FULL_CROWN``: DM-small
-    (3, 16 channels) runs NCHW there and channels-last in ``ssip`` and ``rsip-ssip``; DM-medium
-    (3, 32, 32, 64) would run channels-last in all."""
+    """``rsip`` (full CROWN) and training's ``rsip-ibp`` vote with ``CHANNELS_LAST_MIN_FULL_CROWN``:
+    DM-small (3, 16 channels) runs NCHW there and channels-last in ``ssip``, ``rsip-ssip`` and
+    certification's ``rsip-ibp`` (the ordered methods share a layout); DM-medium (3, 32, 32, 64)
+    would run channels-last in all."""
     from robnet_svc.bounds.ops.conv import CHANNELS_LAST_MIN_FULL_CROWN
     from robnet_svc.models import REFERENCE_MODELS
 
@@ -245,10 +246,11 @@ def test_full_crown_keeps_narrow_networks_nchw(monkeypatch):
     aset = load_registry().perturbation("bias-field")(0.01, order=1, mode="mult").affine_set(images)
     net = compile_network(REFERENCE_MODELS["dm-small"]().eval())
     labels = net(images).argmax(1)
-    for method, expected in (("ssip", True), ("rsip-ssip", True), ("rsip", False), ("rsip-ibp", False)):
+    for method, ordered, expected in (("ssip", True, True), ("rsip-ssip", True, True), ("rsip", True, False),
+                                      ("rsip-ibp", False, False), ("rsip-ibp", True, True)):
         with torch.no_grad():
-            load_registry().bound_method(method)().margin_lower(net, aset, labels)
-        assert frames[-1].prefers_channels_last is expected, method
+            load_registry().bound_method(method)(ordered=ordered).margin_lower(net, aset, labels)
+        assert frames[-1].prefers_channels_last is expected, (method, ordered)
     wide = compile_network(REFERENCE_MODELS["dm-medium"]()).frame(aset)
     wide.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN
     assert wide.prefers_channels_last
