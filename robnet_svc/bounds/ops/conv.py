@@ -20,11 +20,12 @@ _FOLD_MAX_IN_CHANNELS = 3  # Lᵀ as a matrix product and ``fold`` up to this ma
 #: pass now applies the dense layer to the channels-last rows (``propagate._FlattenedDense``).
 CHANNELS_LAST_MIN = 2
 #: The threshold for the back-substitution methods whose forward pass is cheap, full CROWN
-#: (``rsip``) and ``rsip-ibp`` in training, whose time goes to Λ's transposed convolutions: channels-last ÷
-#: NCHW measured 1.04 on DM-small and 1.07 on MRI-32 for ``rsip`` (batch 8, five repeats
-#: alternating), 1.10 on MRI-32 and 1.16 on MRI-64 for the ``rsip-ibp`` training step (batch 64,
-#: 10–16 alternating), so their narrow networks keep NCHW; the wide ones (DM-medium) go
-#: channels-last. (``rsip-ssip``, whose SSIP pass gains, keeps ``CHANNELS_LAST_MIN``.)
+#: (``rsip``) and training's ``rsip-ibp``, whose time goes to Λ's transposed convolutions:
+#: channels-last ÷ NCHW measured 1.04 on DM-small and 1.07 on MRI-32 for ``rsip`` (batch 8, five
+#: repeats alternating), 1.10 on MRI-32 and 1.17 on MRI-64 for the ``rsip-ibp`` training step
+#: (batch 64, 10–16 alternating), so their narrow networks keep NCHW; the wide ones (DM-medium)
+#: go channels-last. ``rsip-ssip``, whose SSIP pass gains, and certification's ``rsip-ibp`` (the
+#: ordered methods share a layout, ``methods.RSIP``) keep ``CHANNELS_LAST_MIN``.
 CHANNELS_LAST_MIN_FULL_CROWN = 32
 
 
