@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robnet_svc.bounds import compile_network
+from robnet_svc.bounds import compile_network, propagate
 from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
@@ -42,7 +42,12 @@ def _methods(pert_id: str) -> list[str]:
 
 
 def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, torch.Tensor]:
-    """Lower margin bounds ``[B, K-1]`` of each named method (checked for shape and finiteness)."""
+    """Lower margin bounds ``[B, K-1]`` of each named method (checked for shape and finiteness),
+    under autograd as in training. The forward symbolic methods are run twice more as
+    certification runs them, outside autograd: with the SSIP steps on the whole batch and in
+    chunks of one sample (``propagate._in_chunks``), which must agree bit for bit; they may
+    differ from training's bounds by rounding, and join the result as ``"<name> outside
+    autograd"`` (``check_sound`` checks every entry, ``check_order`` the methods' own)."""
     net = compile_network(module)
     registry = load_registry()
     out = {}
@@ -51,6 +56,18 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
         assert lower.shape == (aset.batch_size, classes - 1), f"{name}: shape {tuple(lower.shape)}"
         assert torch.isfinite(lower).all(), f"{name}: non-finite bound {lower}"
         out[name] = lower.detach()
+        if name in DENSE_METHODS:
+            got = {}
+            chunk_bytes = propagate.CHUNK_BYTES
+            try:
+                for size in (1 << 40, 1):
+                    propagate.CHUNK_BYTES = size
+                    with torch.no_grad():
+                        got[size] = registry.bound_method(name)().margin_lower(net, aset, labels)
+            finally:
+                propagate.CHUNK_BYTES = chunk_bytes
+            assert torch.equal(got[1], got[1 << 40]), f"{name}: chunked {got[1]} != whole batch {got[1 << 40]}"
+            out[f"{name} outside autograd"] = got[1]  # checked for soundness with the rest
     return out
 
 
