@@ -159,6 +159,37 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return Timing(statistics.median(walls), statistics.median(cpus))
 
 
+#: rounds of the floor measurement (at least): its pass and forwards are short and the ratio of
+#: two medians taken apart drifts with the machine; interleaved rounds cancel that drift
+FLOOR_ROUNDS = 15
+
+
+def interleaved_seconds(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                        budget_s: float = BUDGET_S) -> dict[str, Timing]:
+    """``median_seconds`` of several functions timed in alternation: each round calls every one
+    once (the order rotating from round to round), so that a change in the machine's speed during
+    the measurement reaches all of them alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronise(device)
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    cpus: dict[str, list[float]] = {name: [] for name in names}
+    rounds = 0
+    while rounds < max(repeats, 1):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fns[name]()
+            synchronise(device)
+            walls[name].append(time.perf_counter() - start)
+            cpus[name].append(time.process_time() - cpu_start)
+        rounds += 1
+        if sum(map(sum, walls.values())) > budget_s and rounds >= min(repeats, MIN_REPEATS):
+            break
+    return {name: Timing(statistics.median(walls[name]), statistics.median(cpus[name])) for name in names}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated bytes; CPU: this process's RSS high-water mark (MiB)."""
     if device.type == "cuda":
@@ -197,6 +228,8 @@ def measure_floor(network: str, batch: int, device: torch.device, warmup: int, r
     SSIP bound pass ÷ forward of ``2(k+1)·B`` images, in wall time (``ratio``) and in CPU time
     (``cpu_ratio``). The forward is timed with NCHW and with channels-last tensors and weights
     (the bound pass picks its layout, ``propagate._layout``); the floor is the faster of them.
+    The pass and the forwards are timed in alternation, at least ``FLOOR_ROUNDS`` rounds
+    (``interleaved_seconds``).
     ``method`` ``"ssip" + COMPILED``: the pass with the fused kernels."""
     from robnet_svc.bounds.kernels import fused_activations
 
@@ -209,13 +242,14 @@ def measure_floor(network: str, batch: int, device: torch.device, warmup: int, r
         with fused_activations(kernels):
             return bounds.margin_lower(net, setup.perturbation.affine_set(setup.images), setup.labels)
 
+    fns = {"ssip": ssip_pass, "nchw": lambda: setup.model(big)}
+    if big.dim() == 4:  # the forward in the other layout too; the floor is the faster one
+        model_cl = copy.deepcopy(setup.model).to(memory_format=torch.channels_last)
+        big_cl = big.contiguous(memory_format=torch.channels_last)
+        fns["channels_last"] = lambda: model_cl(big_cl)
     with torch.no_grad():
-        ssip_s = median_seconds(ssip_pass, device, warmup, repeats)
-        floors = {"nchw": median_seconds(lambda: setup.model(big), device, warmup, repeats)}
-        if big.dim() == 4:  # the forward in the other layout too; the floor is the faster one
-            model_cl = copy.deepcopy(setup.model).to(memory_format=torch.channels_last)
-            big_cl = big.contiguous(memory_format=torch.channels_last)
-            floors["channels_last"] = median_seconds(lambda: model_cl(big_cl), device, warmup, repeats)
+        floors = interleaved_seconds(fns, device, warmup, max(repeats, FLOOR_ROUNDS), budget_s=2 * BUDGET_S)
+    ssip_s = floors.pop("ssip")
     layout = min(floors, key=lambda name: floors[name].wall_s)
     floor_s = floors[layout]
     return {"ssip_pass_s": ssip_s.wall_s, "floor_s": floor_s.wall_s, "ratio": ssip_s.wall_s / floor_s.wall_s,
