@@ -247,10 +247,37 @@ def test_full_crown_keeps_narrow_networks_nchw(monkeypatch):
     net = compile_network(REFERENCE_MODELS["dm-small"]().eval())
     labels = net(images).argmax(1)
     for method, ordered, expected in (("ssip", True, True), ("rsip-ssip", True, True), ("rsip", True, False),
-                                      ("rsip-ibp", False, False), ("rsip-ibp", True, True)):
+                                      ("rsip", False, False), ("rsip-ibp", False, False), ("rsip-ibp", True, True)):
+        start = len(frames)
         with torch.no_grad():
             load_registry().bound_method(method)(ordered=ordered).margin_lower(net, aset, labels)
-        assert frames[-1].prefers_channels_last is expected, (method, ordered)
+        assert frames[start].prefers_channels_last is expected, (method, ordered)
+        # certification's rsip computes the rsip-ibp and ibp bounds it keeps in their own layout
+        assert [f.prefers_channels_last for f in frames[start + 1:]] == ([True] if (method, ordered) == ("rsip", True)
+                                                                         else []), (method, ordered)
     wide = compile_network(REFERENCE_MODELS["dm-medium"]()).frame(aset)
     wide.channels_last_min = CHANNELS_LAST_MIN_FULL_CROWN
     assert wide.prefers_channels_last
+
+
+def test_full_crown_is_at_least_crown_ibp_and_ibp_exactly():
+    """Full CROWN (``rsip``) runs narrow convolutions NCHW (its 32-channel threshold), ``rsip-ibp``
+    and ``ibp`` in certification channels-last (the default): in certification ``rsip`` still
+    returns at least their bounds, exactly (it computes them as they do), not only up to the
+    rounding of another layout. A float32 network of 1→6→6-channel convolutions without ReLUs
+    (only the clipping layer's): full CROWN's own bound equals CROWN-IBP's but for rounding."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(),
+                          nn.Linear(6 * 5 * 4, 3)).eval()
+    images = torch.rand(16, 1, 5, 4)
+    aset = load_registry().perturbation("bias-field")(0.01, order=1, mode="both", clip=(0.0, 1.0)).affine_set(images)
+    labels = model(images).argmax(1)
+    net = compile_network(model)
+    frame = net.frame(aset)
+    assert frame.prefers_channels_last  # the default threshold: channels-last
+    frame.channels_last_min = 32
+    assert not frame.prefers_channels_last  # full CROWN's: NCHW
+    with torch.no_grad():
+        got = {m: load_registry().bound_method(m)().margin_lower(net, aset, labels) for m in ("ibp", "rsip-ibp", "rsip")}
+    assert (got["rsip"] >= got["rsip-ibp"]).all() and (got["rsip"] >= got["ibp"]).all()
+    assert (got["rsip-ibp"] >= got["ibp"]).all()

@@ -25,7 +25,8 @@ CHANNELS_LAST_MIN = 2
 #: repeats alternating), 1.10 on MRI-32 and 1.17 on MRI-64 for the ``rsip-ibp`` training step
 #: (batch 64, 10–16 alternating), so their narrow networks keep NCHW; the wide ones (DM-medium)
 #: go channels-last. ``rsip-ssip``, whose SSIP pass gains, and certification's ``rsip-ibp`` (the
-#: ordered methods share a layout, ``methods.RSIP``) keep ``CHANNELS_LAST_MIN``.
+#: ordered methods share a layout, ``methods.RSIP``) keep ``CHANNELS_LAST_MIN``; certification's
+#: ``rsip`` computes the ``rsip-ibp`` and ``ibp`` bounds it keeps in that layout too.
 CHANNELS_LAST_MIN_FULL_CROWN = 32
 
 
