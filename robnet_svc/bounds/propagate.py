@@ -318,8 +318,9 @@ def _in_chunks(sym: SymbolicBounds) -> bool:
     dozen full-size tensors, each a pass through memory (16 MiB apiece for 64 samples at
     DM-small's first convolution). On chunks of ``CHUNK_BYTES`` those passes stay in cache and
     memory sees the input rows read twice and the output rows written once, as with the fused
-    kernels (``kernels.py``); DM-small's two steps take about 15 ms instead of 19 (the whole SSIP pass 5–11 % less). Each op is the whole
-    batch's op on a slice of its samples, so the results are the same bit for bit (tested).
+    kernels (``kernels.py``); DM-small's two steps take about 15 ms instead of 19 (its whole
+    SSIP pass 5–11 % less). Each op is the whole batch's op on a slice of its samples, so the
+    results are the same bit for bit (tested).
     Outside autograd only: the chunks write into slices of preallocated outputs."""
     coef = sym.centre.coef
     return (sym.radius is not None and coef.device.type == "cpu" and not torch.is_grad_enabled()
