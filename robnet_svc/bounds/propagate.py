@@ -374,7 +374,8 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
     half_up = up_s * up_const
     centre_const = torch.addcmul(half_up, lo_s, lo_const) + mid_b
     radius_const = torch.addcmul(half_up, lo_s, lo_const, value=-1.0) + rad_b
-    hl, hu = (t.reshape(t.shape[0], 1, -1) for t in (lo_s, up_s))  # [B, 1, N], neurons in memory order
+    # [B, 1, N], neurons in memory order (expanded first: a rule may return broadcastable slopes)
+    hl, hu = (t.expand(shape).reshape(shape[0], 1, -1) for t in (lo_s, up_s))
     chunks = _chunks(c)
     lo_rows, up_rows = torch.empty((2, chunks[0].stop, *c.shape[1:]), dtype=c.dtype, device=c.device)
     centre, radius = torch.empty_like(c), torch.empty_like(r)

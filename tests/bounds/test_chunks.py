@@ -101,3 +101,25 @@ def test_chunks_only_outside_autograd(monkeypatch):
         again = load_registry().bound_method("ssip")().margin_lower(compile_network(model), aset,
                                                                      torch.zeros(BATCH).long())
     assert calls and torch.equal(again, lower.detach())
+
+
+def test_chunked_rows_take_broadcast_slopes(monkeypatch):
+    """A rule may return relaxation tensors that only broadcast to the node's shape (here one
+    row of slopes for the whole batch): the chunked step gives every sample its slopes."""
+    from robnet_svc.bounds.ops.relu import ReluRule
+    from robnet_svc.bounds.types import Relaxation
+
+    def shared(self, lower, upper):  # sound: 0 <= relu(x) <= the batch's largest relu(u), slopes 0
+        top = torch.relu(upper).amax(0, keepdim=True)  # [1, *shape]
+        return Relaxation(torch.zeros_like(top), torch.zeros_like(top), torch.zeros_like(top), top)
+
+    monkeypatch.setattr(ReluRule, "relax", shared)
+    images = torch.rand(BATCH, 3, 8, 8, dtype=torch.float64)
+    aset = load_registry().perturbation("bias-field")(0.3, order=2, mode="mult").affine_set(images)
+    model = _network("relu", torch.float64)
+    with torch.no_grad():
+        monkeypatch.setattr(propagate, "CHUNK_BYTES", 1 << 40)
+        (whole,) = _passes(model, aset, [{}])
+        monkeypatch.setattr(propagate, "CHUNK_BYTES", 1)
+        (chunked,) = _passes(model, aset, [{}])
+    _assert_same(chunked, whole)
