@@ -143,20 +143,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     CPU time is reported beside wall time because on a shared machine other processes inflate
     wall time (waiting for a core) far more than the CPU time the work itself needs.
     """
-    for _ in range(warmup):
-        fn()
-    synchronise(device)
-    walls: list[float] = []
-    cpus: list[float] = []
-    while len(walls) < max(repeats, 1):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        fn()
-        synchronise(device)
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu_start)
-        if sum(walls) > budget_s and len(walls) >= min(repeats, MIN_REPEATS):
-            break
-    return Timing(statistics.median(walls), statistics.median(cpus))
+    return interleaved_seconds({"fn": fn}, device, warmup, repeats, budget_s)["fn"]
 
 
 #: rounds of the floor measurement (at least): its pass and forwards are short and the ratio of
@@ -166,9 +153,10 @@ FLOOR_ROUNDS = 15
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
                         budget_s: float = BUDGET_S) -> dict[str, Timing]:
-    """``median_seconds`` of several functions timed in alternation: each round calls every one
-    once (the order rotating from round to round), so that a change in the machine's speed during
-    the measurement reaches all of them alike."""
+    """Median wall and CPU time of each of ``fns``, timed in alternation (``median_seconds``'s
+    warm-up, repeats and budget, counted in rounds): each round calls every one once, the order
+    rotating from round to round, so that a change in the machine's speed during the measurement
+    reaches all of them alike."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:

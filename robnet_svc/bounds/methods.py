@@ -160,7 +160,7 @@ class RSIP(BoundMethod):
 
     def margin_lower(self, net, aset, labels: Tensor) -> Tensor:
         from robnet_svc.bounds.propagate import (back_substitute, forward_pass, interval_frontier,
-                                                 symbolic_frontier)
+                                                 symbolic_frontier, uses_channels_last)
 
         frame, lam = _setup(net, aset, labels)
         # their narrow networks run faster NCHW (ops/conv.py); ``rsip-ibp`` only in training:
@@ -194,11 +194,12 @@ class RSIP(BoundMethod):
             return tight
         if self.intermediate == "backward":
             # ``rsip-ibp``'s and ``ibp``'s bounds as those methods compute them, in the default
-            # layout: full CROWN's own frame may lay tensors out otherwise (the threshold above),
-            # and the same bounds in another layout round otherwise, by enough to put ``rsip``
-            # below ``rsip-ibp`` (the property tests found 7.6e-6 on a float32 network)
-            frame, lam = _setup(net, aset, labels)
-            out, plain = frame.output, forward_pass(frame, aset)
+            # layout when full CROWN's own frame lays tensors out otherwise (the threshold above):
+            # the same bounds in another layout round otherwise, by enough to put ``rsip`` below
+            # ``rsip-ibp`` (the property tests found 7.6e-6 on a float32 network)
+            default, default_lam = _setup(net, aset, labels)
+            if uses_channels_last(default, aset) != uses_channels_last(frame, aset):
+                frame, lam, out, plain = default, default_lam, default.output, forward_pass(default, aset)
         held += [back_substitute(frame, aset, out, lam, relax=_relaxations(frame, plain.pre)),
                  back_substitute(frame, aset, out, lam, frontier=interval_frontier(plain))]
         for bound in held:

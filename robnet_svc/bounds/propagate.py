@@ -144,6 +144,14 @@ def channels_last(t: Tensor, lead: int = 1) -> Tensor:
     return moved.movedim(-1, lead)
 
 
+def _bound_of_rows(const: Tensor, mid3: Tensor, rad3: Tensor, coef: Tensor, magnitude: Tensor, sign: float,
+                   out: Tensor | None = None) -> Tensor:
+    """``const + mid·coef + sign·rad·|coef|`` over the box, ``[B, 1, N]`` (``coef``, ``magnitude =
+    |coef|`` ``[B, k, N]``; ``const [B, N]``; ``mid3``, ``rad3`` ``[B, 1, k]``): the lower (``sign``
+    −1) or upper (+1) bound of one equation, as two batched matrix products."""
+    return torch.baddbmm(torch.baddbmm(const.unsqueeze(1), mid3, coef), rad3, magnitude, alpha=sign, out=out)
+
+
 class _Concretize(torch.autograd.Function):
     """``lower = lo_const + mid·lo_coef − rad·|lo_coef|``, ``upper = up_const + mid·up_coef +
     rad·|up_coef|`` (``coef [B, k, N]``, ``const [B, N]``, ``mid``/``rad`` ``[B, k]``; ``up_*``
@@ -165,10 +173,8 @@ class _Concretize(torch.autograd.Function):
             spread = torch.bmm(rad3, lo_coef.abs())
             lower, upper = (centre - spread).squeeze(1), (centre + spread).squeeze(1)
         else:
-            lower = torch.baddbmm(torch.baddbmm(lo_const.unsqueeze(1), mid3, lo_coef), rad3, lo_coef.abs(),
-                                  alpha=-1.0).squeeze(1)
-            upper = torch.baddbmm(torch.baddbmm(up_const.unsqueeze(1), mid3, up_coef), rad3,
-                                  up_coef.abs()).squeeze(1)
+            lower = _bound_of_rows(lo_const, mid3, rad3, lo_coef, lo_coef.abs(), -1.0).squeeze(1)
+            upper = _bound_of_rows(up_const, mid3, rad3, up_coef, up_coef.abs(), 1.0).squeeze(1)
         ctx.shared = shared
         ctx.save_for_backward(lo_coef, up_coef, mid, rad)
         return lower, upper
@@ -337,7 +343,7 @@ def _chunks(rows: Tensor) -> list[slice]:
 def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
     """``concretize_pair(*_lower_upper(sym), aset)`` outside autograd, chunk by chunk (see
     ``_in_chunks``): each chunk's ``Lo`` and ``Up`` rows and their magnitudes are formed in two
-    scratch buffers and concretised as ``_Concretize.forward`` does."""
+    scratch buffers and concretised by ``_bound_of_rows``, as ``_Concretize.forward`` does."""
     order = _InOrder.of(sym.centre.coef)
     shape = order.node(sym.centre.const).shape
     c, r = order.flat_rows(sym.centre.coef), order.flat_rows(sym.radius.coef)  # [B, k, N], memory order
@@ -350,11 +356,11 @@ def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
     for part in chunks:
         n = part.stop - part.start
         lo = torch.sub(c[part], r[part], out=rows[:n])
-        torch.baddbmm(torch.baddbmm(lo_const[part].unsqueeze(1), mid[part], lo), rad[part],
-                      torch.abs(lo, out=mag[:n]), alpha=-1.0, out=lower[part].unsqueeze(1))
+        _bound_of_rows(lo_const[part], mid[part], rad[part], lo, torch.abs(lo, out=mag[:n]), -1.0,
+                       out=lower[part].unsqueeze(1))
         up = torch.add(c[part], r[part], out=rows[:n])
-        torch.baddbmm(torch.baddbmm(up_const[part].unsqueeze(1), mid[part], up), rad[part],
-                      torch.abs(up, out=mag[:n]), out=upper[part].unsqueeze(1))
+        _bound_of_rows(up_const[part], mid[part], rad[part], up, torch.abs(up, out=mag[:n]), 1.0,
+                       out=upper[part].unsqueeze(1))
     return order.unflat_node(lower, shape), order.unflat_node(upper, shape)
 
 
@@ -362,7 +368,7 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
     """``_relax_forward(relax, *_lower_upper(sym), False, True)`` (non-negative slopes, a radius)
     outside autograd, chunk by chunk (see ``_in_chunks``): the constants as there, on the whole
     batch; each chunk's ``Lo`` and ``Up`` rows formed in scratch buffers and its next rows
-    written straight into the outputs, as ``_HalfSums.forward`` computes them."""
+    written straight into the outputs by ``_half_sums``, as ``_HalfSums.forward`` computes them."""
     order = _InOrder.of(sym.centre.coef)
     shape = order.node(sym.centre.const).shape
     c, r = order.flat_rows(sym.centre.coef), order.flat_rows(sym.radius.coef)
@@ -371,9 +377,7 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
         relax, lo_const, up_const = order.relaxation(relax), order.node(lo_const), order.node(up_const)
     lo_s, up_s = relax.lower_slope * 0.5, relax.upper_slope * 0.5
     mid_b, rad_b = (relax.upper_bias + relax.lower_bias) * 0.5, (relax.upper_bias - relax.lower_bias) * 0.5
-    half_up = up_s * up_const
-    centre_const = torch.addcmul(half_up, lo_s, lo_const) + mid_b
-    radius_const = torch.addcmul(half_up, lo_s, lo_const, value=-1.0) + rad_b
+    centre_const, radius_const = _half_sum_consts(lo_s, up_s, mid_b, rad_b, lo_const, up_const)
     # [B, 1, N], neurons in memory order (expanded first: a rule may return broadcastable slopes)
     hl, hu = (t.expand(shape).reshape(shape[0], 1, -1) for t in (lo_s, up_s))
     chunks = _chunks(c)
@@ -382,9 +386,7 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
     for part in chunks:
         n = part.stop - part.start
         lo, up = torch.sub(c[part], r[part], out=lo_rows[:n]), torch.add(c[part], r[part], out=up_rows[:n])
-        half = torch.mul(up, hu[part], out=radius[part])
-        torch.addcmul(half, hl[part], lo, out=centre[part])
-        half.addcmul_(hl[part], lo, value=-1.0)
+        _half_sums(lo, up, hl[part], hu[part], centre[part], radius[part])
     if not order.identity:
         centre_const, radius_const = order.back_node(centre_const), order.back_node(radius_const)
     return SymbolicBounds(Equation(order.unflat_rows(centre, shape), centre_const),
@@ -502,6 +504,11 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
     return end + 1
 
 
+def uses_channels_last(frame: Frame, aset) -> bool:
+    """Whether ``frame``'s passes over ``aset`` lay image-shaped tensors out channels-last."""
+    return _layout(frame, aset) is channels_last
+
+
 def _layout(frame: Frame, aset) -> Callable[..., Tensor]:
     """How the pass lays out image-shaped tensors: channels-last (``channels_last``) on the CPU
     when most 2-D convolutions read enough channels (``Frame.prefers_channels_last``), where
@@ -579,13 +586,28 @@ def _relax_forward(relax: Relaxation, lo_eq: Equation, up_eq: Equation, exact_in
         return SymbolicBounds(_scale(up_s + lo_s, lo_eq, mid_b), _scale(up_s - lo_s, lo_eq, rad_b))
     if nonneg_slopes:
         centre, radius = _HalfSums.apply(lo_eq.coef, up_eq.coef, lo_s.unsqueeze(1), up_s.unsqueeze(1))
-        half_up = up_s * up_eq.const
-        return SymbolicBounds(Equation(centre, torch.addcmul(half_up, lo_s, lo_eq.const) + mid_b),
-                              Equation(radius, torch.addcmul(half_up, lo_s, lo_eq.const, value=-1.0) + rad_b))
+        centre_const, radius_const = _half_sum_consts(lo_s, up_s, mid_b, rad_b, lo_eq.const, up_eq.const)
+        return SymbolicBounds(Equation(centre, centre_const), Equation(radius, radius_const))
     half_lo = _scale(lo_s.clamp(min=0), lo_eq) + _scale(lo_s.clamp(max=0), up_eq)
     half_up = _scale(up_s.clamp(min=0), up_eq) + _scale(up_s.clamp(max=0), lo_eq)
     centre, radius = half_up + half_lo, half_up - half_lo
     return SymbolicBounds(Equation(centre.coef, centre.const + mid_b), Equation(radius.coef, radius.const + rad_b))
+
+
+def _half_sums(lo: Tensor, up: Tensor, hl: Tensor, hu: Tensor, centre: Tensor | None = None,
+               radius: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(hu·up + hl·lo, hu·up − hl·lo)`` in three full-size passes (into ``centre``/``radius`` when
+    given): the next centre and radius rows after an activation with non-negative slopes."""
+    half_up = torch.mul(up, hu, out=radius)
+    return torch.addcmul(half_up, hl, lo, out=centre), half_up.addcmul_(hl, lo, value=-1.0)
+
+
+def _half_sum_consts(lo_s: Tensor, up_s: Tensor, mid_b: Tensor, rad_b: Tensor, lo_const: Tensor,
+                     up_const: Tensor) -> tuple[Tensor, Tensor]:
+    """The constants that go with ``_half_sums``: ``(hu·up + hl·lo + mid_b, hu·up − hl·lo + rad_b)``."""
+    half_up = up_s * up_const
+    return (torch.addcmul(half_up, lo_s, lo_const) + mid_b,
+            torch.addcmul(half_up, lo_s, lo_const, value=-1.0) + rad_b)
 
 
 class _HalfSums(torch.autograd.Function):
@@ -602,11 +624,8 @@ class _HalfSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lo, up, hl, hu):
-        half_up = up * hu
-        centre = torch.addcmul(half_up, hl, lo)
-        radius = half_up.addcmul_(hl, lo, value=-1.0)
         ctx.save_for_backward(lo, up, hl, hu)
-        return centre, radius
+        return _half_sums(lo, up, hl, hu)
 
     @staticmethod
     def backward(ctx, g_centre, g_radius):
