@@ -5,6 +5,10 @@
 
 Prints the top operators by self time (CPU, or CUDA on a GPU) and, with ``--group-by-stack``,
 the Python call sites that issue them (``--trace FILE`` writes a Chrome trace as well).
+The allocator is tuned as in the benchmark's workers and the command line
+(``robnet_svc.bounds.alloc.keep_freed_memory``; ``ROBNET_SVC_MALLOC_TUNING=0`` profiles without
+it): untuned, page faults on every large allocation show up as the self time of whichever
+autograd node frees or allocates, and the table no longer describes the measured runs.
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled repetitions (after 2 warm-up)")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: the usable cores; the benchmark's peer runs use 1)")
     parser.add_argument("--group-by-stack", action="store_true", help="attribute ops to Python call sites")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(machine.usable_cores())
+    from robnet_svc.bounds.alloc import keep_freed_memory
+
+    tuned = keep_freed_memory()
+    torch.set_num_threads(args.threads or machine.usable_cores())
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     setup = measure.build(args.network, args.batch, device)
     if args.what == "step":
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             measure.synchronise(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"{machine.describe(device)}; {args.network}, {args.method} {args.what}, batch {args.batch}, "
-          f"{args.steps} repetitions")
+          f"{args.steps} repetitions, allocator {'tuned' if tuned else 'untuned'}")
     averages = prof.key_averages(group_by_stack_n=6) if args.group_by_stack else prof.key_averages()
     print(averages.table(sort_by=sort, row_limit=args.rows))
     if args.trace:

@@ -221,3 +221,18 @@ def test_peer_targets_show_the_compiled_step_beside_the_default_one():
     assert lines == ["MISS  ssip / auto_LiRPA Forward [DM-small, batch 64]: 0.75 (CPU time 0.70), target <= 0.60",
                      "PASS  ssip --compile / auto_LiRPA Forward [DM-small, batch 64]: 0.50 (CPU time 0.45), "
                      "target <= 0.60"]
+
+
+@pytest.mark.parametrize("tuning", ["1", "0"])
+def test_profile_runs_with_the_benchmarks_allocator_setting(tuning):
+    """``benchmarks.profile`` tunes the allocator as the benchmark's workers do (untuned, page
+    faults show up as autograd nodes' self time) and says which it used."""
+    env = {**os.environ, "ROBNET_SVC_MALLOC_TUNING": tuning}
+    command = [sys.executable, "-m", "benchmarks.profile", "--network", "tiny", "--method", "ssip",
+               "--what", "bound", "--steps", "1", "--rows", "5", "--threads", "1", "--device", "cpu"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if "repetitions" in line)
+    assert header.endswith("allocator tuned" if tuning == "1" else "allocator untuned")
+    assert "1 threads" in header and "tiny, ssip bound" in header
+    assert "aten::" in done.stdout  # the operator table
