@@ -100,11 +100,12 @@ def error_line(exc: BaseException) -> str:
     """One line for a failed configuration: the exception's first line, or, when an allocation
     failed (a MemoryError, or torch's allocator message, which TorchScript buries under its
     own first line), ``out of memory`` with the allocator's line."""
-    lines = f"{type(exc).__name__}: {exc}".splitlines()
-    oom = [line.strip() for line in lines if "can't allocate memory" in line or "out of memory" in line.lower()]
-    if isinstance(exc, MemoryError) or oom:
-        return ("out of memory (heap capped a little below physical memory): " + (oom or lines)[-1])[:300]
-    return lines[0][:300]
+    from robnet_svc.errors import allocation_failure
+
+    oom = allocation_failure(exc)
+    if oom is not None:
+        return ("out of memory (heap capped a little below physical memory): " + oom)[:300]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def main(argv: list[str]) -> int:

@@ -1,11 +1,11 @@
 """Command line: a thin click group; each command calls one function of the pipeline.
 
 Exit codes (the same with or without ``--debug``): 0 success, 1 certified accuracy under
-``--fail-under``, 2 bad input or usage, 3 a soundness error (a bug: a certified sample was
-broken by an attack), 4 an internal error (any other bug), 5 ``harden --strict``: the target
-eps was not reached within the clean-accuracy budget, 130 interrupted (Ctrl-C), 143
-terminated (SIGTERM, handled like Ctrl-C). Errors are one line on stderr; ``--debug`` adds
-the traceback above it.
+``--fail-under``, 2 bad input or usage (a run that does not fit in memory too, with what to
+change), 3 a soundness error (a bug: a certified sample was broken by an attack), 4 an
+internal error (any other bug), 5 ``harden --strict``: the target eps was not reached within
+the clean-accuracy budget, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like
+Ctrl-C). Errors are one line on stderr; ``--debug`` adds the traceback above it.
 
 Heavy modules (torch, the pipeline) are imported inside the commands, so that ``--help``
 and quick commands start fast. Under torchrun (docs/distributed.md) every rank runs the
@@ -22,7 +22,7 @@ import click
 
 from robnet_svc import __version__
 from robnet_svc.config import config_option
-from robnet_svc.errors import RobnetError, SoundnessError
+from robnet_svc.errors import RobnetError, SoundnessError, out_of_memory
 from robnet_svc.options import BUDGET_MISSED, click_option, command_options
 
 
@@ -514,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug in robnet-svc: still one line; --debug adds the traceback
         if debug:
             _traceback()
+        oom = out_of_memory(exc)  # not a bug: the run does not fit at these batch sizes
+        if oom is not None:
+            click.echo(f"robnet-svc: {_rank()}error: {oom}", err=True)
+            _exit(oom.exit_code)
         click.echo(f"robnet-svc: {_rank()}internal error: {type(exc).__name__}: {_one_line(str(exc))}"
                    + ("" if debug else " (re-run with --debug for the traceback)"), err=True)
         _exit(INTERNAL_ERROR)

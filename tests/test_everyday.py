@@ -209,6 +209,48 @@ def test_exit_codes_do_not_depend_on_debug(tmp_path, capsys, monkeypatch):
         assert ("Traceback" in r.err) == bool(debug)
 
 
+def _impossible_allocation(*_args, **_kwargs):
+    """Stands in for a bound pass too big for the machine: a real request to torch's CPU
+    allocator that it cannot serve (4 EiB), so the failure is the allocator's own."""
+    return torch.empty(1 << 62, dtype=torch.uint8)
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(digits_onnx, tmp_path, capsys, monkeypatch):
+    """A run that does not fit in memory is not a bug (exit 4, "internal error") but a usage
+    problem: exit 2, the allocator's line and the options to change, nothing written."""
+    import robnet_svc.bounds.propagate as propagate
+
+    monkeypatch.setattr(propagate, "forward_pass", _impossible_allocation)
+    for debug in ((), ("--debug",)):
+        r = invoke(capsys, *debug, "certify", digits_onnx, *FAST, "--out", tmp_path / "out")
+        assert r.code == 2, r.err
+        last = r.err.strip().splitlines()[-1]
+        assert last.startswith("robnet-svc: error: out of memory (DefaultCPUAllocator: can't allocate memory: "
+                               f"you tried to allocate {1 << 62} bytes")
+        assert "--cert-batch-size" in last and "--batch-size" in last
+        assert ("Traceback" in r.err) == bool(debug)
+        if not debug:  # the error is one line (after the progress lines)
+            assert [line for line in r.err.splitlines() if "error" in line.lower()] == [last]
+        assert not (tmp_path / "out").exists()
+
+
+def test_allocation_failures_are_recognised_and_nothing_else():
+    from robnet_svc.errors import allocation_failure, out_of_memory
+
+    with pytest.raises(RuntimeError) as cpu:
+        _impossible_allocation()
+    assert allocation_failure(cpu.value).startswith(f"DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                    f"allocate {1 << 62} bytes")
+    assert str(out_of_memory(cpu.value)).startswith("out of memory (DefaultCPUAllocator: ")
+    with pytest.raises(MemoryError) as python:
+        bytearray(1 << 62)
+    assert allocation_failure(python.value) == "MemoryError"
+    buried = RuntimeError("The following operation failed in the TorchScript interpreter.\nTraceback...\n"
+                          "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert allocation_failure(buried) == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert allocation_failure(ValueError("bad value")) is None and out_of_memory(ZeroDivisionError()) is None
+
+
 # --------------------------------------------------------------------------- 6. refusals
 
 

@@ -343,3 +343,34 @@ def test_store_refuses_a_newer_schema(tmp_path):
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(RobnetError, match="schema version"):
         JobStore(tmp_path)
+
+
+def test_a_job_out_of_memory_fails_with_the_command_lines_line(tmp_path, digits_onnx, monkeypatch):
+    """A job whose bound pass the machine cannot hold fails as the command line does: exit code
+    2 and the same "out of memory (...); lower --batch-size ..." line (not an internal error).
+    The job runs in this process (``run_job``, what the worker process calls) so that the pass
+    can be made to ask torch's allocator for more than any machine has."""
+    import shutil
+
+    import torch
+
+    import robnet_svc.bounds.propagate as propagate
+    from robnet_svc.service.store import JobStore
+    from robnet_svc.service.worker import run_job
+
+    monkeypatch.setattr(propagate, "forward_pass", lambda *a, **k: torch.empty(1 << 62, dtype=torch.uint8))
+    from robnet_svc.service.jobs import parse_settings
+
+    settings = {k: v for k, v in FAST_SETTINGS.items() if k not in ("max-train", "batch-size")}  # harden's
+    store = JobStore(tmp_path)
+    job_id = store.add("owner", "certify", parse_settings("certify", settings), "0" * 64)  # as the API stores it
+    job_dir = tmp_path / "jobs" / job_id
+    job_dir.mkdir(parents=True)
+    shutil.copyfile(digits_onnx, job_dir / "input.onnx")
+    claimed, attempt = store.claim_next()
+    assert claimed == job_id
+    run_job(store, job_dir, store.get(job_id), attempt, {})
+    job = store.get(job_id)
+    assert job["state"] == "failed" and job["exit_code"] == 2, job["error"]
+    assert job["error"].startswith("error: out of memory (DefaultCPUAllocator: can't allocate memory")
+    assert "--cert-batch-size" in job["error"] and not job["artifacts"]

@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from robnet_svc.errors import RobnetError, SoundnessError
+from robnet_svc.errors import RobnetError, SoundnessError, out_of_memory
 from robnet_svc.progress import Reporter
 from robnet_svc.service.jobs import ARTIFACTS, INPUT_FILE, OUT_DIR, build_options, recorded_config, resolve_data_dir
 from robnet_svc.service.store import JobStore
@@ -165,7 +165,11 @@ def run_job(store: JobStore, job_dir: Path, job: dict[str, Any], attempt: int, d
         error, code = f"soundness error: {_one_line(str(exc))}", exc.exit_code
     except Exception as exc:  # a bug: one line in the store, the traceback in the job's worker.log
         traceback.print_exc()
-        error = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+        oom = out_of_memory(exc)  # not a bug: the job does not fit at its batch sizes
+        if oom is not None:
+            error, code = f"error: {_one_line(str(oom))}", oom.exit_code
+        else:
+            error = f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"
     if error:
         progress.log(error)
     recorded = store.finish(job["id"], attempt, state, summary=summary, artifacts=artifacts, error=error,
