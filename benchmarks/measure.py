@@ -101,8 +101,10 @@ def train_step(setup: Setup, method_name: str, kernels=None) -> Callable[[], Non
     ``RobustObjective`` and ``train_step``): forward in train mode, cross-entropy, for a bound
     method the margin bounds of the correctly classified samples in eval mode and the hinge
     loss of paper Eq. 6-7, backward, Adam. ``standard`` is the same step with ``alpha = 0``.
-    ``kernels``: the bounder's fused activation kernels (``harden --compile``; None: eager)."""
+    ``kernels``: the bounder's fused activation kernels (``harden --compile``; None: what training
+    uses without it, ``kernels.training_kernels``)."""
     from robnet_svc.bounder import Bounder
+    from robnet_svc.bounds.kernels import training_kernels
     from robnet_svc.training import RobustObjective
     from robnet_svc.training import train_step as product_step
 
@@ -111,6 +113,8 @@ def train_step(setup: Setup, method_name: str, kernels=None) -> Callable[[], Non
     alpha = 0.0 if method_name == STANDARD else ALPHA
     # ``standard``: alpha 0 never asks the bounder (any method will do)
     method = bound_method("ibp" if method_name == STANDARD else method_name, ordered=False)
+    if kernels is None:
+        kernels = training_kernels(images.device)
     bounder = Bounder(model, method, setup.perturbation, tuple(images.shape[1:]), kernels=kernels)
     objective = RobustObjective(bounder, alpha)
 

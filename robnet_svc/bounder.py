@@ -31,9 +31,10 @@ class Bounder:
 
     ``module``: the classifier, or its compiled ``BoundNetwork``; ``image_shape``: ``(C, H, W)``
     of its inputs; ``rules``: the op-rule table (None: the registry's, built-ins and plugins);
-    ``kernels``: the fused activation kernels its bounds run with (``harden --compile``, training
-    only: robnet_svc/bounds/kernels.py; None: the eager engine). The copies ``for_module`` and
-    ``bound_copy`` make (certification's) never use them.
+    ``kernels``: the fused activation kernels its bounds run with (training only:
+    robnet_svc/bounds/kernels.py, ``training_kernels`` by default, compiled with ``harden
+    --compile``; None: the eager engine). The copies ``for_module`` and ``bound_copy`` make
+    (certification's) never use them.
     RobnetError (one line) when the method cannot bound the perturbation's sets of that shape
     or the network has an unsupported operation.
     """

@@ -241,7 +241,9 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, reporter
     certifier = Bounder(module, cert_method, perturbation, imported.image_shape, rules=registry.rules())
     trainer = None
     if training:
-        kernels = None
+        from robnet_svc.bounds.kernels import training_kernels
+
+        kernels = training_kernels(device)  # the SSIP step on batch chunks on the CPU (bounds/kernels.py)
         shown = reporter if dist.is_main else SILENT
         if options.compile and not check_only and not train_method.needs_dense:
             shown.warn(f"--compile fuses the forward symbolic (SSIP) pass of ssip and rsip-ssip; --method "

@@ -1,9 +1,13 @@
-"""The fused activation step of ``harden --compile`` (robnet_svc/bounds/kernels.py).
+"""The fused activation step of training (robnet_svc/bounds/kernels.py): ``harden --compile``'s
+compiled kernels and the chunked eager ones training uses on the CPU by default.
 
-- its hand-written backward against finite differences (float64, the kernels run op by op);
+- its hand-written backward against finite differences (float64, the kernels run op by op and
+  on chunks of one sample);
+- the chunked kernels against the whole-batch ones, chunk sizes from one sample to the batch;
 - on random networks of the soundness suite (float64), inside ``fused_activations`` the
   training methods return the eager engine's bounds (to rounding) and stay sound at sampled
-  points;
+  points, with both;
+- training runs the chunked kernels on the CPU without ``--compile``;
 - the kernels compiled by ``torch.compile`` give the eager engine's margins and parameter
   gradients on a channels-last CNN and an MLP, across batch sizes;
 - a ``Bounder`` runs its own kernels and certification's copies run none.
@@ -21,7 +25,9 @@ from torch import nn
 
 from robnet_svc.bounder import Bounder
 from robnet_svc.bounds import compile_network
-from robnet_svc.bounds.kernels import EAGER, _FusedStep, active_kernels, check_compiled_kernels, fused_activations
+from robnet_svc.bounds import kernels
+from robnet_svc.bounds.kernels import (CHUNKED, EAGER, _FusedStep, active_kernels, check_compiled_kernels,
+                                       fused_activations, training_kernels)
 from robnet_svc.bounds.ops.relu import ReluRule
 from robnet_svc.perturbations.bias_field import BiasField
 from robnet_svc.plugins import load_registry
@@ -49,14 +55,40 @@ def _step_inputs(b: int, k: int, n: int, seed: int, tighter: bool) -> list[torch
     return [*rows, *consts, mid.requires_grad_(), rad.requires_grad_(), iv_lo, iv_up, t_lo, t_up]
 
 
+@pytest.mark.parametrize("which", ["eager", "chunked"])
 @pytest.mark.parametrize("tighter", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_step_backward_matches_finite_differences(seed, tighter):
+def test_fused_step_backward_matches_finite_differences(seed, tighter, which, monkeypatch):
     """Every input's gradient (rows, constants, the box, interval and tighter bounds), all
-    outputs used; random values keep every neuron off the relaxation's kinks."""
+    outputs used; random values keep every neuron off the relaxation's kinks. The chunked
+    kernels run on chunks of one sample."""
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
+    fused = {"eager": EAGER, "chunked": CHUNKED}[which]
     inputs = _step_inputs(3, 4, 7, seed, tighter)
-    torch.autograd.gradcheck(lambda *t: _FusedStep.apply(EAGER, ReluRule.fused_relaxation, *t), inputs,
+    torch.autograd.gradcheck(lambda *t: _FusedStep.apply(fused, ReluRule.fused_relaxation, *t), inputs,
                              eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 4 * 7 * 8, 1 << 40])  # one sample, two (float64), the batch
+def test_chunked_kernels_compute_the_whole_batch_kernels(chunk_bytes, dtype, monkeypatch):
+    """Each chunked kernel returns what the whole-batch one does, to rounding (they sum over ``k``
+    in another order), whatever the chunking, a last chunk shorter than the others included."""
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", chunk_bytes)
+    ins = [t.detach().to(dtype) for t in _step_inputs(5, 4, 7, 3, tighter=True)]
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(5, 4, 7, generator=gen).to(dtype) for _ in range(2)]
+    per_neuron = [torch.randn(5, 7, generator=gen).to(dtype) for _ in range(4)]  # h_lo, h_up, ∂s_lo, ∂s_up
+    tol = {"rtol": 0, "atol": 1e-12 if dtype == torch.float64 else 1e-5}
+    pairs = [(EAGER.forward(*ins, ReluRule.fused_relaxation), CHUNKED.forward(*ins, ReluRule.fused_relaxation)),
+             (EAGER.slope_grads(*grads, *ins[:2]), CHUNKED.slope_grads(*grads, *ins[:2])),
+             (EAGER.row_grads(*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:]),
+              CHUNKED.row_grads(*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:]))]
+    for whole, chunked in pairs:
+        assert len(whole) == len(chunked)
+        for a, b in zip(whole, chunked):
+            assert b.shape == a.shape and b.dtype == a.dtype
+            torch.testing.assert_close(b, a, **tol)
 
 
 def _fused_vs_eager(module: nn.Module, aset, labels, fused, method: str, ordered: bool):
@@ -80,13 +112,20 @@ def test_fused_bounds_equal_the_eager_engine_and_are_sound(data, clip, pert_id):
     # different, equally sound lines)
     aset = make_set(pert_id, images.double() * 0.98 + 0.01, eps, clip)
     sampled = sampled_margins(module, aset, labels, NUM_SAMPLES)
-    for method in TRAINING:
-        for ordered in (False, True):
-            eager, fused = _fused_vs_eager(module, aset, labels, EAGER, method, ordered)
-            scale = max(1.0, eager.abs().max().item())
-            torch.testing.assert_close(fused, eager, rtol=0, atol=1e-10 * scale,
-                                       msg=lambda m: f"{method} ordered={ordered} {pert_id} {recipe}: {m}")
-            check_sound({f"{method} fused": fused.detach()}, sampled, f"{pert_id}, clip={clip}, {recipe}")
+    saved = kernels.CHUNK_BYTES
+    kernels.CHUNK_BYTES = 1  # the chunked kernels on chunks of one sample
+    try:
+        for method in TRAINING:
+            for ordered in (False, True):
+                for name, fused_kernels in (("fused", EAGER), ("chunked", CHUNKED)):
+                    eager, fused = _fused_vs_eager(module, aset, labels, fused_kernels, method, ordered)
+                    scale = max(1.0, eager.abs().max().item())
+                    torch.testing.assert_close(
+                        fused, eager, rtol=0, atol=1e-10 * scale,
+                        msg=lambda m: f"{name} {method} ordered={ordered} {pert_id} {recipe}: {m}")
+                    check_sound({f"{method} {name}": fused.detach()}, sampled, f"{pert_id}, clip={clip}, {recipe}")
+    finally:
+        kernels.CHUNK_BYTES = saved
 
 
 class _CNN(nn.Module):
@@ -155,3 +194,25 @@ def test_a_bounder_runs_its_own_kernels_and_certification_copies_run_none():
         with fused_activations(EAGER):  # a caller's context does not reach a bounder without kernels
             copy.margin_lower(images.to(next(copy.module.parameters()).dtype), labels)
     assert seen == [EAGER, None, None]
+
+
+def test_training_runs_the_chunked_kernels_on_the_cpu(digits_onnx, tmp_path, monkeypatch):
+    """Without ``--compile``, a CPU ``harden`` trains with ``CHUNKED`` (``training_kernels``): its
+    forward kernel runs in every training step's SSIP pass (a spy counts the calls); on CUDA the
+    eager engine stays (None)."""
+    from robnet_svc.pipeline import Options, harden
+    from robnet_svc.progress import Reporter
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape[0])  # the batch of rows
+        return kernels._forward_chunked(*args)
+
+    monkeypatch.setattr(kernels, "CHUNKED", kernels.Kernels(spy, CHUNKED.slope_grads, CHUNKED.row_grads))
+    assert training_kernels(torch.device("cuda")) is None
+    options = Options(model=str(digits_onnx), dataset="digits", eps=0.05, order=1, max_test=16, attack_steps=2,
+                      attack_restarts=1, device="cpu", epochs=1, max_train=64, batch_size=32,
+                      out=str(tmp_path / "out"))
+    harden(options, {}, "test", Reporter())
+    assert len(calls) >= 2 and max(calls) <= 32  # training's batches (certification's bounders run none)
