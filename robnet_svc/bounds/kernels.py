@@ -1,12 +1,13 @@
-"""Fused, compiled kernels for SSIP's step at a ReLU in training (``harden --compile``).
+"""Fused kernels for SSIP's step at a ReLU in training: eager on batch chunks (the CPU's
+default, ``CHUNKED``) or compiled by ``torch.compile`` (``harden --compile``).
 
 At an activation, SSIP's forward pass (``propagate.forward_pass``) forms ``Lo``/``Up`` from
 centre–radius rows ``(C, R)`` ``[B, k, N]``, concretises them over the coefficient box, relaxes
 the activation on the resulting bounds and writes the next rows. Eagerly that is about 11
 full-size passes forward and 20 backward (docs/benchmarks.md, *Where the time goes*), and no
-regrouping of eager ops gets below it. Here the step is one autograd Function whose work runs
-in three kernels that ``torch.compile`` fuses into loops reading each full-size tensor once or
-twice:
+regrouping of whole-batch eager ops gets below it. Here the step is one autograd Function
+whose work runs in three kernels, which ``torch.compile`` fuses into loops reading each
+full-size tensor once or twice:
 
 ``forward``     (C, R, box, interval bounds) -> concretised bounds, slopes, next rows
                 ``C' = (h_u + h_l)·C + (h_u − h_l)·R``, ``R' = (h_u − h_l)·C + (h_u + h_l)·R``
