@@ -91,18 +91,20 @@ def _row_grads(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor, h_lo: Tensor, h_u
 
 
 #: Bytes of one batch chunk's rows in the chunked kernels (``CHUNKED``): about a core's L2 cache,
-#: as ``propagate.CHUNK_BYTES`` (at least one sample per chunk).
+#: as ``propagate.CHUNK_BYTES`` for the engine's chunked step outside autograd.
 CHUNK_BYTES = 1 << 20
 
 
-def _chunk_slices(rows: Tensor) -> list[slice]:
-    """Batch slices of ``rows [B, k, N]`` of about ``CHUNK_BYTES`` each (at least one sample)."""
-    step = max(1, CHUNK_BYTES // max(1, rows[0].numel() * rows.element_size()))
+def chunk_slices(rows: Tensor, chunk_bytes: int) -> list[slice]:
+    """Batch slices of ``rows [B, k, N]`` of about ``chunk_bytes`` each (at least one sample): the
+    chunks of ``CHUNKED``'s kernels and of the engine's step outside autograd (``propagate``)."""
+    step = max(1, chunk_bytes // max(1, rows[0].numel() * rows.element_size()))
     return [slice(start, min(start + step, rows.shape[0])) for start in range(0, rows.shape[0], step)]
 
 
-def _scratch(rows: Tensor, count: int, parts: list[slice]) -> Tensor:
-    """``count`` scratch buffers of one chunk of ``rows`` (``[count, chunk, k, N]``)."""
+def chunk_scratch(rows: Tensor, count: int, parts: list[slice]) -> Tensor:
+    """``count`` scratch buffers the size of the first (largest) of ``parts`` of ``rows``:
+    ``[count, chunk, k, N]``; a shorter last chunk uses their leading samples."""
     return rows.new_empty((count, parts[0].stop - parts[0].start, *rows.shape[1:]))
 
 
@@ -110,11 +112,11 @@ def _forward_chunked(c: Tensor, r: Tensor, c_const: Tensor, r_const: Tensor, mid
                      iv_lo: Tensor, iv_up: Tensor, t_lo: Tensor, t_up: Tensor, relaxation: Callable):
     """``_forward`` on batch chunks, each one bounded, relaxed (``_per_neuron`` on its ``[n, N]``
     slice: the relaxation is per neuron) and turned into its next rows while it is in cache."""
-    parts = _chunk_slices(c)
+    parts = chunk_slices(c, CHUNK_BYTES)
     node = [torch.empty_like(c_const) for _ in range(8)]  # s_lo, s_up, lower, upper, h_lo, h_up, consts'
     s_lo, s_up = node[0], node[1]
     c2, r2 = torch.empty_like(c), torch.empty_like(r)
-    rows, mag = _scratch(c, 2, parts)
+    rows, mag = chunk_scratch(c, 2, parts)
     for part in parts:
         n = part.stop - part.start
         cs, rs, m3, q3 = c[part], r[part], mid[part].unsqueeze(1), rad[part].unsqueeze(1)  # [n, 1, k]
@@ -135,9 +137,9 @@ def _forward_chunked(c: Tensor, r: Tensor, c_const: Tensor, r_const: Tensor, mid
 
 def _slope_grads_chunked(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     """``_slope_grads`` on batch chunks (the products formed in cache, then summed over ``k``)."""
-    parts = _chunk_slices(c)
+    parts = chunk_slices(c, CHUNK_BYTES)
     g_h_lo, g_h_up = c.new_empty((c.shape[0], c.shape[2])), c.new_empty((c.shape[0], c.shape[2]))
-    grad, rows = _scratch(c, 2, parts)
+    grad, rows = chunk_scratch(c, 2, parts)
     for part in parts:
         n = part.stop - part.start
         for form, out in ((torch.sub, g_h_lo), (torch.add, g_h_up)):
@@ -149,9 +151,9 @@ def _slope_grads_chunked(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor) -> tupl
 def _row_grads_chunked(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor, h_lo: Tensor, h_up: Tensor, mid: Tensor,
                        rad: Tensor, g_s_lo: Tensor, g_s_up: Tensor) -> tuple[Tensor, Tensor]:
     """``_row_grads`` on batch chunks."""
-    parts = _chunk_slices(c)
+    parts = chunk_slices(c, CHUNK_BYTES)
     out_c, out_r = torch.empty_like(c), torch.empty_like(r)
-    g_lo, g_up, grad = _scratch(c, 3, parts)
+    g_lo, g_up, grad = chunk_scratch(c, 3, parts)
     for part in parts:
         n = part.stop - part.start
         m3, q3 = mid[part].unsqueeze(-1), rad[part].unsqueeze(-1)  # [n, k, 1]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from robnet_svc.bounds.graph import Frame
-from robnet_svc.bounds.kernels import active_kernels, fused_step
+from robnet_svc.bounds.kernels import active_kernels, chunk_scratch, chunk_slices, fused_step
 from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Relaxation, SymbolicBounds
 
 
@@ -333,13 +333,6 @@ def _in_chunks(sym: SymbolicBounds) -> bool:
             and coef.shape[0] > 1 and coef.numel() * coef.element_size() > 2 * CHUNK_BYTES)
 
 
-def _chunks(rows: Tensor) -> list[slice]:
-    """Batch slices of ``rows [B, k, N]`` of about ``CHUNK_BYTES`` each (at least one sample)."""
-    batch = rows.shape[0]
-    step = max(1, CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
-    return [slice(s, min(s + step, batch)) for s in range(0, batch, step)]
-
-
 def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
     """``concretize_pair(*_lower_upper(sym), aset)`` outside autograd, chunk by chunk (see
     ``_in_chunks``): each chunk's ``Lo`` and ``Up`` rows and their magnitudes are formed in two
@@ -350,8 +343,8 @@ def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
     lo_const = order.flat_node(sym.centre.const - sym.radius.const)  # as _lower_upper, then concretize_pair
     up_const = order.flat_node(sym.centre.const + sym.radius.const)
     mid, rad = (t.unsqueeze(1) for t in box_mid_rad(aset))  # [B, 1, k]
-    chunks = _chunks(c)
-    rows, mag = torch.empty((2, chunks[0].stop, *c.shape[1:]), dtype=c.dtype, device=c.device)
+    chunks = chunk_slices(c, CHUNK_BYTES)
+    rows, mag = chunk_scratch(c, 2, chunks)
     lower, upper = torch.empty_like(lo_const), torch.empty_like(up_const)
     for part in chunks:
         n = part.stop - part.start
@@ -380,8 +373,8 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
     centre_const, radius_const = _half_sum_consts(lo_s, up_s, mid_b, rad_b, lo_const, up_const)
     # [B, 1, N], neurons in memory order (expanded first: a rule may return broadcastable slopes)
     hl, hu = (t.expand(shape).reshape(shape[0], 1, -1) for t in (lo_s, up_s))
-    chunks = _chunks(c)
-    lo_rows, up_rows = torch.empty((2, chunks[0].stop, *c.shape[1:]), dtype=c.dtype, device=c.device)
+    chunks = chunk_slices(c, CHUNK_BYTES)
+    lo_rows, up_rows = chunk_scratch(c, 2, chunks)
     centre, radius = torch.empty_like(c), torch.empty_like(r)
     for part in chunks:
         n = part.stop - part.start
