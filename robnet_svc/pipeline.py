@@ -257,6 +257,8 @@ def prepare(options: Options, training: bool, dist: Dist | None = None, reporter
             shown.log(f"--compile: fused kernels ready in {time.perf_counter() - started:.0f} s "
                       "(torch keeps them in its on-disk cache)")
         trainer = Bounder(certifier.net, train_method, perturbation, imported.image_shape, kernels=kernels)
+    if device.type == "cpu" and not check_only and any(m is not None and m.needs_dense for m in (cert_method, train_method)):
+        _native_kernels(reporter if dist.is_main else SILENT)
     radius = radius_settings(options)
     if radius is not None:
         from robnet_svc.certify import check_radius_support
@@ -393,6 +395,17 @@ def _check_out(options: Options, training: bool) -> Path | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RobnetError(f"--out {out}: cannot write in {existing} (permission denied)")
     return out
+
+
+def _native_kernels(reporter: Reporter) -> None:
+    """Build or load the native CPU kernels of the SSIP pass now, before any work
+    (robnet_svc/bounds/native.py): the first run on a machine says it builds them (about 30 s),
+    and a machine where they cannot be built gets one warning; its bounds are the same."""
+    from robnet_svc.bounds import native
+
+    if native.enabled() and native.kernels(report=reporter.log) is None:
+        reporter.warn(f"native CPU kernels of the SSIP step: {native.status()}; the bounds are the same, the "
+                      "SSIP passes outside training slower")
 
 
 def _fitting_methods(registry, perturbation, image_shape) -> str:

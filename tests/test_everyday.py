@@ -306,3 +306,30 @@ def test_quick_commands_do_not_import_what_they_do_not_use(run):
     out, _err = run
     assert _imported_by("report", "show", str(out / "certificate.h5")) == []
     assert _imported_by("plugins", "--json") == ["torch"]  # plugin classes are torch code; no onnx stack
+
+
+def test_certify_without_native_kernels_warns_once_and_certifies_the_same(digits_onnx, tmp_path, capsys, monkeypatch):
+    """Where the native CPU kernels cannot be built, a run says so in one warning before its
+    work and computes the same certificates with PyTorch ops (tests/bounds/test_native.py
+    builds and fails to build them for real; here the pipeline's report of it)."""
+    import numpy as np
+
+    from robnet_svc.bounds import native
+    from robnet_svc.report import read_report
+
+    args = ("certify", digits_onnx, *FAST, "--cert-method", "ssip")
+    r = invoke(capsys, *args, "--out", tmp_path / "with")
+    assert r.code == 0, r.err
+    assert "native CPU kernels" not in r.err
+    monkeypatch.setitem(native._state, "module", None)
+    monkeypatch.setitem(native._state, "why", "RuntimeError: Error building extension 'robnet_svc_ssip_step'")
+    r = invoke(capsys, *args, "--out", tmp_path / "without")
+    assert r.code == 0, r.err
+    warnings = [line for line in r.err.splitlines() if "native CPU kernels" in line]
+    assert warnings == ["robnet-svc: warning: native CPU kernels of the SSIP step: unavailable (RuntimeError: Error "
+                        "building extension 'robnet_svc_ssip_step'): PyTorch ops; the bounds are the same, the SSIP "
+                        "passes outside training slower"]
+    native_run, pytorch_run = (read_report(tmp_path / name / "certificate.h5").sections["model"]
+                               for name in ("with", "without"))
+    assert np.array_equal(native_run.certified, pytorch_run.certified)
+    assert np.allclose(native_run.margin_lower, pytorch_run.margin_lower, rtol=1e-12, atol=1e-12)

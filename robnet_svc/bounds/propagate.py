@@ -24,8 +24,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from robnet_svc.bounds import native
 from robnet_svc.bounds.graph import Frame
 from robnet_svc.bounds.kernels import active_kernels, chunk_scratch, chunk_slices, fused_step
+from robnet_svc.bounds.ops.relu import uses_relu_relaxation
 from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, Relaxation, SymbolicBounds
 
 
@@ -269,10 +271,15 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
                                                         _InOrder.of(sym.centre.coef))
                     intervals[i] = Interval.from_bounds(*rule.interval(result.pre[i].lower, result.pre[i].upper))
                     continue
-                chunked = _in_chunks(sym)
-                if chunked:  # Lo, Up formed chunk by chunk, twice: here and for the next rows
+                ext = _native_kernels(sym)  # outside autograd on the CPU: hand-written kernels
+                if ext is not None and uses_relu_relaxation(rule) and i != last_activation:
+                    result.pre[i], syms[i], intervals[i] = _relu_step_native(
+                        ext, sym, aset, ins[0], None if tighter is None else tighter.get(i))
+                    continue
+                chunked = ext is not None or _in_chunks(sym)
+                if chunked:  # Lo, Up never formed whole: read from the rows here and for the next rows
                     lo_eq = up_eq = None
-                    sym_lower, sym_upper = _concretize_in_chunks(sym, aset)
+                    sym_lower, sym_upper = _concretize_outside_autograd(sym, aset, ext)
                 else:
                     lo_eq, up_eq = _lower_upper(sym)  # formed once: concretised here, relaxed below
                     sym_lower, sym_upper = concretize_pair(lo_eq, up_eq, aset)
@@ -287,7 +294,7 @@ def forward_pass(frame: Frame, aset, symbolic: bool = False,
             if symbolic:
                 relax, nonneg = rule.relax(pre.lower, pre.upper), getattr(rule, "nonneg_slopes", False)
                 if chunked and nonneg:
-                    syms[i] = _relax_forward_in_chunks(relax, sym)
+                    syms[i] = _relax_forward_outside_autograd(relax, sym, ext)
                 else:
                     if lo_eq is None:
                         lo_eq, up_eq = _lower_upper(sym)
@@ -317,8 +324,9 @@ CHUNK_BYTES = 1 << 20
 
 
 def _in_chunks(sym: SymbolicBounds) -> bool:
-    """Whether the SSIP step at an activation runs on batch chunks: on the CPU, outside autograd,
-    with a radius, when the rows span more than two chunks.
+    """Whether the SSIP step at an activation runs on batch chunks of PyTorch ops: on the CPU,
+    outside autograd, with a radius, when the rows span more than two chunks (and the native
+    kernels are unavailable, ``_native_kernels``).
 
     The step on the whole batch forms ``Lo``, ``Up``, their magnitudes and the next rows as a
     dozen full-size tensors, each a pass through memory (16 MiB apiece for 64 samples at
@@ -333,16 +341,64 @@ def _in_chunks(sym: SymbolicBounds) -> bool:
             and coef.shape[0] > 1 and coef.numel() * coef.element_size() > 2 * CHUNK_BYTES)
 
 
-def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
-    """``concretize_pair(*_lower_upper(sym), aset)`` outside autograd, chunk by chunk (see
-    ``_in_chunks``): each chunk's ``Lo`` and ``Up`` rows and their magnitudes are formed in two
+def _native_kernels(sym: SymbolicBounds):
+    """The hand-written kernels of the step (``native.kernels()``) when they apply: on the CPU,
+    outside autograd, with a radius, in float32 or float64; else None. They read each row once
+    per kernel where the chunked PyTorch ops read it about seven times (``native``'s docstring
+    has the measurements); the results equal those of the PyTorch ops up to the summation
+    order of the ``k``-term sums."""
+    coef = sym.centre.coef
+    if (sym.radius is None or coef.device.type != "cpu" or torch.is_grad_enabled()
+            or coef.dtype not in (torch.float32, torch.float64)):
+        return None
+    return native.kernels()
+
+
+def _relu_step_native(ext, sym: SymbolicBounds, aset, iv: Interval, tight: PreActivationBounds | None
+                      ) -> tuple[PreActivationBounds, SymbolicBounds, Interval]:
+    """The whole SSIP step at a ReLU outside autograd by the native kernel ``ext.relu_step``:
+    the pre-activation bounds (the rows' bounds over the box ∩ the interval ``iv`` ∩ ``tight``),
+    the next centre and radius equations, and the ReLU's output interval, each row read once
+    while its sample is in cache. The same values as the PyTorch ops (``_concretize_outside_autograd``,
+    ``relu_relaxation``, ``_relax_forward_outside_autograd``, ``ReluRule.interval``) up to the
+    order of the ``k``-term sums (tested)."""
+    order = _InOrder.of(sym.centre.coef)
+    const = sym.centre.const
+    shape = order.node(const).shape
+
+    def flat(t: Tensor) -> Tensor:
+        return order.flat_node(t.expand_as(const)).contiguous()
+
+    c, r = order.flat_rows(sym.centre.coef).contiguous(), order.flat_rows(sym.radius.coef).contiguous()
+    mid, rad = (t.contiguous() for t in box_mid_rad(aset))
+    by_mid_rad = iv.bounds is None  # the interval as it is held: no conversion before the kernel
+    ivs = (flat(iv.mid), flat(iv.rad)) if by_mid_rad else (flat(iv.bounds[0]), flat(iv.bounds[1]))
+    bounds = (flat(tight.lower), flat(tight.upper)) if tight is not None else (None, None)
+    out = ext.relu_step(c, r, flat(const), flat(sym.radius.const), mid, rad, *ivs, by_mid_rad, *bounds)
+    lower, upper, centre, radius = out[:4]
+    node = [order.unflat_node(t, shape) for t in (lower, upper, *out[4:6], *out[6:])]
+    return (PreActivationBounds(node[0], node[1]),
+            SymbolicBounds(Equation(order.unflat_rows(centre, shape), node[2]),
+                           Equation(order.unflat_rows(radius, shape), node[3])),
+            Interval(node[6], node[7], (node[4], node[5])))
+
+
+def _concretize_outside_autograd(sym: SymbolicBounds, aset, ext) -> tuple[Tensor, Tensor]:
+    """``concretize_pair(*_lower_upper(sym), aset)`` outside autograd, without forming ``Lo`` and
+    ``Up`` whole: by the native kernel ``ext.bounds_of_rows``, or (``ext`` None) chunk by chunk
+    (see ``_in_chunks``), each chunk's ``Lo`` and ``Up`` rows and their magnitudes formed in two
     scratch buffers and concretised by ``_bound_of_rows``, as ``_Concretize.forward`` does."""
     order = _InOrder.of(sym.centre.coef)
     shape = order.node(sym.centre.const).shape
     c, r = order.flat_rows(sym.centre.coef), order.flat_rows(sym.radius.coef)  # [B, k, N], memory order
     lo_const = order.flat_node(sym.centre.const - sym.radius.const)  # as _lower_upper, then concretize_pair
     up_const = order.flat_node(sym.centre.const + sym.radius.const)
-    mid, rad = (t.unsqueeze(1) for t in box_mid_rad(aset))  # [B, 1, k]
+    mid, rad = box_mid_rad(aset)  # [B, k]
+    if ext is not None:
+        lower, upper = ext.bounds_of_rows(c.contiguous(), r.contiguous(), lo_const.contiguous(),
+                                          up_const.contiguous(), mid.contiguous(), rad.contiguous())
+        return order.unflat_node(lower, shape), order.unflat_node(upper, shape)
+    mid, rad = mid.unsqueeze(1), rad.unsqueeze(1)  # [B, 1, k]
     chunks = chunk_slices(c, CHUNK_BYTES)
     rows, mag = chunk_scratch(c, 2, chunks)
     lower, upper = torch.empty_like(lo_const), torch.empty_like(up_const)
@@ -357,11 +413,12 @@ def _concretize_in_chunks(sym: SymbolicBounds, aset) -> tuple[Tensor, Tensor]:
     return order.unflat_node(lower, shape), order.unflat_node(upper, shape)
 
 
-def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> SymbolicBounds:
+def _relax_forward_outside_autograd(relax: Relaxation, sym: SymbolicBounds, ext) -> SymbolicBounds:
     """``_relax_forward(relax, *_lower_upper(sym), False, True)`` (non-negative slopes, a radius)
-    outside autograd, chunk by chunk (see ``_in_chunks``): the constants as there, on the whole
-    batch; each chunk's ``Lo`` and ``Up`` rows formed in scratch buffers and its next rows
-    written straight into the outputs by ``_half_sums``, as ``_HalfSums.forward`` computes them."""
+    outside autograd: the constants as there, on the whole batch; the next rows by the native
+    kernel ``ext.half_sums``, or (``ext`` None) chunk by chunk (see ``_in_chunks``), each chunk's
+    ``Lo`` and ``Up`` rows formed in scratch buffers and its next rows written straight into the
+    outputs by ``_half_sums``, as ``_HalfSums.forward`` computes them."""
     order = _InOrder.of(sym.centre.coef)
     shape = order.node(sym.centre.const).shape
     c, r = order.flat_rows(sym.centre.coef), order.flat_rows(sym.radius.coef)
@@ -371,15 +428,19 @@ def _relax_forward_in_chunks(relax: Relaxation, sym: SymbolicBounds) -> Symbolic
     lo_s, up_s = relax.lower_slope * 0.5, relax.upper_slope * 0.5
     mid_b, rad_b = (relax.upper_bias + relax.lower_bias) * 0.5, (relax.upper_bias - relax.lower_bias) * 0.5
     centre_const, radius_const = _half_sum_consts(lo_s, up_s, mid_b, rad_b, lo_const, up_const)
-    # [B, 1, N], neurons in memory order (expanded first: a rule may return broadcastable slopes)
-    hl, hu = (t.expand(shape).reshape(shape[0], 1, -1) for t in (lo_s, up_s))
-    chunks = chunk_slices(c, CHUNK_BYTES)
-    lo_rows, up_rows = chunk_scratch(c, 2, chunks)
-    centre, radius = torch.empty_like(c), torch.empty_like(r)
-    for part in chunks:
-        n = part.stop - part.start
-        lo, up = torch.sub(c[part], r[part], out=lo_rows[:n]), torch.add(c[part], r[part], out=up_rows[:n])
-        _half_sums(lo, up, hl[part], hu[part], centre[part], radius[part])
+    # [B, N], neurons in memory order (expanded first: a rule may return broadcastable slopes)
+    hl, hu = (t.expand(shape).reshape(shape[0], -1) for t in (lo_s, up_s))
+    if ext is not None:
+        centre, radius = ext.half_sums(c.contiguous(), r.contiguous(), hl.contiguous(), hu.contiguous())
+    else:
+        hl, hu = hl.unsqueeze(1), hu.unsqueeze(1)  # [B, 1, N]
+        chunks = chunk_slices(c, CHUNK_BYTES)
+        lo_rows, up_rows = chunk_scratch(c, 2, chunks)
+        centre, radius = torch.empty_like(c), torch.empty_like(r)
+        for part in chunks:
+            n = part.stop - part.start
+            lo, up = torch.sub(c[part], r[part], out=lo_rows[:n]), torch.add(c[part], r[part], out=up_rows[:n])
+            _half_sums(lo, up, hl[part], hu[part], centre[part], radius[part])
     if not order.identity:
         centre_const, radius_const = order.back_node(centre_const), order.back_node(radius_const)
     return SymbolicBounds(Equation(order.unflat_rows(centre, shape), centre_const),
@@ -455,6 +516,9 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
         return order.unflat_node(t, shape)
 
     pixel_mid, pixel_rad = flat(intervals[0].mid), flat(intervals[0].rad)
+    ext = _native_clip_kernels(frame, pixel_mid)
+    if ext is not None:
+        return _clip_layer_native(ext, frame, result, tighter, order, shape, pixel_mid, pixel_rad)
     lam = ups = torch.ones_like(pixel_mid)
     lo = up = torch.zeros_like(pixel_mid)
     for i in range(1, end + 1):
@@ -494,6 +558,66 @@ def _clip_layer_forward(frame: Frame, aset, result: ForwardResult,
     else:
         radius_const = node(torch.addcmul((up - lo) * 0.5, half_diff, c))
         syms[end] = SymbolicBounds(Equation(rows(half_sum), centre_const), Equation(rows(half_diff), radius_const))
+    return end + 1
+
+
+def _native_clip_kernels(frame: Frame, pixels: Tensor):
+    """The native kernels for the clipping layer (``native.kernels()``) when they apply: outside
+    autograd, on the CPU, float32 or float64, and every node of the layer an affine part
+    (``scale``, ``shift``) or a node that relaxes as a ReLU; else None."""
+    if torch.is_grad_enabled() or pixels.device.type != "cpu" or pixels.dtype not in (torch.float32, torch.float64):
+        return None
+    for i in range(1, frame.clip_end + 1):
+        rule = frame.rule(i)
+        if not (uses_relu_relaxation(rule) if frame.is_activation(i) else hasattr(rule, "scale")):
+            return None
+    return native.kernels()
+
+
+def _clip_layer_native(ext, frame: Frame, result: ForwardResult, tighter: dict[int, PreActivationBounds] | None,
+                       order: _InOrder, shape, pixel_mid: Tensor, pixel_rad: Tensor) -> int:
+    """``_clip_layer_forward``'s loop and output rows by the native kernels ``ext.clip_layer``
+    (every node per pixel in one pass) and ``ext.scaled_rows`` (the image's rows read once for
+    both output rows): the same operations per pixel, so the same values up to the sign of a
+    zero and the contraction of a product and a sum into one rounding (tested)."""
+    end = frame.clip_end
+    intervals, syms = result.intervals, result.symbolic
+    image = syms[0].centre
+    empty = pixel_mid.new_empty(0)
+    relu = [frame.is_activation(i) for i in range(1, end + 1)]
+    rules = [frame.rule(i) for i in range(1, end + 1)]
+    scales = [0.0 if is_relu else float(rule.scale) for is_relu, rule in zip(relu, rules)]
+    shifts = [0.0 if is_relu else float(rule.shift) for is_relu, rule in zip(relu, rules)]
+    tight = [tighter[i] if tighter is not None and i in tighter and relu[i - 1] else None for i in range(1, end + 1)]
+
+    def flat(t: Tensor) -> Tensor:
+        return order.flat_node(t.expand_as(image.const)).contiguous()
+
+    t_lo = [empty if t is None else flat(t.lower) for t in tight]
+    t_up = [empty if t is None else flat(t.upper) for t in tight]
+    out = ext.clip_layer(pixel_mid.contiguous(), pixel_rad.contiguous(), order.flat_node(image.const).contiguous(),
+                         relu, scales, shifts, t_lo, t_up)
+
+    def node(t: Tensor) -> Tensor:
+        return order.unflat_node(t, shape)
+
+    at = 2 * end
+    for i in range(1, end + 1):
+        intervals[i] = Interval.from_bounds(node(out[2 * i - 2]), node(out[2 * i - 1]))
+        if relu[i - 1]:
+            result.pre[i] = PreActivationBounds(node(out[at]), node(out[at + 1]))
+            at += 2
+    lam, ups, lo, up, half_sum, half_diff, centre_const, radius_const = out[at:]
+    centre_const = node(centre_const)
+    if torch.equal(lam, ups) and torch.equal(lo, up):  # Lo = Up: the output is exact
+        centre = (image.coef if torch.equal(half_sum, torch.ones_like(half_sum))
+                  else order.unflat_rows(ext.scaled_rows(order.flat_rows(image.coef).contiguous(), half_sum,
+                                                         half_sum)[0], shape))
+        syms[end] = SymbolicBounds(Equation(centre, centre_const), None)
+    else:
+        centre, radius = ext.scaled_rows(order.flat_rows(image.coef).contiguous(), half_sum, half_diff)
+        syms[end] = SymbolicBounds(Equation(order.unflat_rows(centre, shape), centre_const),
+                                   Equation(order.unflat_rows(radius, shape), node(radius_const)))
     return end + 1
 
 

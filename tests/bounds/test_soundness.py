@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+from contextlib import contextmanager
 import warnings
 
 import pytest
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robnet_svc.bounds import compile_network, propagate
+from robnet_svc.bounds import compile_network, native, propagate
 from robnet_svc.errors import RobnetError
 from robnet_svc.graph import normalize_graph
 from robnet_svc.plugins import load_registry
@@ -41,13 +43,29 @@ def _methods(pert_id: str) -> list[str]:
     return [m for m in METHODS if not (pert_id == "linf" and m in DENSE_METHODS)]
 
 
+@contextmanager
+def _native_kernels(value: str):
+    """``ROBNET_SVC_NATIVE=value`` for the block (hypothesis tests take no ``monkeypatch``)."""
+    before = os.environ.get(native.ENV)
+    os.environ[native.ENV] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native.ENV]
+        else:
+            os.environ[native.ENV] = before
+
+
 def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, torch.Tensor]:
     """Lower margin bounds ``[B, K-1]`` of each named method (checked for shape and finiteness),
-    under autograd as in training. The forward symbolic methods are run twice more as
-    certification runs them, outside autograd: with the SSIP steps on the whole batch and in
-    chunks of one sample (``propagate._in_chunks``), which must agree bit for bit; they may
-    differ from training's bounds by rounding, and join the result as ``"<name> outside
-    autograd"`` (``check_sound`` checks every entry, ``check_order`` the methods' own)."""
+    under autograd as in training. The forward symbolic methods are run three times more as
+    certification runs them, outside autograd: with the native kernels (``bounds/native.py``,
+    certification's default on the CPU), and without them with the SSIP steps on the whole
+    batch and in chunks of one sample (``propagate._in_chunks``), which must agree bit for bit.
+    They may differ from training's bounds and from each other by rounding, and join the result
+    as ``"<name> outside autograd"`` and ``"<name> native"`` (``check_sound`` checks every entry,
+    ``check_order`` the methods' own)."""
     net = compile_network(module)
     registry = load_registry()
     out = {}
@@ -60,9 +78,11 @@ def _bounds(module: nn.Module, aset, labels, names, classes: int) -> dict[str, t
             got = {}
             chunk_bytes = propagate.CHUNK_BYTES
             try:
-                for size in (1 << 40, 1):
-                    propagate.CHUNK_BYTES = size
-                    with torch.no_grad():
+                with torch.no_grad(), _native_kernels("1"):
+                    out[f"{name} native"] = registry.bound_method(name)().margin_lower(net, aset, labels)
+                with torch.no_grad(), _native_kernels("0"):
+                    for size in (1 << 40, 1):
+                        propagate.CHUNK_BYTES = size
                         got[size] = registry.bound_method(name)().margin_lower(net, aset, labels)
             finally:
                 propagate.CHUNK_BYTES = chunk_bytes

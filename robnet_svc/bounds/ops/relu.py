@@ -41,6 +41,17 @@ class ReluRule(ActivationRule):
         return (lower < 0) & (upper >= 0)
 
 
+#: ``ReluRule.relax`` as defined here (a subclass or a patch that replaces it is another relaxation)
+_RELU_RELAX = ReluRule.relax
+
+
+def uses_relu_relaxation(rule) -> bool:
+    """Whether ``rule`` relaxes with ``relu_relaxation`` (``ReluRule`` or a subclass that keeps
+    its ``relax``): the engine may then run the whole SSIP step at the node as the native
+    kernel ``relu_step`` (robnet_svc/bounds/native.py), which computes this relaxation itself."""
+    return getattr(type(rule), "relax", None) is _RELU_RELAX
+
+
 def relu_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
     """The ReLU relaxation on ``[lower, upper]`` (elementwise, any shape).
 
