@@ -35,12 +35,20 @@ def _passes(model, aset, symbolic_kwargs: list[dict]):
             for kw in symbolic_kwargs]
 
 
-def _assert_same(got, want, dtype=None) -> None:
+def _assert_same(got, want, dtype: torch.dtype | None = None) -> None:
+    """Every bound, row, constant and interval of two passes: equal bit for bit and in the same
+    memory layout (``dtype`` None), or equal to rounding in ``dtype`` (``_close``)."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, b) if dtype is None else _close(a, b, dtype)
+
+    def layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return dtype is not None or a.stride() == b.stride()
+
     assert got.pre.keys() == want.pre.keys()
     for i, p in want.pre.items():
         for a, b in zip(got.pre[i] if isinstance(p, list) else [got.pre[i]], p if isinstance(p, list) else [p]):
-            assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), f"pre[{i}]"
-            assert a.lower.stride() == b.lower.stride(), f"pre[{i}] layout"
+            assert same(a.lower, b.lower) and same(a.upper, b.upper), f"pre[{i}]"
+            assert layout(a.lower, b.lower), f"pre[{i}] layout"
     for i, (s, t) in enumerate(zip(got.symbolic, want.symbolic)):
         assert (s is None) == (t is None), f"symbolic[{i}]"
         if s is None:
@@ -48,11 +56,12 @@ def _assert_same(got, want, dtype=None) -> None:
         for eq, ref in ((s.centre, t.centre), (s.radius, t.radius)):
             assert (eq is None) == (ref is None), f"symbolic[{i}] radius"
             if eq is not None:
-                assert torch.equal(eq.coef, ref.coef) and torch.equal(eq.const, ref.const), f"symbolic[{i}]"
-                assert eq.coef.stride() == ref.coef.stride(), f"symbolic[{i}] layout"
+                assert same(eq.coef, ref.coef) and same(eq.const, ref.const), f"symbolic[{i}]"
+                assert layout(eq.coef, ref.coef), f"symbolic[{i}] layout"
     for i, (a, b) in enumerate(zip(got.intervals, want.intervals)):
+        assert (a is None) == (b is None), f"intervals[{i}]"
         if b is not None:
-            assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), f"intervals[{i}]"
+            assert same(a.lower, b.lower) and same(a.upper, b.upper), f"intervals[{i}]"
 
 
 def _pytorch_passes(model, aset, symbolic_kwargs: list[dict], monkeypatch):
@@ -67,25 +76,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     magnitude involved (the sums run over at most a few hundred terms here)."""
     scale = max(float(b.abs().max()) if b.numel() else 0.0, 1.0)
     return a.shape == b.shape and bool(((a - b).abs() <= 64 * torch.finfo(dtype).eps * scale).all())
-
-
-def _assert_close(got, want, dtype) -> None:
-    assert got.pre.keys() == want.pre.keys()
-    for i, p in want.pre.items():
-        for a, b in zip(got.pre[i] if isinstance(p, list) else [got.pre[i]], p if isinstance(p, list) else [p]):
-            assert _close(a.lower, b.lower, dtype) and _close(a.upper, b.upper, dtype), f"pre[{i}]"
-    for i, (s, t) in enumerate(zip(got.symbolic, want.symbolic)):
-        assert (s is None) == (t is None), f"symbolic[{i}]"
-        if s is None:
-            continue
-        for eq, ref in ((s.centre, t.centre), (s.radius, t.radius)):
-            assert (eq is None) == (ref is None), f"symbolic[{i}] radius"
-            if eq is not None:
-                assert _close(eq.coef, ref.coef, dtype) and _close(eq.const, ref.const, dtype), f"symbolic[{i}]"
-    for i, (a, b) in enumerate(zip(got.intervals, want.intervals)):
-        assert (a is None) == (b is None), f"intervals[{i}]"
-        if b is not None:
-            assert _close(a.lower, b.lower, dtype) and _close(a.upper, b.upper, dtype), f"intervals[{i}]"
 
 
 @pytest.fixture
@@ -165,7 +155,7 @@ def test_chunked_rows_take_broadcast_slopes(native, monkeypatch):
         (whole,) = _passes(model, aset, [{}]) if not native else _pytorch_passes(model, aset, [{}], monkeypatch)
         monkeypatch.setattr(propagate, "CHUNK_BYTES", 1)
         (chunked,) = _passes(model, aset, [{}])
-    (_assert_close if native else _assert_same)(chunked, whole, torch.float64)
+    _assert_same(chunked, whole, torch.float64 if native else None)
 
 
 @pytest.mark.parametrize("act", ["relu", "prelu", "leaky-relu-negative", "hardtanh", "sigmoid"])
@@ -199,7 +189,7 @@ def test_native_step_agrees_with_the_pytorch_ops(act, layout, dtype, clip, monke
         calls.clear()
         got = _passes(model, aset, kwargs)
     for g, w in zip(got, want):
-        _assert_close(g, w, dtype)
+        _assert_same(g, w, dtype)
     names = {name for name, _ in calls}
     assert ("_relu_step_native" in names) is (act == "relu")
     assert ("_clip_layer_native" in names) is (clip is not None)
