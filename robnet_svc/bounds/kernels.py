@@ -1,5 +1,6 @@
-"""Fused kernels for SSIP's step at a ReLU in training: eager on batch chunks (the CPU's
-default, ``CHUNKED``) or compiled by ``torch.compile`` (``harden --compile``).
+"""Fused kernels for SSIP's step at a ReLU in training: hand-written CPU loops (the CPU's
+default, ``NATIVE``), eager on batch chunks (``CHUNKED``, where those cannot be built) or
+compiled by ``torch.compile`` (``harden --compile``).
 
 At an activation, SSIP's forward pass (``propagate.forward_pass``) forms ``Lo``/``Up`` from
 centre–radius rows ``(C, R)`` ``[B, k, N]``, concretises them over the coefficient box, relaxes
@@ -20,8 +21,10 @@ Between the two backward kernels the per-neuron part (the relaxation on ``[B, N]
 differentiated by autograd on a recomputed graph. Only the inputs ``C``, ``R`` are saved at full
 size, as many bytes as the eager step keeps.
 
-The same three kernels also run eagerly on batch chunks (``CHUNKED``, training's default on
-the CPU: ``training_kernels``). Each chunk of about ``CHUNK_BYTES`` of rows is bounded, relaxed
+On the CPU, training runs them as hand-written loops (``NATIVE``, ``training_kernels``:
+``robnet_svc.bounds.native``'s ``bounds_of_rows`` and ``half_sums`` forward, ``slope_grads`` and
+``row_grads`` backward, each reading the rows once per pass), or, where those cannot be built,
+eagerly on batch chunks (``CHUNKED``). Each chunk of about ``CHUNK_BYTES`` of rows is bounded, relaxed
 and turned into its next rows while it is in cache, and its temporaries stay there: memory sees
 ``C`` and ``R`` read once and ``C'``, ``R'`` written once forward, and the four row tensors read
 once per backward kernel. The whole-batch eager step reads and writes full-size tensors some 30
@@ -31,7 +34,7 @@ times. On the CPU that made DM-medium's ``rsip-ssip`` training step 13–18 % fa
 The kernels compute the eager step's values in another summation order, equal up to rounding.
 They serve training only: a ``Bounder`` built with ``kernels`` runs its bounds inside
 ``fused_activations``; certification's bounders never are, so certificates come from the
-eager engine alone. Without the context nothing here runs.
+engine's own passes (``propagate``). Without the context nothing here runs.
 
 An activation takes part when its rule has a ``fused_relaxation``: a module-level function
 ``(lower, upper) -> Relaxation`` equal to ``relax``, with non-negative slopes and no host
@@ -49,6 +52,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from robnet_svc.bounds import native
 from robnet_svc.bounds.types import Equation, Interval, PreActivationBounds, SymbolicBounds
 from robnet_svc.errors import RobnetError
 
@@ -166,6 +170,46 @@ def _row_grads_chunked(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor, h_lo: Ten
     return out_c, out_r
 
 
+def _native_for(rows: Tensor):
+    """The hand-written CPU kernels (``robnet_svc.bounds.native``) when they serve ``rows``
+    (float32 or float64 on the CPU) and are built; None: use the chunked PyTorch ops."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
+        return None
+    return native.kernels()
+
+
+def _forward_native(c: Tensor, r: Tensor, c_const: Tensor, r_const: Tensor, mid: Tensor, rad: Tensor,
+                    iv_lo: Tensor, iv_up: Tensor, t_lo: Tensor, t_up: Tensor, relaxation: Callable):
+    """``_forward`` with the rows' two passes in native kernels: the sums over the box
+    (``bounds_of_rows`` from zero constants) and the next rows (``half_sums``); the relaxation
+    between them stays ``_per_neuron`` on ``[B, N]``."""
+    module = _native_for(c)
+    if module is None:
+        return _forward_chunked(c, r, c_const, r_const, mid, rad, iv_lo, iv_up, t_lo, t_up, relaxation)
+    zero = torch.zeros_like(c_const)
+    s_lo, s_up = module.bounds_of_rows(c, r, zero, zero, mid, rad)
+    lower, upper, h_lo, h_up, centre_const, radius_const = _per_neuron(
+        s_lo, s_up, c_const, r_const, iv_lo, iv_up, t_lo, t_up, relaxation)
+    h_lo, h_up = h_lo.contiguous(), h_up.contiguous()
+    c2, r2 = module.half_sums(c, r, h_lo, h_up)
+    return s_lo, s_up, lower, upper, h_lo, h_up, c2, r2, centre_const, radius_const
+
+
+def _slope_grads_native(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    module = _native_for(c)
+    if module is None:
+        return _slope_grads_chunked(g_c, g_r, c, r)
+    return tuple(module.slope_grads(g_c, g_r, c, r))
+
+
+def _row_grads_native(g_c: Tensor, g_r: Tensor, c: Tensor, r: Tensor, h_lo: Tensor, h_up: Tensor, mid: Tensor,
+                      rad: Tensor, g_s_lo: Tensor, g_s_up: Tensor) -> tuple[Tensor, Tensor]:
+    module = _native_for(c)
+    if module is None:
+        return _row_grads_chunked(g_c, g_r, c, r, h_lo, h_up, mid, rad, g_s_lo, g_s_up)
+    return tuple(module.row_grads(g_c, g_r, c, r, h_lo, h_up, mid, rad, g_s_lo, g_s_up))
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The three kernels of the fused step: compiled (``compiled_kernels``), eager on batch
@@ -179,14 +223,20 @@ class Kernels:
 
 EAGER = Kernels(_forward, _slope_grads, _row_grads)
 
-#: The kernels run eagerly on batch chunks: training's default on the CPU (``training_kernels``).
+#: The kernels run eagerly on batch chunks: training's fallback on the CPU where ``NATIVE``'s
+#: kernels cannot be built (or ``ROBNET_SVC_NATIVE=0``).
 CHUNKED = Kernels(_forward_chunked, _slope_grads_chunked, _row_grads_chunked)
+
+#: The kernels as hand-written CPU loops (``robnet_svc.bounds.native``), each call falling back
+#: to ``CHUNKED``'s where those are not built or the dtype is not float32/float64: training's
+#: default on the CPU (``training_kernels``).
+NATIVE = Kernels(_forward_native, _slope_grads_native, _row_grads_native)
 
 
 def training_kernels(device: torch.device) -> Kernels | None:
-    """The kernels training uses without ``--compile``: ``CHUNKED`` on the CPU, where the
+    """The kernels training uses without ``--compile``: ``NATIVE`` on the CPU, where the
     whole-batch step is bound by memory traffic; None (the eager engine) on CUDA."""
-    return CHUNKED if torch.device(device).type == "cpu" else None
+    return NATIVE if torch.device(device).type == "cpu" else None
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """The fused activation step of training (robnet_svc/bounds/kernels.py): ``harden --compile``'s
-compiled kernels and the chunked eager ones training uses on the CPU by default.
+compiled kernels, the native ones training uses on the CPU by default, and the chunked eager
+ones it falls back to.
 
 - its hand-written backward against finite differences (float64, the kernels run op by op and
   on chunks of one sample);
@@ -7,7 +8,9 @@ compiled kernels and the chunked eager ones training uses on the CPU by default.
 - on random networks of the soundness suite (float64), inside ``fused_activations`` the
   training methods return the eager engine's bounds (to rounding) and stay sound at sampled
   points, with both;
-- training runs the chunked kernels on the CPU without ``--compile``;
+- the native kernels (C++ loops) against the whole-batch ones, odd shapes, NaN, and their
+  fallback to the chunked ones;
+- training runs the native kernels on the CPU without ``--compile``;
 - the kernels compiled by ``torch.compile`` give the eager engine's margins and parameter
   gradients on a channels-last CNN and an MLP, across batch sizes;
 - a ``Bounder`` runs its own kernels and certification's copies run none.
@@ -26,7 +29,8 @@ from torch import nn
 from robnet_svc.bounder import Bounder
 from robnet_svc.bounds import compile_network
 from robnet_svc.bounds import kernels
-from robnet_svc.bounds.kernels import (CHUNKED, EAGER, _FusedStep, active_kernels, check_compiled_kernels,
+from robnet_svc.bounds import native
+from robnet_svc.bounds.kernels import (CHUNKED, EAGER, NATIVE, _FusedStep, active_kernels, check_compiled_kernels,
                                        fused_activations, training_kernels)
 from robnet_svc.bounds.ops.relu import ReluRule
 from robnet_svc.perturbations.bias_field import BiasField
@@ -55,15 +59,22 @@ def _step_inputs(b: int, k: int, n: int, seed: int, tighter: bool) -> list[torch
     return [*rows, *consts, mid.requires_grad_(), rad.requires_grad_(), iv_lo, iv_up, t_lo, t_up]
 
 
-@pytest.mark.parametrize("which", ["eager", "chunked"])
+def _native_built() -> bool:
+    return native.kernels() is not None
+
+
+needs_native = pytest.mark.skipif(not _native_built(), reason="the native CPU kernels cannot be built here")
+
+
+@pytest.mark.parametrize("which", ["eager", "chunked", pytest.param("native", marks=needs_native)])
 @pytest.mark.parametrize("tighter", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_step_backward_matches_finite_differences(seed, tighter, which, monkeypatch):
     """Every input's gradient (rows, constants, the box, interval and tighter bounds), all
     outputs used; random values keep every neuron off the relaxation's kinks. The chunked
-    kernels run on chunks of one sample."""
+    kernels run on chunks of one sample; the native ones are C++ loops (float64 as well)."""
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
-    fused = {"eager": EAGER, "chunked": CHUNKED}[which]
+    fused = {"eager": EAGER, "chunked": CHUNKED, "native": NATIVE}[which]
     inputs = _step_inputs(3, 4, 7, seed, tighter)
     torch.autograd.gradcheck(lambda *t: _FusedStep.apply(fused, ReluRule.fused_relaxation, *t), inputs,
                              eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -79,16 +90,74 @@ def test_chunked_kernels_compute_the_whole_batch_kernels(chunk_bytes, dtype, mon
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(5, 4, 7, generator=gen).to(dtype) for _ in range(2)]
     per_neuron = [torch.randn(5, 7, generator=gen).to(dtype) for _ in range(4)]  # h_lo, h_up, ∂s_lo, ∂s_up
+    _assert_kernels_agree(CHUNKED, ins, grads, per_neuron, dtype)
+
+
+def _assert_kernels_agree(other, ins, grads, per_neuron, dtype):
+    """Each of ``other``'s kernels returns what ``EAGER``'s does, to rounding."""
     tol = {"rtol": 0, "atol": 1e-12 if dtype == torch.float64 else 1e-5}
-    pairs = [(EAGER.forward(*ins, ReluRule.fused_relaxation), CHUNKED.forward(*ins, ReluRule.fused_relaxation)),
-             (EAGER.slope_grads(*grads, *ins[:2]), CHUNKED.slope_grads(*grads, *ins[:2])),
+    pairs = [(EAGER.forward(*ins, ReluRule.fused_relaxation), other.forward(*ins, ReluRule.fused_relaxation)),
+             (EAGER.slope_grads(*grads, *ins[:2]), other.slope_grads(*grads, *ins[:2])),
              (EAGER.row_grads(*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:]),
-              CHUNKED.row_grads(*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:]))]
+              other.row_grads(*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:]))]
     for whole, chunked in pairs:
         assert len(whole) == len(chunked)
         for a, b in zip(whole, chunked):
             assert b.shape == a.shape and b.dtype == a.dtype
             torch.testing.assert_close(b, a, **tol)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 4, 7), (1, 1, 1), (3, 17, 300)])
+def test_native_kernels_compute_the_whole_batch_kernels(shape, dtype):
+    """The native kernels return what the whole-batch ones do, to rounding, for odd widths (no
+    whole vector), a single neuron and coefficient, and a long row."""
+    b, k, n = shape
+    gen = torch.Generator().manual_seed(b * 100 + n)
+    ins = [t.detach().to(dtype) for t in _step_inputs(b, k, n, n, tighter=True)]
+    grads = [torch.randn(b, k, n, generator=gen).to(dtype) for _ in range(2)]
+    per_neuron = [torch.randn(b, n, generator=gen).to(dtype) for _ in range(4)]  # h_lo, h_up, ∂s_lo, ∂s_up
+    _assert_kernels_agree(NATIVE, ins, grads, per_neuron, dtype)
+
+
+@needs_native
+def test_native_kernels_match_the_whole_batch_ones_at_nan_and_zero():
+    """A NaN row element and rows at exactly 0 give the whole-batch kernels' values: the slopes'
+    gradients NaN where a product meets the NaN, the rows' gradients with sign 0 for both (as
+    ``torch.sign`` on the CPU)."""
+    ins = [t.detach() for t in _step_inputs(2, 3, 5, 7, tighter=False)]
+    ins[0][0, 1, 2] = float("nan")
+    ins[0][1, 0, :] = 0.0
+    ins[1][1, 0, :] = 0.0
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    per_neuron = [torch.randn(2, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
+    args = (*grads, *ins[:2], *per_neuron[:2], *ins[4:6], *per_neuron[2:])
+    for want, got in zip(EAGER.row_grads(*args), NATIVE.row_grads(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+    for want, got in zip(EAGER.slope_grads(*grads, *ins[:2]), NATIVE.slope_grads(*grads, *ins[:2])):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+        assert got[0, 2].isnan() and not got[1].isnan().any()
+
+
+def test_native_kernels_fall_back_to_the_chunked_ones(monkeypatch):
+    """With ``ROBNET_SVC_NATIVE=0`` (or a dtype the loops do not take) ``NATIVE`` runs
+    ``CHUNKED``'s kernels: the same values, and a spy on the chunked forward sees the calls."""
+    ins = [t.detach() for t in _step_inputs(3, 4, 7, 5, tighter=True)]
+    calls, chunked_forward = [], kernels._forward_chunked
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return chunked_forward(*args)
+
+    monkeypatch.setattr(kernels, "_forward_chunked", spy)
+    NATIVE.forward(*[t.bfloat16() for t in ins], ReluRule.fused_relaxation)  # not float32/64: chunked
+    monkeypatch.setenv(native.ENV, "0")
+    got = NATIVE.forward(*ins, ReluRule.fused_relaxation)
+    assert calls == [torch.bfloat16, torch.float64]
+    for a, b in zip(got, EAGER.forward(*ins, ReluRule.fused_relaxation)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def _fused_vs_eager(module: nn.Module, aset, labels, fused, method: str, ordered: bool):
@@ -117,7 +186,7 @@ def test_fused_bounds_equal_the_eager_engine_and_are_sound(data, clip, pert_id):
     try:
         for method in TRAINING:
             for ordered in (False, True):
-                for name, fused_kernels in (("fused", EAGER), ("chunked", CHUNKED)):
+                for name, fused_kernels in (("fused", EAGER), ("chunked", CHUNKED), ("native", NATIVE)):
                     eager, fused = _fused_vs_eager(module, aset, labels, fused_kernels, method, ordered)
                     scale = max(1.0, eager.abs().max().item())
                     torch.testing.assert_close(
@@ -196,23 +265,29 @@ def test_a_bounder_runs_its_own_kernels_and_certification_copies_run_none():
     assert seen == [EAGER, None, None]
 
 
-def test_training_runs_the_chunked_kernels_on_the_cpu(digits_onnx, tmp_path, monkeypatch):
-    """Without ``--compile``, a CPU ``harden`` trains with ``CHUNKED`` (``training_kernels``): its
-    forward kernel runs in every training step's SSIP pass (a spy counts the calls); on CUDA the
-    eager engine stays (None)."""
+def test_training_runs_the_native_kernels_on_the_cpu(digits_onnx, tmp_path, monkeypatch):
+    """Without ``--compile``, a CPU ``harden`` trains with ``NATIVE`` (``training_kernels``): its
+    forward kernel runs in every training step's SSIP pass (a spy counts the calls) and takes
+    the native loops where they are built; on CUDA the eager engine stays (None)."""
     from robnet_svc.pipeline import Options, harden
     from robnet_svc.progress import Reporter
 
-    calls = []
+    calls, chunked = [], []
 
     def spy(*args):
         calls.append(args[0].shape[0])  # the batch of rows
-        return kernels._forward_chunked(*args)
+        return kernels._forward_native(*args)
 
-    monkeypatch.setattr(kernels, "CHUNKED", kernels.Kernels(spy, CHUNKED.slope_grads, CHUNKED.row_grads))
+    def chunked_spy(*args):
+        chunked.append(args[0].shape[0])
+        return CHUNKED.forward(*args)
+
+    monkeypatch.setattr(kernels, "NATIVE", kernels.Kernels(spy, NATIVE.slope_grads, NATIVE.row_grads))
+    monkeypatch.setattr(kernels, "_forward_chunked", chunked_spy)
     assert training_kernels(torch.device("cuda")) is None
     options = Options(model=str(digits_onnx), dataset="digits", eps=0.05, order=1, max_test=16, attack_steps=2,
                       attack_restarts=1, device="cpu", epochs=1, max_train=64, batch_size=32,
                       out=str(tmp_path / "out"))
     harden(options, {}, "test", Reporter())
     assert len(calls) >= 2 and max(calls) <= 32  # training's batches (certification's bounders run none)
+    assert chunked == ([] if _native_built() else calls)

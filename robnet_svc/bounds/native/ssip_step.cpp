@@ -1,10 +1,12 @@
-// The SSIP pass's element-wise steps outside autograd, on the CPU, as kernels that read the
-// coefficient rows once (robnet_svc/bounds/native.py says when they run and why):
+// The SSIP pass's element-wise steps on the CPU, outside autograd and in training's step, as
+// kernels that read the coefficient rows once (robnet_svc/bounds/native.py says when they run and why):
 //
 // - bounds_of_rows: the bounds over the box of the lower and upper equations;
 // - half_sums: the next rows after an activation with non-negative slopes;
 // - relu_step: the whole step at a ReLU (bounds, intersection, relaxation, next rows);
-// - clip_layer, scaled_rows: the clipping layer in front of the network, per pixel.
+// - clip_layer, scaled_rows: the clipping layer in front of the network, per pixel;
+// - slope_grads, row_grads: training's backward of the step (its forward is bounds_of_rows
+//   and half_sums).
 //
 // Layout: the centre rows c and radius rows r are [B, K, N] (sample, coefficient, neuron; the
 // neurons in memory order), contiguous; node tensors are [B, N]; the box is mid, rad [B, K].
@@ -237,6 +239,39 @@ void clip_out(int64_t n, const T* __restrict__ lam, const T* __restrict__ ups, c
     half_diff[i] = hd;
     centre_const[i] = (up[i] + lo[i]) * T(0.5) + hs * c[i];
     radius_const[i] = (up[i] - lo[i]) * T(0.5) + hd * c[i];
+  }
+}
+
+// Training's backward of the step at an activation with non-negative slopes (the forward is
+// bounds_of_rows and half_sums; robnet_svc/bounds/kernels.py, NATIVE): with gc, gr the
+// gradients of the next rows, hl += (gc - gr) Lo_k and hu += (gc + gr) Up_k for one row k.
+template <typename T>
+void add_slope_grads_row(int64_t n, const T* __restrict__ gc, const T* __restrict__ gr, const T* __restrict__ ck,
+                         const T* __restrict__ rk, T* __restrict__ ghl, T* __restrict__ ghu) {
+  for (int64_t i = 0; i < n; ++i) {
+    ghl[i] += (gc[i] - gr[i]) * (ck[i] - rk[i]);
+    ghu[i] += (gc[i] + gr[i]) * (ck[i] + rk[i]);
+  }
+}
+
+// torch.sign on the CPU: -1, 0 or 1, and 0 for a NaN ((0 < x) - (x < 0)).
+template <typename T>
+inline T sign_of(T x) {
+  return x > 0 ? T(1) : (x < 0 ? T(-1) : T(0));
+}
+
+// The rows' gradients for one row k: g_lo = hl (gc - gr) + gsl (m - q sign(Lo_k)),
+// g_up = hu (gc + gr) + gsu (m + q sign(Up_k)); centre g_lo + g_up, radius g_up - g_lo.
+template <typename T>
+void row_grads_row(int64_t n, T m, T q, const T* __restrict__ gc, const T* __restrict__ gr,
+                   const T* __restrict__ ck, const T* __restrict__ rk, const T* __restrict__ hl,
+                   const T* __restrict__ hu, const T* __restrict__ gsl, const T* __restrict__ gsu,
+                   T* __restrict__ oc, T* __restrict__ orad) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T g_lo = hl[i] * (gc[i] - gr[i]) + gsl[i] * (m - q * sign_of(ck[i] - rk[i]));
+    const T g_up = hu[i] * (gc[i] + gr[i]) + gsu[i] * (m + q * sign_of(ck[i] + rk[i]));
+    oc[i] = g_lo + g_up;
+    orad[i] = g_up - g_lo;
   }
 }
 
@@ -492,10 +527,84 @@ std::vector<torch::Tensor> scaled_rows(const torch::Tensor& w, const torch::Tens
   return {o1, o2};
 }
 
+// Training's backward, first kernel: the gradients of the half slopes from those of the next
+// rows (gc, gr [B, K, N]): g_hl = sum_k (gc - gr) Lo, g_hu = sum_k (gc + gr) Up, [B, N] each.
+std::vector<torch::Tensor> slope_grads(const torch::Tensor& gc, const torch::Tensor& gr, const torch::Tensor& c,
+                                       const torch::Tensor& r) {
+  check_rows(c, r);
+  check_rows(gc, gr);
+  TORCH_CHECK(gc.sizes() == c.sizes() && gc.scalar_type() == c.scalar_type(), "gradients must be shaped as the rows");
+  const int64_t B = c.size(0), K = c.size(1), N = c.size(2);
+  torch::Tensor g_hl = torch::zeros({B, N}, c.options()), g_hu = torch::zeros({B, N}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "slope_grads", [&] {
+    const scalar_t* GC = gc.data_ptr<scalar_t>();
+    const scalar_t* GR = gr.data_ptr<scalar_t>();
+    const scalar_t* C = c.data_ptr<scalar_t>();
+    const scalar_t* R = r.data_ptr<scalar_t>();
+    scalar_t* HL = g_hl.data_ptr<scalar_t>();
+    scalar_t* HU = g_hu.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(K * N), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t at = (b * K + k) * N;
+          add_slope_grads_row<scalar_t>(N, GC + at, GR + at, C + at, R + at, HL + b * N, HU + b * N);
+        }
+      }
+    });
+  });
+  return {g_hl, g_hu};
+}
+
+// Training's backward, second kernel: the gradients of the rows c, r from those of the next
+// rows (through the half slopes hl, hu [B, N]) and of the bounds' sums (gsl, gsu [B, N], through
+// the box mid, rad [B, K]).
+std::vector<torch::Tensor> row_grads(const torch::Tensor& gc, const torch::Tensor& gr, const torch::Tensor& c,
+                                     const torch::Tensor& r, const torch::Tensor& hl, const torch::Tensor& hu,
+                                     const torch::Tensor& mid, const torch::Tensor& rad, const torch::Tensor& gsl,
+                                     const torch::Tensor& gsu) {
+  check_rows(c, r);
+  check_rows(gc, gr);
+  TORCH_CHECK(gc.sizes() == c.sizes() && gc.scalar_type() == c.scalar_type(), "gradients must be shaped as the rows");
+  const int64_t B = c.size(0), K = c.size(1), N = c.size(2);
+  check_node(hl, c, N, "hl");
+  check_node(hu, c, N, "hu");
+  check_node(gsl, c, N, "gsl");
+  check_node(gsu, c, N, "gsu");
+  check_node(mid, c, K, "mid");
+  check_node(rad, c, K, "rad");
+  torch::Tensor out_c = torch::empty_like(c), out_r = torch::empty_like(r);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "row_grads", [&] {
+    const scalar_t* GC = gc.data_ptr<scalar_t>();
+    const scalar_t* GR = gr.data_ptr<scalar_t>();
+    const scalar_t* C = c.data_ptr<scalar_t>();
+    const scalar_t* R = r.data_ptr<scalar_t>();
+    const scalar_t* HL = hl.data_ptr<scalar_t>();
+    const scalar_t* HU = hu.data_ptr<scalar_t>();
+    const scalar_t* M = mid.data_ptr<scalar_t>();
+    const scalar_t* Q = rad.data_ptr<scalar_t>();
+    const scalar_t* SL = gsl.data_ptr<scalar_t>();
+    const scalar_t* SU = gsu.data_ptr<scalar_t>();
+    scalar_t* OC = out_c.data_ptr<scalar_t>();
+    scalar_t* OR = out_r.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(K * N), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t at = (b * K + k) * N;
+          row_grads_row<scalar_t>(N, M[b * K + k], Q[b * K + k], GC + at, GR + at, C + at, R + at, HL + b * N,
+                                  HU + b * N, SL + b * N, SU + b * N, OC + at, OR + at);
+        }
+      }
+    });
+  });
+  return {out_c, out_r};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bounds_of_rows", &bounds_of_rows, "bounds of the SSIP equations over the box");
   m.def("half_sums", &half_sums, "the SSIP rows after an activation with non-negative slopes");
   m.def("relu_step", &relu_step, "the SSIP step at a ReLU: bounds, relaxation, next rows and constants");
   m.def("clip_layer", &clip_layer, "the clipping layer's equations per pixel");
   m.def("scaled_rows", &scaled_rows, "two scalings of the rows");
+  m.def("slope_grads", &slope_grads, "training's backward: gradients of the half slopes");
+  m.def("row_grads", &row_grads, "training's backward: gradients of the rows");
 }
